@@ -83,8 +83,10 @@ SPLAT_HD void sample_scale(int Ws, int Hs, T& sx, T& sy) {
   sy = static_cast<T>(0.5) * static_cast<T>(Hs);
 }
 
+// NaN-safe clamp: NaN maps to `lo` (so a bounding box built from NaN/overflowed values comes out
+// empty instead of feeding NaN to an int conversion, which is undefined behaviour).
 template <typename T>
-SPLAT_HD T clamp_to(T v, T lo, T hi) { return v < lo ? lo : (v > hi ? hi : v); }
+SPLAT_HD T clamp_to(T v, T lo, T hi) { return !(v >= lo) ? lo : (v > hi ? hi : v); }
 
 // Build the Splat of one Gaussian from its geometry (u, v, l11, l21, l22) and opacity.
 template <typename T>
@@ -137,7 +139,9 @@ SPLAT_HD T kernel_value(T d2, T& e) {
   if (!(d2 <= static_cast<T>(kCutoffD2))) { e = T(0); return T(0); }
   e = exp(T(-0.5) * d2);
   const T k = e - static_cast<T>(kTailValue);
-  return k > T(0) ? k : T(0);
+  if (k > T(0)) return k;
+  e = T(0);  // k clamped to 0 (rounding at d2 ~ r^2): its derivative dk/dd2 = -e/2 is 0 too
+  return T(0);
 }
 
 // The row interval of samples j (inclusive) where d2 <= r^2 for sample row with offset dy:
@@ -148,12 +152,13 @@ template <typename T>
 SPLAT_HD bool row_span(const Splat<T>& s, T dy, int& j0, int& j1) {
   const T bq = s.B * dy;
   const T disc = bq * bq - s.A * (s.Cc * dy * dy - static_cast<T>(kCutoffD2));
-  if (disc < T(0)) return false;
+  if (!(disc >= T(0))) return false;
   const T sq = sqrt(disc);
   const T lo = s.mx + (-bq - sq) / s.A, hi = s.mx + (-bq + sq) / s.A;  // x range
   const T jl = floor(lo - T(0.5)), jh = ceil(hi - T(0.5));
-  j0 = jl < T(s.x0) ? s.x0 : static_cast<int>(jl);
-  j1 = jh > T(s.x1) ? s.x1 : static_cast<int>(jh);
+  // Clamp to [x0, x1] before any int conversion (NaN or huge values fall back to the box).
+  j0 = !(jl > T(s.x0)) ? s.x0 : (jl > T(s.x1) ? s.x1 + 1 : static_cast<int>(jl));
+  j1 = !(jh < T(s.x1)) ? s.x1 : (jh < T(s.x0) ? s.x0 - 1 : static_cast<int>(jh));
   return j0 <= j1;
 }
 
