@@ -48,7 +48,8 @@ enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat64 = 2 };
 SPLAT_HD float bf16_to_float(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;
   float f;
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)  // device pass only: __uint_as_float is __device__ (nvcc's host pass too
+                            // defines __CUDACC__ and must take the memcpy path)
   f = __uint_as_float(bits);
 #else
   __builtin_memcpy(&f, &bits, sizeof(f));
