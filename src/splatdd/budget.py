@@ -1,0 +1,93 @@
+"""Storage budgets: what a distilled dataset may cost, and how many Gaussians that buys.
+
+The field's convention (and GSDD's) is that a distilled set with ``ipc`` images per class may use as
+many bytes as ``ipc`` fp32 pixel images per class: ``ipc * C * H * W * 4`` bytes per class, so
+``num_classes * ipc * C * H * W * 4`` bytes for the whole set. Fixed labels are not counted (they
+are implied by the layout), nor is a learned evaluation learning rate.
+
+A Gaussian costs ``6 + C`` bf16 values (2 bytes each), so with ``gpc`` Gaussian images per class each
+image gets ``floor(H * W * C * ipc * 2 / (gpc * (6 + C)))`` points (GSDD's formula, for any C).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splatdd.plugin_api import DatasetSpec, Parameterization
+
+__all__ = ["BudgetError", "BudgetReport", "FP32_BYTES", "BF16_BYTES", "budget_bytes",
+           "budget_bytes_per_class", "gaussian_points", "gaussian_bytes", "check_budget"]
+
+FP32_BYTES = 4
+BF16_BYTES = 2
+
+
+class BudgetError(ValueError):
+    """A parameterization costs more bytes than its storage budget allows."""
+
+
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def budget_bytes_per_class(spec: DatasetSpec, ipc: int) -> int:
+    """Bytes one class may use: ``ipc`` fp32 images of ``C x H x W``."""
+    ipc = _positive("ipc", ipc)
+    return ipc * spec.channels * spec.height * spec.width * FP32_BYTES
+
+
+def budget_bytes(spec: DatasetSpec, ipc: int) -> int:
+    """Bytes the whole distilled set may use: ``num_classes * ipc * C * H * W * 4``."""
+    return spec.num_classes * budget_bytes_per_class(spec, ipc)
+
+
+def gaussian_points(ipc: int, gpc: int, channels: int, height: int, width: int) -> int:
+    """Gaussians per image when a class's budget of ``ipc`` fp32 images is spread over ``gpc``
+    Gaussian images of bf16 ``(6 + C)``-vectors: ``floor(H*W*C*ipc*2 / (gpc*(6+C)))``.
+
+    >>> gaussian_points(1, 30, 3, 32, 32), gaussian_points(10, 160, 3, 32, 32)
+    (22, 42)
+    """
+    ipc, gpc = _positive("ipc", ipc), _positive("gpc", gpc)
+    channels, height, width = (_positive("channels", channels), _positive("height", height),
+                               _positive("width", width))
+    return (height * width * channels * ipc * 2) // (gpc * (6 + channels))
+
+
+def gaussian_bytes(num_gaussians: int, channels: int) -> int:
+    """Storage of ``num_gaussians`` bf16 Gaussians with ``channels`` colour channels."""
+    return int(num_gaussians) * (6 + int(channels)) * BF16_BYTES
+
+
+@dataclass(frozen=True)
+class BudgetReport:
+    used: int
+    allowed: int
+
+    @property
+    def ratio(self) -> float:
+        return self.used / self.allowed
+
+    def __str__(self) -> str:
+        return f"{self.used:,} of {self.allowed:,} bytes ({100 * self.ratio:.2f}% of budget)"
+
+
+def check_budget(param: Parameterization, spec: DatasetSpec, ipc: int, tolerance: float = 0.0
+                 ) -> BudgetReport:
+    """Raise :class:`BudgetError` if ``param.num_bytes()`` exceeds the budget of ``ipc`` images per
+    class by more than the fraction ``tolerance`` (``0.0``: not a single byte over)."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    used = int(param.num_bytes())
+    allowed = budget_bytes(spec, ipc)
+    limit = allowed * (1.0 + tolerance)
+    if used > limit:
+        name = getattr(param, "name", type(param).__name__)
+        raise BudgetError(
+            f"parameterization {name!r} uses {used:,} bytes but the budget for ipc={ipc} on "
+            f"{spec.name} ({spec.num_classes} classes x {ipc} x {spec.channels}x{spec.height}x"
+            f"{spec.width} fp32) is {allowed:,} bytes"
+            + (f" (+{tolerance:.1%} tolerance = {int(limit):,})" if tolerance else "")
+            + f": over by {used - allowed:,} bytes ({used / allowed:.3f}x)")
+    return BudgetReport(used, allowed)

@@ -1,0 +1,196 @@
+"""Registry: listing without importing, lazy validated loading, broken/unknown plugins,
+direct registration, command plugins."""
+import sys
+import textwrap
+
+import pytest
+
+from splatdd import registry as R
+from splatdd.plugin_api import PLUGIN_API_VERSION, Algorithm, Parameterization
+
+GOOD = """
+from splatdd.plugin_api import Parameterization, Algorithm
+LOADED = True
+class FakeParam(Parameterization):
+    name = "fakeparam"
+class FakeAlgo(Algorithm):
+    name = "fakealgo"
+    default_iterations = 7
+class Misnamed(Parameterization):
+    name = "something_else"
+class OldAPI(Algorithm):
+    name = "oldapi"
+    api_version = 0
+NotAClass = 3
+def register(subparsers):
+    sp = subparsers.add_parser("fakecmd")
+    sp.set_defaults(func=lambda args: 0)
+"""
+
+
+@pytest.fixture
+def fake_dist(tmp_path, monkeypatch):
+    """A fake installed distribution 'splatdd-fake' 0.3.1 in tmp_path, on sys.path."""
+    mod = f"fake_plugins_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{mod}.py").write_text(GOOD)
+    (tmp_path / f"{mod}_broken.py").write_text("raise ImportError('needs libfoo')\n")
+    info = tmp_path / "splatdd_fake-0.3.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: splatdd-fake\nVersion: 0.3.1\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(f"""
+        [splatdd.parameterizations]
+        fakeparam = {mod}:FakeParam
+        broken = {mod}_broken:Thing
+        misnamed = {mod}:Misnamed
+        notaclass = {mod}:NotAClass
+
+        [splatdd.algorithms]
+        fakealgo = {mod}:FakeAlgo
+        oldapi = {mod}:OldAPI
+
+        [splatdd.commands]
+        fakecmd = {mod}:register
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield mod, tmp_path
+    for m in (mod, f"{mod}_broken"):
+        sys.modules.pop(m, None)
+
+
+def test_list_without_import(fake_dist):
+    mod, path = fake_dist
+    reg = R.Registry(path=[str(path)])
+    infos = reg.list_plugins("parameterization")
+    assert [i.name for i in infos] == ["broken", "fakeparam", "misnamed", "notaclass"]
+    fp = next(i for i in infos if i.name == "fakeparam")
+    assert fp.distribution == "splatdd-fake" and fp.version == "0.3.1"
+    assert fp.value == f"{mod}:FakeParam" and fp.kind == "parameterization" and fp.active
+    assert [i.name for i in reg.list_plugins("algo")] == ["fakealgo", "oldapi"]
+    assert mod not in sys.modules and f"{mod}_broken" not in sys.modules
+
+
+def test_default_sys_path_discovery(fake_dist):
+    mod, _ = fake_dist
+    reg = R.Registry()                       # reads sys.path, which now has the fake dist
+    assert "fakeparam" in reg.names("parameterization")
+    assert mod not in sys.modules
+    cls = reg.get_parameterization("fakeparam")
+    assert cls.name == "fakeparam" and issubclass(cls, Parameterization)
+    assert reg.get_algorithm("fakealgo").default_iterations == 7
+    assert reg.get_parameterization("fakeparam") is cls          # cached
+
+
+def test_broken_plugins_reported_others_load(fake_dist):
+    _, path = fake_dist
+    reg = R.Registry(path=[str(path)])
+    with pytest.raises(R.PluginLoadError) as e:
+        reg.get_parameterization("broken")
+    assert "broken" in str(e.value) and "needs libfoo" in str(e.value)
+    assert isinstance(e.value.original, ImportError) and e.value.distribution == "splatdd-fake"
+    assert "ImportError" in e.value.format_original()
+    with pytest.raises(R.PluginLoadError, match="something_else"):
+        reg.get_parameterization("misnamed")
+    with pytest.raises(R.PluginLoadError, match="subclass"):
+        reg.get_parameterization("notaclass")
+    with pytest.raises(R.PluginLoadError, match="plugin API v0"):
+        reg.get_algorithm("oldapi")
+    # the healthy one still loads, and load_all skips the broken ones
+    assert reg.get_parameterization("fakeparam").name == "fakeparam"
+    loaded = reg.load_all("parameterization")
+    assert set(loaded) == {"fakeparam"}
+    errs = reg.load_errors()
+    assert set(errs) == {("parameterization", "broken"), ("parameterization", "misnamed"),
+                         ("parameterization", "notaclass"), ("algorithm", "oldapi")}
+    assert set(reg.load_errors("algorithm")) == {("algorithm", "oldapi")}
+    # a second attempt re-raises the remembered error without re-importing
+    with pytest.raises(R.PluginLoadError):
+        reg.get_parameterization("broken")
+
+
+def test_unknown_plugin(fake_dist):
+    _, path = fake_dist
+    reg = R.Registry(path=[str(path)])
+    with pytest.raises(R.UnknownPluginError) as e:
+        reg.get_parameterization("nope")
+    assert isinstance(e.value, KeyError)
+    msg = str(e.value)
+    assert "nope" in msg and "fakeparam" in msg and "broken" in msg
+    with pytest.raises(ValueError, match="unknown plugin kind"):
+        reg.list_plugins("widgets")
+
+
+def test_command_plugins(fake_dist):
+    import argparse
+    _, path = fake_dist
+    reg = R.Registry(path=[str(path)])
+    cmds = reg.load_all("command")
+    assert set(cmds) == {"fakecmd"}
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers()
+    cmds["fakecmd"](sub)
+    assert p.parse_args(["fakecmd"]).func(None) == 0
+
+
+class MyParam(Parameterization):
+    name = "myparam"
+
+
+class MyAlgo(Algorithm):
+    name = "myalgo"
+
+
+def test_direct_registration_isolated():
+    reg = R.Registry(entry_points=False)
+    assert reg.list_plugins("parameterization") == []
+    reg.register("parameterization", MyParam)
+    assert reg.get_parameterization("myparam") is MyParam
+    (info,) = reg.list_plugins("parameterization")
+    assert info.source == "registered" and info.name == "myparam"
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("parameterization", MyParam)
+    reg.unregister("parameterization", "myparam")
+    with pytest.raises(R.UnknownPluginError):
+        reg.get_parameterization("myparam")
+    with reg.registered("algorithm", MyAlgo):
+        assert reg.get_algorithm("myalgo") is MyAlgo
+    with pytest.raises(R.UnknownPluginError):
+        reg.get_algorithm("myalgo")
+    # other registries (and the default one) are unaffected
+    assert "myalgo" not in R.Registry(entry_points=False).names("algorithm")
+    assert "myparam" not in R.default_registry().names("parameterization")
+
+
+def test_register_validates():
+    reg = R.Registry(entry_points=False)
+    with pytest.raises(TypeError):
+        reg.register("parameterization", MyAlgo)
+
+    class Old(Parameterization):
+        name = "old"
+        api_version = PLUGIN_API_VERSION + 1
+    with pytest.raises(ValueError, match="plugin API"):
+        reg.register("parameterization", Old)
+    with pytest.raises(ValueError, match="declares name"):
+        reg.register("parameterization", MyParam, name="other")
+
+
+def test_registered_shadows_entry_point(fake_dist):
+    _, path = fake_dist
+    reg = R.Registry(path=[str(path)])
+
+    class Replacement(Parameterization):
+        name = "fakeparam"
+    with reg.registered("parameterization", Replacement):
+        assert reg.get_parameterization("fakeparam") is Replacement
+        infos = [i for i in reg.list_plugins("parameterization") if i.name == "fakeparam"]
+        assert [i.source for i in infos] == ["registered", "entry_point"]
+        assert infos[1].shadowed_by == "registered"
+    assert reg.get_parameterization("fakeparam") is not Replacement
+
+
+def test_builtin_plugins_via_entry_points():
+    """pixel and dm are found like any third-party plugin (when installed)."""
+    names = R.Registry().names("parameterization")
+    if "pixel" not in names:
+        pytest.skip("splatdd-pixel not installed")
+    assert R.get_parameterization("pixel").name == "pixel"
