@@ -1,0 +1,95 @@
+"""Storage accounting of GaussianImages is exact and within the budget."""
+import pytest
+import torch
+
+from splatdd.budget import budget_bytes, gaussian_points
+from splatdd.plugin_api import DatasetSpec, check_plugin_class
+from splatdd_gaussian import GaussianImages, default_gpc, points_for_budget
+
+CIFAR = DatasetSpec("cifar10", 3, 32, 32, 10)
+FMNIST = DatasetSpec("fashion_mnist", 1, 28, 28, 10)
+
+
+def test_plugin_class_is_valid():
+    check_plugin_class(GaussianImages, "parameterization")
+    assert GaussianImages.name == "gaussian"
+
+
+@pytest.mark.parametrize("spec,ipc,gpc,points", [(CIFAR, 1, 30, 22), (CIFAR, 10, 160, 42),
+                                                 (CIFAR, 50, 250, 136)])
+def test_paper_points_formula(spec, ipc, gpc, points):
+    # GSDD appendix A, table 7: CIFAR-10 IPC 1/10/50 -> GPC 30/160/250 with 22/42/136 points
+    g = GaussianImages.build(spec, ipc, gpc=gpc)
+    assert g.points == points == gaussian_points(ipc, gpc, 3, 32, 32)
+    assert g.points == (32 * 32 * 3 * ipc * 2) // (gpc * 9)
+
+
+@pytest.mark.parametrize("spec,ipc", [(CIFAR, 1), (CIFAR, 10), (FMNIST, 1), (FMNIST, 10),
+                                      (DatasetSpec("in", 3, 128, 128, 10), 1)])
+def test_bytes_exact_and_within_budget(spec, ipc):
+    g = GaussianImages.build(spec, ipc)
+    C = spec.channels
+    n = spec.num_classes * g.gpc
+    assert g.num_images == n == len(g.labels)
+    assert g.num_bytes() == n * g.points * (6 + C) * 2
+    st = g.state_tensors()
+    assert set(st) == {"gaussians"}
+    assert st["gaussians"].dtype == torch.bfloat16
+    assert st["gaussians"].shape == (n, g.points, 6 + C)
+    assert sum(t.numel() * t.element_size() for t in st.values()) == g.num_bytes()
+    assert g.num_bytes() <= budget_bytes(spec, ipc)
+    # one more point per image would break the budget (the formula takes the floor)
+    assert n * (g.points + 1) * (6 + C) * 2 > budget_bytes(spec, ipc)
+
+
+def test_default_gpc_uses_paper_table():
+    assert default_gpc(CIFAR, 1) == 30 and default_gpc(CIFAR, 10) == 160
+    assert default_gpc(DatasetSpec("in", 3, 128, 128, 10), 1) == 64
+    assert GaussianImages.build(DatasetSpec("in", 3, 128, 128, 10), 1).points == 170
+
+
+def test_without_opacity_alpha_is_not_stored():
+    g = GaussianImages.build(CIFAR, 1, gpc=30, opacity=False)
+    # alpha is not stored, so each Gaussian costs 5 + C values and the budget buys more of them
+    assert g.points == (32 * 32 * 3 * 4) // (30 * 8 * 2) == 25
+    assert g.num_bytes() == 300 * 25 * 8 * 2
+    st = g.state_tensors()["gaussians"]
+    assert st.shape == (300, 25, 8)
+    assert st.numel() * st.element_size() == g.num_bytes() <= budget_bytes(CIFAR, 1)
+    assert torch.all(g.packed()[..., -1] == 1.0)
+
+
+def test_without_bf16_stores_fp32_and_halves_points():
+    g = GaussianImages.build(CIFAR, 1, gpc=30, bf16=False)
+    assert g.points == (32 * 32 * 3 * 4) // (30 * 9 * 4) == 11
+    st = g.state_tensors()["gaussians"]
+    assert st.dtype == torch.float32
+    assert st.numel() * 4 == g.num_bytes() == 300 * 11 * 9 * 4 <= budget_bytes(CIFAR, 1)
+
+
+def test_explicit_points_and_options():
+    g = GaussianImages.build(FMNIST, 1, gpc=2, points=5)
+    assert (g.gpc, g.points, g.num_images) == (2, 5, 20)
+    assert g.params.shape == (20, 5, 7) and g.params.dtype == torch.float32
+    assert torch.equal(g.labels, torch.arange(10).repeat_interleave(2))
+    assert torch.equal(g.class_indices(3), torch.tensor([6, 7]))
+    with pytest.raises(TypeError, match="bogus"):
+        GaussianImages.build(FMNIST, 1, bogus=1)
+    with pytest.raises(ValueError):
+        GaussianImages.build(FMNIST, 1, gpc=10_000)
+
+
+def test_points_for_budget_matches_core_formula():
+    for ipc, gpc in [(1, 1), (1, 7), (10, 33), (50, 250)]:
+        assert points_for_budget(FMNIST, ipc, gpc, values_per_gaussian=7, bytes_per_value=2) == \
+            gaussian_points(ipc, gpc, 1, 28, 28) == (28 * 28 * ipc * 2) // (gpc * 7)
+
+
+def test_optimizer_spec_adam_1e2():
+    g = GaussianImages.build(FMNIST, 1, gpc=1, points=3)
+    for algo in ("dm", "dc", "tm"):
+        spec = g.optimizer_spec(algo)
+        assert spec.kind == "adam" and spec.params[0]["lr"] == 1e-2
+        assert spec.params[0]["params"][0] is g.params
+    assert g.optimizer_spec("dm", lr=0.5).params[0]["lr"] == 0.5
+    assert isinstance(g.optimizer_spec("dm").build(), torch.optim.Adam)
