@@ -1,0 +1,318 @@
+// render_cpu.cpp -- CPU backend: task scheduling, ISA dispatch and the plain reference loops.
+//
+// Forward: tasks = (image, band of output rows); a task zeroes its rows, then visits that image's
+// Gaussians in order and splats each into the band. Every output pixel belongs to one task and its
+// sum is always formed in the same order, so the bits do not depend on the thread count.
+// Backward: parallel over Gaussians, claimed in chunks from an atomic counter; each Gaussian gathers
+// the output gradient over its samples and writes its own gradient row. No atomics on data.
+// Scratch memory is allocated once per call, before the threads start; the hot loops never allocate.
+#include "render_cpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "splat_math.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SPLATDD_CPU_AVX2 1
+#endif
+
+namespace splatdd {
+
+namespace cpu_generic {
+#include "render_cpu.inc"
+}  // namespace cpu_generic
+
+#if defined(SPLATDD_CPU_AVX2)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace cpu_avx2 {
+#include "render_cpu.inc"
+}  // namespace cpu_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// The plain per-sample implementation, straight on splat_math.h (kernel_value, accumulate_sample).
+namespace cpu_simple {
+
+template <typename T>
+void forward_task(const RenderArgs& a, int b, int r0, int r1, T* /*scratch*/) {
+  const int C = a.C, H = a.H, W = a.W, S = a.ssaa, Ws = W * S, Hs = H * S;
+  T* out = static_cast<T*>(a.out);
+  for (int ch = 0; ch < C; ++ch) {
+    T* o = out + ((static_cast<int64_t>(b) * C + ch) * H + r0) * W;
+    std::fill(o, o + static_cast<int64_t>(r1 - r0) * W, T(0));
+  }
+  const T inv_s2 = T(1) / static_cast<T>(S * S);
+  T geo[5], col[kMaxChannels], alpha;
+  for (int64_t g = a.offsets[b]; g < a.offsets[b + 1]; ++g) {
+    cpu_generic::load_gaussian<T>(a.params, a.dtype, g, C, geo, col, alpha);
+    const Splat<T> sp = make_splat<T>(geo[0], geo[1], geo[2], geo[3], geo[4], alpha, Ws, Hs,
+                                      a.prefilter);
+    const int i0 = std::max(sp.y0, r0 * S), i1 = std::min(sp.y1, r1 * S - 1);
+    for (int i = i0; i <= i1; ++i) {
+      const T dy = static_cast<T>(i) + T(0.5) - sp.my;
+      for (int j = sp.x0; j <= sp.x1; ++j) {
+        const T dx = static_cast<T>(j) + T(0.5) - sp.mx;
+        T e;
+        const T k = kernel_value<T>(mahalanobis2<T>(sp, dx, dy), e);
+        if (!(k > T(0))) continue;
+        for (int ch = 0; ch < C; ++ch)
+          out[((static_cast<int64_t>(b) * C + ch) * H + i / S) * W + j / S] +=
+              alpha * k * col[ch] * inv_s2;
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_gaussian(const BackwardArgs& ba, int b, int64_t g, T* /*scratch*/) {
+  const RenderArgs& a = ba.fwd;
+  const int C = a.C, H = a.H, W = a.W, S = a.ssaa, Ws = W * S, Hs = H * S;
+  const T* gout = static_cast<const T*>(ba.grad_out);
+  const T inv_s2 = T(1) / static_cast<T>(S * S);
+  T geo[5], col[kMaxChannels], alpha, gs[kMaxChannels];
+  cpu_generic::load_gaussian<T>(a.params, a.dtype, g, C, geo, col, alpha);
+  const Splat<T> sp = make_splat<T>(geo[0], geo[1], geo[2], geo[3], geo[4], alpha, Ws, Hs,
+                                    a.prefilter);
+  SplatGrad<T> sg;
+  zero_grad<T>(sg, C);
+  for (int i = sp.y0; i <= sp.y1; ++i) {
+    const T dy = static_cast<T>(i) + T(0.5) - sp.my;
+    for (int j = sp.x0; j <= sp.x1; ++j) {
+      const T dx = static_cast<T>(j) + T(0.5) - sp.mx;
+      T e;
+      const T k = kernel_value<T>(mahalanobis2<T>(sp, dx, dy), e);
+      if (!(k > T(0))) continue;
+      for (int ch = 0; ch < C; ++ch)
+        gs[ch] = gout[((static_cast<int64_t>(b) * C + ch) * H + i / S) * W + j / S] * inv_s2;
+      accumulate_sample<T>(sg, sp, dx, dy, k, e, gs, col, C);
+    }
+  }
+  T geo_grad[5];
+  finish_grad<T>(sg, sp, geo[2], geo[3], geo[4], Ws, Hs, geo_grad);
+  T* gp = static_cast<T*>(ba.grad_params) + g * static_cast<int64_t>(6 + C);
+  for (int q = 0; q < 5; ++q) gp[q] += geo_grad[q];
+  for (int ch = 0; ch < C; ++ch) gp[5 + ch] += sg.sc[ch];
+  gp[5 + C] += sg.sa;
+}
+
+}  // namespace cpu_simple
+
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+enum class Kernel { kSimple, kGeneric, kAvx2 };
+
+bool cpu_has_avx2() {
+#if defined(SPLATDD_CPU_AVX2)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// SPLATDD_CPU_KERNEL=simple|generic|avx2 overrides the automatic choice (tests, benchmarks).
+Kernel choose_kernel() {
+  const char* env = std::getenv("SPLATDD_CPU_KERNEL");
+  if (env != nullptr) {
+    if (std::strcmp(env, "simple") == 0) return Kernel::kSimple;
+    if (std::strcmp(env, "generic") == 0) return Kernel::kGeneric;
+  }
+  return cpu_has_avx2() ? Kernel::kAvx2 : Kernel::kGeneric;
+}
+
+void validate(const RenderArgs& a, bool need_out) {
+  if (a.C < 1 || a.C > kMaxChannels)
+    throw std::invalid_argument("C must be in 1.." + std::to_string(kMaxChannels));
+  if (a.ssaa != 1 && a.ssaa != 2 && a.ssaa != 4)
+    throw std::invalid_argument("ssaa must be 1, 2 or 4");
+  if (a.B < 0 || a.H <= 0 || a.W <= 0 || a.total < 0)
+    throw std::invalid_argument("B, total must be >= 0 and H, W > 0");
+  if (static_cast<int64_t>(a.H) * a.ssaa > (1 << 28) || static_cast<int64_t>(a.W) * a.ssaa > (1 << 28))
+    throw std::invalid_argument("H * ssaa and W * ssaa must be < 2^28");
+  if (a.dtype != kFloat32 && a.dtype != kBFloat16 && a.dtype != kFloat64)
+    throw std::invalid_argument("dtype must be 0 (float32), 1 (bfloat16) or 2 (float64)");
+  if (a.B > 0 && a.offsets == nullptr) throw std::invalid_argument("null offsets pointer");
+  if (need_out && a.B > 0 && a.out == nullptr) throw std::invalid_argument("null output pointer");
+  if (a.total > 0 && a.params == nullptr) throw std::invalid_argument("null params pointer");
+  if (a.B > 0) {
+    if (a.offsets[0] != 0 || a.offsets[a.B] != a.total)
+      throw std::invalid_argument("offsets must run from 0 to total");
+    for (int b = 0; b < a.B; ++b)
+      if (a.offsets[b + 1] < a.offsets[b])
+        throw std::invalid_argument("offsets must be non-decreasing");
+  }
+}
+
+int resolve_threads(int requested, int64_t ntasks) {
+  int n = requested;
+  if (n <= 0) {
+    const unsigned hc = std::thread::hardware_concurrency();
+    n = hc == 0 ? 1 : static_cast<int>(hc);
+  }
+  n = std::min(n, 1024);
+  if (ntasks < n) n = static_cast<int>(std::max<int64_t>(ntasks, 1));
+  return n;
+}
+
+// Runs body(worker) on `n` workers (the calling thread is worker 0). Workers claim their tasks
+// from shared atomic counters, so if the system refuses to start a thread the others still do all
+// the work.
+template <class F>
+void run_parallel(int n, const F& body) {
+  std::vector<std::thread> pool;
+  pool.reserve(n > 1 ? n - 1 : 0);
+  for (int t = 1; t < n; ++t) {
+    try {
+      pool.emplace_back([&body, t] { body(t); });
+    } catch (...) {
+      break;
+    }
+  }
+  body(0);
+  for (auto& th : pool) th.join();
+}
+
+template <typename T>
+using ForwardFn = void (*)(const RenderArgs&, int, int, int, T*);
+template <typename T>
+using BackwardFn = void (*)(const BackwardArgs&, int, int64_t, T*);
+
+template <typename T>
+ForwardFn<T> pick_forward(Kernel k, int s) {
+  if (k == Kernel::kSimple) return &cpu_simple::forward_task<T>;
+#if defined(SPLATDD_CPU_AVX2)
+  if (k == Kernel::kAvx2) {
+    if (s == 1) return &cpu_avx2::forward_task<T, 1>;
+    if (s == 2) return &cpu_avx2::forward_task<T, 2>;
+    return &cpu_avx2::forward_task<T, 4>;
+  }
+#endif
+  if (s == 1) return &cpu_generic::forward_task<T, 1>;
+  if (s == 2) return &cpu_generic::forward_task<T, 2>;
+  return &cpu_generic::forward_task<T, 4>;
+}
+
+template <typename T>
+BackwardFn<T> pick_backward(Kernel k, int s) {
+  if (k == Kernel::kSimple) return &cpu_simple::backward_gaussian<T>;
+#if defined(SPLATDD_CPU_AVX2)
+  if (k == Kernel::kAvx2) {
+    if (s == 1) return &cpu_avx2::backward_gaussian<T, 1>;
+    if (s == 2) return &cpu_avx2::backward_gaussian<T, 2>;
+    return &cpu_avx2::backward_gaussian<T, 4>;
+  }
+#endif
+  if (s == 1) return &cpu_generic::backward_gaussian<T, 1>;
+  if (s == 2) return &cpu_generic::backward_gaussian<T, 2>;
+  return &cpu_generic::backward_gaussian<T, 4>;
+}
+
+template <typename T>
+void forward_impl(const RenderArgs& a) {
+  if (a.B == 0) return;
+  const ForwardFn<T> fn = pick_forward<T>(choose_kernel(), a.ssaa);
+  // Bands: enough tasks to balance the threads, never thinner than 8 rows unless H is smaller.
+  const int want = resolve_threads(a.num_threads, INT64_MAX);
+  int bands = 1;
+  if (want > 1 && static_cast<int64_t>(a.B) < 4LL * want) {
+    bands = static_cast<int>((4LL * want + a.B - 1) / a.B);
+    bands = std::max(1, std::min(bands, (a.H + 7) / 8));
+  }
+  const int band_h = (a.H + bands - 1) / bands;
+  bands = (a.H + band_h - 1) / band_h;
+  const int64_t ntasks = static_cast<int64_t>(a.B) * bands;
+  const int n = resolve_threads(a.num_threads, ntasks);
+  const int64_t stride = cpu_generic::scratch_stride(a.W);
+  std::vector<T> scratch(static_cast<size_t>(stride) * n);
+  std::atomic<int64_t> next{0};
+  run_parallel(n, [&](int worker) {
+    T* wpix = scratch.data() + static_cast<size_t>(stride) * worker;
+    for (;;) {
+      const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= ntasks) break;
+      const int b = static_cast<int>(t / bands), band = static_cast<int>(t % bands);
+      const int r0 = band * band_h, r1 = std::min(a.H, r0 + band_h);
+      fn(a, b, r0, r1, wpix);
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const BackwardArgs& ba) {
+  const RenderArgs& a = ba.fwd;
+  if (a.B == 0 || a.total == 0) return;
+  const BackwardFn<T> fn = pick_backward<T>(choose_kernel(), a.ssaa);
+  constexpr int64_t kChunk = 8;
+  const int64_t nchunks = (a.total + kChunk - 1) / kChunk;
+  const int n = resolve_threads(a.num_threads, nchunks);
+  const int64_t stride = 6 * cpu_generic::scratch_stride(a.W);
+  std::vector<T> scratch(static_cast<size_t>(stride) * n);
+  std::atomic<int64_t> next{0};
+  run_parallel(n, [&](int worker) {
+    T* buf = scratch.data() + static_cast<size_t>(stride) * worker;
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= nchunks) break;
+      const int64_t g0 = c * kChunk, g1 = std::min(a.total, g0 + kChunk);
+      // image of g0: last b with offsets[b] <= g0 (skips empty images)
+      int b = static_cast<int>(std::upper_bound(a.offsets, a.offsets + a.B + 1, g0) - a.offsets) - 1;
+      for (int64_t g = g0; g < g1; ++g) {
+        while (g >= a.offsets[b + 1]) ++b;
+        fn(ba, b, g, buf);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void render_forward_cpu(const RenderArgs& args) {
+  validate(args, true);
+  if (args.dtype == kFloat64)
+    forward_impl<double>(args);
+  else
+    forward_impl<float>(args);
+}
+
+void render_backward_cpu(const BackwardArgs& args) {
+  validate(args.fwd, false);
+  if (args.fwd.B > 0 && (args.grad_out == nullptr || (args.fwd.total > 0 && args.grad_params == nullptr)))
+    throw std::invalid_argument("null grad_out or grad_params pointer");
+  if (args.fwd.dtype == kFloat64)
+    backward_impl<double>(args);
+  else
+    backward_impl<float>(args);
+}
+
+const char* cpu_kernel_name() {
+  switch (choose_kernel()) {
+    case Kernel::kSimple:
+      return "simple";
+    case Kernel::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
+  }
+}
+
+}  // namespace splatdd

@@ -1,0 +1,111 @@
+"""Dense pure-PyTorch reference renderer: the oracle of the tests and the benchmarks' baseline.
+
+Exactly the maths of docs/renderer.md (and of cpp/splat_math.h), written the way a user would by
+hand: every Gaussian is evaluated at every sample of its image, so memory and time grow with
+N * H * W * ssaa**2 per image. Differentiable by autograd; bfloat16 parameters are computed in
+float32 (like the compiled backends), float64 in float64.
+
+* :func:`render` -- the renderer with the cut-off kernel ``max(exp(-d2/2) - exp(-8), 0)`` on
+  ``d2 <= 16``, identical in meaning to :func:`splatdd.render`.
+* :func:`render_untruncated` -- the plain mixture ``exp(-d2/2)`` with no cut-off, to measure the
+  cut-off's error.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .render import _check_common
+
+__all__ = ["render", "render_untruncated", "CUTOFF_D2", "TAIL_VALUE", "PREFILTER_VARIANCE", "MIN_VARIANCE"]
+
+CUTOFF_D2 = 16.0                      # (Mahalanobis cut-off radius 4)^2
+TAIL_VALUE = 3.3546262790251185e-04   # exp(-8)
+PREFILTER_VARIANCE = 1.0 / 12.0       # sample units
+MIN_VARIANCE = 1e-4                   # sample units, when prefilter=False
+
+
+def _render_dense(p: torch.Tensor, H: int, W: int, ssaa: int, prefilter: bool, truncate: bool) -> torch.Tensor:
+    """p: (B, N, 6 + C) -> (B, C, H, W)."""
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    p = p.to(acc)
+    B, N, P = p.shape
+    C = P - 6
+    Hs, Ws = H * ssaa, W * ssaa
+    sx, sy = 0.5 * Ws, 0.5 * Hs
+    delta = PREFILTER_VARIANCE if prefilter else MIN_VARIANCE
+    u, v, l11, l21, l22 = (p[..., q] for q in range(5))
+    col = p[..., 5 : 5 + C]
+    alpha = p[..., 5 + C]
+    # mean and covariance Sigma = (S L)(S L)^T in sample units, S = diag(Ws/2, Hs/2)
+    mx = (u + 1.0) * sx
+    my = (v + 1.0) * sy
+    a = sx * sx * l11 * l11
+    b = sx * sy * l11 * l21
+    c = sy * sy * (l21 * l21 + l22 * l22)
+    q = sx * sy * l11 * l22
+    det = q * q + delta * (a + c) + delta * delta  # det(Sigma + delta I), no cancellation
+    A = (c + delta) / det
+    Bc = -b / det
+    Cc = (a + delta) / det
+    xs = torch.arange(Ws, dtype=acc, device=p.device) + 0.5
+    ys = torch.arange(Hs, dtype=acc, device=p.device) + 0.5
+    dx = xs.view(1, 1, 1, Ws) - mx[..., None, None]   # (B, N, 1, Ws)
+    dy = ys.view(1, 1, Hs, 1) - my[..., None, None]   # (B, N, Hs, 1)
+    d2 = (A[..., None, None] * dx * dx + 2.0 * Bc[..., None, None] * dx * dy
+          + Cc[..., None, None] * dy * dy)            # (B, N, Hs, Ws)
+    e = torch.exp(-0.5 * d2)
+    if truncate:
+        k = torch.where(d2 <= CUTOFF_D2, torch.relu(e - TAIL_VALUE), torch.zeros((), dtype=acc, device=p.device))
+    else:
+        k = e
+    img = torch.einsum("bnhw,bnc->bchw", k, alpha[..., None] * col)  # (B, C, Hs, Ws)
+    if ssaa > 1:
+        img = img.reshape(B, C, H, ssaa, W, ssaa).mean(dim=(3, 5))
+    return img
+
+
+def _render(params, H, W, ssaa, prefilter, counts, truncate):
+    B, C, counts_list, H, W, ssaa = _check_common(params, H, W, ssaa, prefilter, counts)
+    if params.numel() and not bool(torch.isfinite(params).all()):
+        raise ValueError("params contains NaN or inf")
+    if counts_list is None:
+        return _render_dense(params, H, W, ssaa, prefilter, truncate)
+    acc = torch.float64 if params.dtype == torch.float64 else torch.float32
+    images = []
+    start = 0
+    for n in counts_list:
+        chunk = params[start : start + n].unsqueeze(0)
+        start += n
+        images.append(_render_dense(chunk, H, W, ssaa, prefilter, truncate))
+    if not images:
+        return params.new_zeros((0, C, H, W), dtype=acc)
+    return torch.cat(images, dim=0)
+
+
+def render(
+    params: torch.Tensor,
+    H: int,
+    W: int,
+    *,
+    ssaa: int = 2,
+    prefilter: bool = True,
+    counts: Optional[Union[Sequence[int], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Dense reference of :func:`splatdd.render` (same arguments, same result, no backend)."""
+    return _render(params, H, W, ssaa, prefilter, counts, truncate=True)
+
+
+def render_untruncated(
+    params: torch.Tensor,
+    H: int,
+    W: int,
+    *,
+    ssaa: int = 2,
+    prefilter: bool = True,
+    counts: Optional[Union[Sequence[int], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """The untruncated mixture ``sum_k alpha_k exp(-d2_k / 2) c_k`` (no cut-off), otherwise as
+    :func:`render`. The two differ by at most ``TAIL_VALUE * sum_k |alpha_k| |c_k|`` per pixel."""
+    return _render(params, H, W, ssaa, prefilter, counts, truncate=False)
