@@ -1,0 +1,254 @@
+"""Trajectory matching (MTT; Cazenavette et al., CVPR 2022) as a splatdd algorithm.
+
+Per :meth:`TrajectoryMatching.loss` call: pick a random expert and a random start epoch
+``t < max_start_epoch``; starting from the expert's parameters ``theta*_t``, a student network
+takes ``syn_steps`` SGD steps on minibatches (``batch_syn``) of the decoded synthetic images, with
+DSA and a learnable learning rate; the loss is
+``||theta_student - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2`` with ``M = expert_epochs``.
+The student is unrolled functionally (:func:`splatdd_tm.unroll.student_unroll`), so the loss is
+differentiable in the decoded images (hence in any parameterization's tensors) and in the lr.
+
+The learning rate is the algorithm's own tensor with its own optimiser (SGD, ``lr_lr`` 1e-5,
+momentum 0.5, as MTT), stepped in :meth:`after_step` and then clipped from below at ``lr_min``
+(1e-8 by default; MTT does not clip, later TM variants do: a negative lr would make the student
+climb the loss). :meth:`learned_lr` returns it; the core stores it in the distilled file and
+evaluation uses it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping
+
+import torch
+
+from splatdd.plugin_api import PLUGIN_API_VERSION, Algorithm, Parameterization, RealData
+
+from . import _core
+from .buffer import BufferError, ExpertBuffer
+from .unroll import (activation_bytes, estimate_unroll_bytes, measure_peak_bytes, param_layout,
+                     student_unroll, tm_loss)
+
+__all__ = ["TrajectoryMatching", "FMNIST_DEFAULTS", "DEFAULT_DSA_STRATEGY"]
+
+log = logging.getLogger("splatdd.tm")
+
+DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+#: FreD's FashionMNIST settings by IPC: (syn_steps, expert_epochs, max_start_epoch). Used as the
+#: defaults (IPC 1 -> the first row, any other IPC -> the IPC 10 row).
+FMNIST_DEFAULTS: dict[int, tuple[int, int, int]] = {1: (50, 2, 5), 10: (60, 2, 15)}
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+
+
+class TrajectoryMatching(Algorithm):
+    """Trajectory matching. Options (keyword):
+
+    ``buffer_dir`` (required) -- a directory made by ``splatdd buffer``;
+    ``syn_steps`` (50 at IPC 1, else 60), ``expert_epochs`` (2), ``max_start_epoch`` (5 at IPC 1,
+    else 15; the start epoch is drawn from ``[min_start_epoch, max_start_epoch)``),
+    ``min_start_epoch`` (0), ``batch_syn`` (None: the whole synthetic set per student step),
+    ``lr_init`` (0.01), ``lr_lr`` (1e-5), ``lr_momentum`` (0.5), ``lr_min`` (1e-8),
+    ``dsa`` (True), ``dsa_strategy``, ``max_experts`` (None: all experts in the buffer).
+    """
+
+    name = "tm"
+    api_version = PLUGIN_API_VERSION
+    default_iterations = 5000
+
+    def __init__(self, real: RealData, *, ipc: int, generator: torch.Generator,
+                 buffer_dir: str | None = None, syn_steps: int | None = None,
+                 expert_epochs: int | None = None, max_start_epoch: int | None = None,
+                 min_start_epoch: int = 0, batch_syn: int | None = None, lr_init: float = 0.01,
+                 lr_lr: float = 1e-5, lr_momentum: float = 0.5, lr_min: float = 1e-8,
+                 dsa: bool = True, dsa_strategy: str = DEFAULT_DSA_STRATEGY,
+                 max_experts: int | None = None, **unknown: Any) -> None:
+        if unknown:
+            raise TypeError(f"tm: unknown option(s) {', '.join(sorted(unknown))}; known: "
+                            "buffer_dir, syn_steps, expert_epochs, max_start_epoch, "
+                            "min_start_epoch, batch_syn, lr_init, lr_lr, lr_momentum, lr_min, dsa, "
+                            "dsa_strategy, max_experts")
+        super().__init__(real, ipc=ipc, generator=generator)
+        self.buffer = ExpertBuffer.open(buffer_dir)
+        self.buffer_dir = str(buffer_dir)
+        self._check_dataset(real)
+        d_steps, d_m, d_start = FMNIST_DEFAULTS[1 if ipc == 1 else 10]
+        self.syn_steps = int(syn_steps) if syn_steps is not None else d_steps
+        self.expert_epochs = int(expert_epochs) if expert_epochs is not None else d_m
+        self.min_start_epoch = int(min_start_epoch)
+        E = self.buffer.epochs
+        limit = E - self.expert_epochs + 1        # start + M <= E for every start < max_start
+        if max_start_epoch is None:
+            self.max_start_epoch = min(d_start, limit)
+            if self.max_start_epoch < d_start:
+                log.info("tm: max_start_epoch %d (the buffer has %d epochs; default %d)",
+                         self.max_start_epoch, E, d_start)
+        else:
+            self.max_start_epoch = int(max_start_epoch)
+            if self.max_start_epoch > limit:
+                raise ValueError(f"tm: max_start_epoch {self.max_start_epoch} + expert_epochs "
+                                 f"{self.expert_epochs} needs experts with at least "
+                                 f"{self.max_start_epoch + self.expert_epochs - 1} epochs; "
+                                 f"{self.buffer_dir} has {E}")
+        if self.syn_steps < 1 or self.expert_epochs < 1:
+            raise ValueError("tm: syn_steps and expert_epochs must be >= 1")
+        if not (0 <= self.min_start_epoch < self.max_start_epoch):
+            raise ValueError(f"tm: need 0 <= min_start_epoch < max_start_epoch, got "
+                             f"{self.min_start_epoch}, {self.max_start_epoch} (buffer epochs {E}, "
+                             f"expert_epochs {self.expert_epochs})")
+        self.num_experts = self.buffer.num_experts
+        if max_experts is not None:
+            if int(max_experts) < 1:
+                raise ValueError("tm: max_experts must be >= 1")
+            self.num_experts = min(self.num_experts, int(max_experts))
+        self.batch_syn = None if batch_syn is None else int(batch_syn)
+        if self.batch_syn is not None and self.batch_syn < 1:
+            raise ValueError("tm: batch_syn must be >= 1")
+        for key, val in (("lr_init", lr_init), ("lr_lr", lr_lr), ("lr_min", lr_min)):
+            if not (val >= 0 and math.isfinite(val)):
+                raise ValueError(f"tm: {key} must be a finite number >= 0, got {val}")
+        if lr_init <= 0:
+            raise ValueError(f"tm: lr_init must be > 0, got {lr_init}")
+        self.lr_init, self.lr_lr = float(lr_init), float(lr_lr)
+        self.lr_momentum, self.lr_min = float(lr_momentum), float(lr_min)
+        self.dsa = bool(dsa)
+        self.dsa_strategy = str(dsa_strategy)
+        self.device = torch.device(real.device)
+
+        # The student network: the experts' architecture; its own weights are never used.
+        cfg, spec = self.buffer.config, real.spec
+        self.net = _core.get_network(cfg["model"], spec.channels, spec.num_classes,
+                                     (spec.height, spec.width), width=cfg["width"],
+                                     depth=cfg["depth"], seed=0).to(self.device).train()
+        names, shapes = param_layout(self.net)
+        if names != self.buffer.names or [list(s) for s in shapes] != \
+                [list(s) for s in self.buffer.shapes]:
+            raise BufferError(f"tm: the network {cfg['model']} built now does not have the "
+                              f"parameter layout recorded in {self.buffer_dir}/buffer.json")
+        self.names, self.shapes = names, shapes
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+        self.syn_lr = torch.tensor(self.lr_init, device=self.device, requires_grad=True)
+        self.lr_opt = torch.optim.SGD([self.syn_lr], lr=self.lr_lr, momentum=self.lr_momentum)
+        self.last_loss: float | None = None
+        self.memory_estimate = self.estimate_memory()
+        log.info("tm: student unroll keeps ~%.1f MiB until backward (%d steps x (2 x %d params + "
+                 "activations of %d images))", self.memory_estimate["total_bytes"] / 2**20,
+                 self.syn_steps, self.buffer.num_params, self.memory_estimate["batch"])
+
+    # ---- checks & reports ---------------------------------------------------------------------
+    def _check_dataset(self, real: RealData) -> None:
+        b, r = self.buffer.spec, real.spec
+        wrong = [k for k in ("name", "channels", "height", "width", "num_classes", "zca")
+                 if getattr(b, k) != getattr(r, k)]
+        if wrong:
+            detail = ", ".join(f"{k} {getattr(b, k)!r} vs {getattr(r, k)!r}" for k in wrong)
+            raise BufferError(f"tm: the experts in {self.buffer_dir} were trained on other data "
+                              f"than the real data given ({detail})")
+
+    def _batch(self, n: int) -> int:
+        return n if self.batch_syn is None else min(self.batch_syn, n)
+
+    def estimate_memory(self, n_images: int | None = None) -> dict[str, int]:
+        """Estimated bytes the unroll keeps alive (see
+        :func:`splatdd_tm.unroll.estimate_unroll_bytes`) for ``n_images`` synthetic images
+        (default ``num_classes * ipc``)."""
+        spec = self.real.spec
+        n = n_images if n_images is not None else spec.num_classes * self.ipc
+        b = self._batch(n)
+        act = activation_bytes(self.net, (b, spec.channels, spec.height, spec.width))
+        est = estimate_unroll_bytes(self.buffer.num_params, self.syn_steps, act)
+        est["batch"] = b
+        est["activation_bytes_per_forward"] = act
+        return est
+
+    def measure_memory(self, param: Parameterization) -> dict[str, Any]:
+        """Run one loss + backward and report its measured peak memory next to the estimate
+        (see :func:`splatdd_tm.unroll.measure_peak_bytes` for what is measured). Leaves gradients
+        in ``param``'s tensors and the lr; the generator advances."""
+        def run() -> None:
+            self.loss(param, 0).backward()
+
+        measured = measure_peak_bytes(run, self.device)
+        est = self.estimate_memory(len(param.labels))
+        return {**est, "measured_peak_bytes": measured["peak_bytes"],
+                "measured_by": measured["method"]}
+
+    # ---- the loss -------------------------------------------------------------------------------
+    def _schedule(self, n: int) -> list[torch.Tensor]:
+        """``syn_steps`` minibatches: consecutive chunks of fresh random permutations (MTT)."""
+        b = self._batch(n)
+        out: list[torch.Tensor] = []
+        while len(out) < self.syn_steps:
+            perm = torch.randperm(n, generator=self.generator)
+            out.extend(perm.split(b))
+        return out[:self.syn_steps]
+
+    def loss(self, param: Parameterization, step: int) -> torch.Tensor:
+        g = self.generator
+        expert = int(torch.randint(0, self.num_experts, (1,), generator=g).item())
+        start = int(torch.randint(self.min_start_epoch, self.max_start_epoch, (1,),
+                                  generator=g).item())
+        rows = self.buffer.read(expert, [start, start + self.expert_epochs]).to(self.device)
+        theta_start, theta_target = rows[0], rows[1]
+
+        labels_all = param.labels
+        n = len(labels_all)
+        if n == 0:
+            raise ValueError("tm: the parameterization has no images")
+        schedule = self._schedule(n)
+        used = torch.unique(torch.cat(schedule))                 # decode each image once
+        pos = torch.full((n,), -1, dtype=torch.long)
+        pos[used] = torch.arange(len(used))
+        images = param.decode(used.to(labels_all.device)).to(self.device)
+        labels = labels_all.to(self.device).index_select(0, used.to(self.device))
+        batches = [pos[b].to(self.device) for b in schedule]
+        seeds = [_draw_seed(g) for _ in batches] if self.dsa else []
+
+        def augment(x: torch.Tensor, i: int) -> torch.Tensor:
+            return _core.dsa(x, self.dsa_strategy, seeds[i], per_sample=True)
+
+        if self.syn_lr.grad is not None:
+            self.syn_lr.grad = None
+        theta = student_unroll(self.net, self.names, self.shapes, theta_start, images, labels,
+                               self.syn_lr, batches, augment if self.dsa else None)
+        loss = tm_loss(theta, theta_start, theta_target)
+        self.last_loss = float(loss.detach())
+        self.last_expert, self.last_start = expert, start
+        return loss
+
+    def after_step(self) -> None:
+        if self.syn_lr.grad is not None:
+            self.lr_opt.step()
+        self.lr_opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.syn_lr.clamp_(min=self.lr_min)
+
+    def learned_lr(self) -> float:
+        return float(self.syn_lr.detach())
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"syn_lr": float(self.syn_lr.detach()), "lr_opt": self.lr_opt.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            self.syn_lr.fill_(float(state["syn_lr"]))
+        if "lr_opt" in state:
+            self.lr_opt.load_state_dict(state["lr_opt"])
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def config(self) -> dict[str, Any]:
+        return {"buffer_dir": self.buffer_dir, "syn_steps": self.syn_steps,
+                "expert_epochs": self.expert_epochs, "max_start_epoch": self.max_start_epoch,
+                "min_start_epoch": self.min_start_epoch, "batch_syn": self.batch_syn,
+                "lr_init": self.lr_init, "lr_lr": self.lr_lr, "lr_momentum": self.lr_momentum,
+                "lr_min": self.lr_min, "dsa": self.dsa, "dsa_strategy": self.dsa_strategy,
+                "num_experts": self.num_experts, "expert_model": self.buffer.config["model"],
+                "expert_epochs_in_buffer": self.buffer.epochs}

@@ -1,0 +1,155 @@
+"""``splatdd buffer``: train expert trajectories for trajectory matching (``tm``).
+
+::
+
+    splatdd buffer --dataset fashion_mnist --experts 100 --epochs 50 --lr 0.01 --out buffers/fmnist
+    splatdd distill --algo tm --algo-opt buffer_dir=buffers/fmnist --ipc 1 ...
+
+Interrupt it at any time: the same command resumes, keeping every finished expert.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def register(subparsers: Any) -> None:
+    """The ``splatdd.commands`` entry point: adds ``splatdd buffer``."""
+    p = subparsers.add_parser(
+        "buffer", help="train expert trajectories for trajectory matching (tm); resumable",
+        description="Train expert networks on the real training set and save each one's "
+                    "per-epoch parameters (MTT's buffer.py): plain SGD, momentum 0, batch 256, "
+                    "DSA. One file per expert, written atomically when the expert is done; "
+                    "running the same command again resumes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="fashion_mnist",
+                   help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the dataset's)")
+    p.add_argument("--resolution", default=None, help="resize to R or HxW")
+    p.add_argument("--zca", action="store_true", help="ZCA-whiten the data (CIFAR protocol)")
+    p.add_argument("--experts", type=_positive_int, default=100, help="number of experts")
+    p.add_argument("--epochs", type=_positive_int, default=50, help="epochs per expert")
+    p.add_argument("--lr", type=_positive_float, default=0.01, help="expert SGD learning rate")
+    p.add_argument("--batch", type=_positive_int, default=256, help="expert batch size")
+    p.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True,
+                   help="DSA augmentation while training experts")
+    p.add_argument("--dsa-strategy", default=DEFAULT_DSA_STRATEGY)
+    p.add_argument("--model", default="ConvNet", help="expert (and student) network")
+    p.add_argument("--width", type=_positive_int, default=128, help="ConvNet width")
+    p.add_argument("--depth", type=_positive_int, default=None,
+                   help="ConvNet depth (default: by resolution)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip each expert's test accuracy")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="buffer directory")
+    p.set_defaults(func=run)
+
+
+def _user_error(msg: str) -> Exception:
+    try:
+        from splatdd.cli import CLIError
+        return CLIError(msg)
+    except ImportError:  # pragma: no cover
+        return SystemExit(f"splatdd: error: {msg}")
+
+
+def _resolution(text: str | None):
+    if text is None:
+        return None
+    parts = [t for t in text.lower().replace("x", ",").split(",") if t.strip()]
+    try:
+        hw = tuple(int(t) for t in parts)
+    except ValueError:
+        raise _user_error(f"--resolution must be R or HxW, got {text!r}") from None
+    if len(hw) == 1:
+        hw = (hw[0], hw[0])
+    if len(hw) != 2 or min(hw) < 1:
+        raise _user_error(f"--resolution must be R or HxW, got {text!r}")
+    return hw
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from splatdd.data import load_dataset
+
+    from .buffer import BufferError, ExpertBuffer, train_experts
+    from .unroll import activation_bytes, estimate_unroll_bytes
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise _user_error(f"--device {device}: CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    try:
+        train, test = load_dataset(args.dataset, args.data_root,
+                                   resolution=_resolution(args.resolution), zca=args.zca,
+                                   device=device, progress=progress)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _user_error(f"cannot load dataset {args.dataset!r}: {exc}") from None
+    spec = train.spec
+    print(f"dataset {spec.name}: {len(train.labels)} train / {len(test.labels)} test images, "
+          f"{spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes"
+          f"{', ZCA' if spec.zca else ''}", flush=True)
+    try:
+        train_experts(train, args.out, experts=args.experts, test=None if args.no_eval else test,
+                      model=args.model, width=args.width, depth=args.depth, epochs=args.epochs,
+                      lr=args.lr, batch_size=args.batch, dsa=args.dsa,
+                      dsa_strategy=args.dsa_strategy, seed=args.seed, progress=progress,
+                      log=lambda s: print(s, flush=True))
+    except BufferError as exc:
+        raise _user_error(str(exc)) from None
+    buf = ExpertBuffer.open(args.out)
+    P = buf.num_params
+    size = (buf.epochs + 1) * P * 4
+    print(f"{buf.num_experts} experts in {args.out}: {P:,} parameters, {buf.epochs + 1} snapshots "
+          f"each ({size / 2**20:.1f} MiB per expert file)")
+    # What a tm run on this buffer will hold in memory for its student unroll (the dominant cost).
+    from . import _core
+    net = _core.get_network(args.model, spec.channels, spec.num_classes,
+                            (spec.height, spec.width), width=args.width, depth=args.depth, seed=0)
+    for ipc, steps in ((1, 50), (10, 60)):
+        b = spec.num_classes * ipc
+        act = activation_bytes(net, (b, spec.channels, spec.height, spec.width))
+        est = estimate_unroll_bytes(P, steps, act)
+        print(f"tm student unroll at IPC {ipc} (syn_steps {steps}, batch_syn {b}): "
+              f"~{est['total_bytes'] / 2**20:.0f} MiB "
+              f"({est['params_bytes'] / 2**20:.0f} MiB parameters + "
+              f"{est['activation_bytes'] / 2**20:.0f} MiB activations), estimated")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="splatdd")
+    register(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args()
+    sys.exit(ns.func(ns))
