@@ -32,7 +32,7 @@ __all__ = ["FitResult", "load_images", "fit_method", "psnr", "PeakMemory", "equa
            "pixel_grid", "SKIMAGE_PHOTOS"]
 
 #: colour photographs bundled with scikit-image (no download needed)
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "retina",
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "retina",
                   "immunohistochemistry", "hubble_deep_field")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -74,6 +74,8 @@ def _skimage_crops(n: int, size: int, seed: int) -> torch.Tensor:
     photos = []
     for name in SKIMAGE_PHOTOS:
         arr = getattr(skdata, name)()
+        if isinstance(arr, tuple):      # stereo_motorcycle: (left, right, disparity)
+            arr = arr[0]
         if arr.ndim == 2:
             arr = np.stack([arr] * 3, -1)
         photos.append(torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1)
@@ -160,6 +162,14 @@ def _proc_status_kb(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of a block: CUDA ``max_memory_allocated`` minus the allocation at entry, or on
     CPU the process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the RSS at
@@ -178,6 +188,7 @@ class PeakMemory:
         else:
             import gc
             gc.collect()
+            _malloc_trim()      # hand freed heap back, so the RSS at entry is what is live
             try:
                 Path("/proc/self/clear_refs").write_text("5")
                 self._base = _proc_status_kb("VmRSS")
@@ -232,7 +243,7 @@ def _sync(device: torch.device) -> None:
 
 
 def fit_pixels(images: torch.Tensor, budget_bytes: float, *, steps: int, lr: float = 1e-2,
-               optimise: bool, device: torch.device) -> FitResult:
+               optimise: bool, device: torch.device, keep: dict | None = None) -> FitResult:
     n, C, H, W = images.shape
     h, w = pixel_grid(budget_bytes / 4, C, H, W)
     target = images.to(device)
@@ -254,6 +265,8 @@ def fit_pixels(images: torch.Tensor, budget_bytes: float, *, steps: int, lr: flo
         _sync(device)
         secs = time.perf_counter() - t0
     used = h * w * C * 4
+    if keep is not None:
+        keep["param"], keep["render"] = low.detach().cpu(), rec.cpu()
     return FitResult("pixel-fit" if optimise else "pixel", psnr(rec, target),
                      float(F.mse_loss(rec.clamp(0, 1), target)), secs,
                      secs / steps if optimise and steps else float("nan"), mem.mb, used,
@@ -277,7 +290,7 @@ def fit_method(method: str, images: torch.Tensor, *, budget_bytes: float, steps:
     device = torch.device(device)
     if method in ("pixel", "pixel-fit"):
         return fit_pixels(images, budget_bytes, steps=steps, lr=1e-2 if lr is None else lr,
-                          optimise=method == "pixel-fit", device=device)
+                          optimise=method == "pixel-fit", device=device, keep=keep)
     from splatdd.plugin_api import DatasetSpec
     if get_class is None:
         from splatdd.registry import get_parameterization as get_class
