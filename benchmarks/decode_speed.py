@@ -75,8 +75,12 @@ def main(argv=None) -> int:
     ap.add_argument("--res", type=int, default=128, help="resolution of the batch sweep")
     ap.add_argument("--floats-per-image", type=float, default=963.0)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: robust on a shared machine)")
     ap.add_argument("--out", default=str(HERE / "results" / "decode_speed"))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     rows = []
     sweeps = [("resolution", args.batch, r) for r in map(int, args.resolutions.split(","))]

@@ -9,6 +9,7 @@ and peak memory:
 * pixel-fit  -- the same low-resolution pixels optimised through the bilinear upsampling
 * siren      -- DDiF-style SIREN per image (3 x 20, fp32), its own init_from_real
 * gaussian   -- GSDD Gaussians per image (bf16, 214 Gaussians = 3,852 bytes), its own init_from_real
+* gaussian-ssaa1 -- the same without supersampling (prefilter only): cheaper, for reference
 * gaussian-107 -- the paper's apparent accounting (963 *values*, i.e. 107 Gaussians = 1,926 bytes:
                 half the bytes), for reference
 
@@ -78,9 +79,14 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-steps", type=int, default=100)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for every method (1: robust on a shared machine)")
     ap.add_argument("--out", default=str(HERE / "results" / "fit"))
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     images, desc = load_images(args.source, args.images, args.resolution)
     n, C, H, W = images.shape
@@ -106,20 +112,52 @@ def main(argv=None) -> int:
     renders: dict[str, torch.Tensor] = {}
     plan = [("pixel", None, None), ("pixel-fit", lrs["pixel-fit"], None),
             ("siren", lrs["siren"], None), ("gaussian", lrs["gaussian"], None),
+            ("gaussian", lrs["gaussian"], {"ssaa": 1}),
             ("gaussian", lrs["gaussian"], {"points": int(args.floats_per_image // (6 + C))})]
     for method, lr, opts in plan:
         keep: dict = {}
         r = fit_method(method, images, budget_bytes=budget, steps=args.steps, lr=lr,
                        options=opts, device=args.device, keep=keep)
-        if opts:
+        if opts and "points" in opts:
             r.method = f"gaussian-{opts['points']}"
             r.detail += " (the paper's 963 values, half the bytes)"
+        elif opts:
+            r.method = "gaussian-ssaa1"
+            r.detail += " (no supersampling)"
         if keep:
             renders[r.method] = keep["render"]
+        if r.method == "gaussian":
+            from splatdd_gaussian import plot_ellipses
+            for i in range(min(2, n)):
+                plot_ellipses(keep["param"], i, Path(f"{args.out}_ellipses_{i}.png"),
+                              target=images[i])
         print(f"{r.method}: PSNR {r.psnr:.2f} dB, {r.seconds:.1f} s "
               f"({r.seconds_per_step * 1000:.1f} ms/step), peak {r.peak_memory_mb:.1f} MB",
               flush=True)
         results.append(r)
+
+    # Gaussian escape (the paper's Figure 8 / appendix D): MSE + regularization() + post_step,
+    # with and without the boundary constraints, on the same images and steps.
+    from splatdd.plugin_api import DatasetSpec
+    from splatdd_gaussian import GaussianImages, plot_centres
+    escape_rows = []
+    spec = DatasetSpec("fit", C, H, W, 1)
+    for label, kw in (("clip + boundary loss", {}),
+                      ("no boundary constraints", {"clip": False, "boundary_loss": False})):
+        g_e = GaussianImages(spec, gpc=n, points=int(budget // ((6 + C) * 2)),
+                             generator=torch.Generator().manual_seed(0), **kw)
+        g_e._init_geometry(images, g_e._generator())
+        hist: list = []
+        diag = g_e.fit(images, steps=args.steps, lr=lrs["gaussian"], regularize=True,
+                       history=hist, history_every=max(1, args.steps // 10))
+        hist.append(g_e.params.detach()[..., :2].cpu().clone())
+        final = hist[-1].reshape(-1, 2)
+        outside = int((final.abs() > 1).any(dim=1).sum())
+        tag = "clip" if kw == {} else "noclip"
+        plot_centres(hist, Path(f"{args.out}_centres_{tag}.png"), title=label)
+        escape_rows.append((label, outside, final.shape[0],
+                            10 * math.log10(1 / max(diag["mse"], 1e-12))))
+        print(f"escape [{label}]: {outside}/{final.shape[0]} centres outside", flush=True)
 
     by = {r.method: r for r in results}
     g, s = by["gaussian"], by["siren"]
@@ -127,7 +165,6 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Image fitting at equal storage (GSDD Table 5, on CPU)",
         "",
@@ -160,7 +197,18 @@ def main(argv=None) -> int:
         "(1,000 ImageNette images, 1,000 steps, GPU). The paper counts 963 *values* per image for "
         "GSDD (107 Gaussians); at equal *bytes* (bf16 vs fp32) GSDD gets 214 Gaussians, our "
         "`gaussian` row; `gaussian-107` is the paper's count.",
+        "",
+        f"Pictures: `fit.png` (every method's reconstructions), `{out.name}_ellipses_0.png`, "
+        f"`{out.name}_ellipses_1.png` (the fitted Gaussians as 2-sigma ellipses, like the "
+        f"paper's Figure 9).",
     ]
+    lines += ["", f"Gaussian escape ({args.steps} steps of MSE + `regularization()` + "
+              "`post_step`, the distillation loop's hooks; centres outside [-1, 1]^2 at the end; "
+              "pictures `fit_centres_clip.png`, `fit_centres_noclip.png`):", "",
+              "| boundary handling | centres outside | PSNR of the fit (dB, unclamped) |",
+              "|---|---|---|"]
+    lines += [f"| {lab} | {o} of {t} ({100 * o / t:.1f}%) | {p:.2f} |"
+              for lab, o, t, p in escape_rows]
     if sweep_rows:
         lines += ["", f"Learning-rate sweep ({args.sweep_images} images, {args.sweep_steps} steps, "
                   "PSNR dB; the best rate is used above):", "",

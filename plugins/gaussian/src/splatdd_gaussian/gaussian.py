@@ -103,6 +103,8 @@ class GaussianImages(Parameterization):
     """
 
     name: ClassVar[str] = "gaussian"
+    #: initial standard deviation of every Gaussian, in grid cells
+    _INIT_STD_CELLS: ClassVar[float] = 0.5
     api_version: ClassVar[int] = PLUGIN_API_VERSION
 
     def __init__(self, spec: DatasetSpec, gpc: int, points: int, *, bf16: bool = True,
@@ -192,7 +194,7 @@ class GaussianImages(Parameterization):
         u = -1.0 + (cx + 0.5 + jit[..., 0]) * (2.0 / gx)
         v = -1.0 + (cy + 0.5 + jit[..., 1]) * (2.0 / gy)
         # isotropic in pixels: std = half a cell (W / gx pixels wide) -> l = std_px * 2 / size
-        std_px = 0.5 * min(W / gx, H / gy)
+        std_px = self._INIT_STD_CELLS * min(W / gx, H / gy)
         p = torch.zeros(n, P, 6 + C)
         p[..., 0], p[..., 1] = u, v
         p[..., 2] = 2.0 * std_px / W
@@ -250,10 +252,11 @@ class GaussianImages(Parameterization):
 
     def fit(self, target: torch.Tensor, *, steps: int, lr: float | None = None,
             progress: bool = False, history: list | None = None,
-            history_every: int = 0) -> dict[str, float]:
+            history_every: int = 0, regularize: bool = False) -> dict[str, float]:
         """Minimise ``MSE(decode(), target)`` with Adam for ``steps`` full-batch steps (clipping
-        after each step as in distillation). ``history`` (a list) collects centre snapshots
-        ``(n, P, 2)`` every ``history_every`` steps (for :func:`plot_centres`)."""
+        after each step as in distillation; ``regularize`` adds :meth:`regularization`, the
+        boundary loss). ``history`` (a list) collects centre snapshots ``(n, P, 2)`` every
+        ``history_every`` steps (for :func:`plot_centres`)."""
         opt = torch.optim.Adam([self.params], lr=self.init_lr if lr is None else lr)
         mse0 = None
         loss = torch.zeros(())
@@ -263,6 +266,10 @@ class GaussianImages(Parameterization):
             loss = F.mse_loss(self.decode(), target)
             if mse0 is None:
                 mse0 = float(loss.detach())
+            if regularize:
+                reg = self.regularization()
+                if reg is not None:
+                    loss = loss + reg
             loss.backward()
             opt.step()
             self.post_step()
