@@ -7,6 +7,15 @@ from splatdd_dm import DistributionMatching
 pixel = pytest.importorskip("splatdd_pixel")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: extra threads only add synchronisation cost on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def toy_real(num_classes=3, per_class=12, c=1, h=12, w=12, seed=0):
     """Smooth class prototypes (upsampled 3x3 noise) plus a little pixel noise."""
     g = torch.Generator().manual_seed(seed)

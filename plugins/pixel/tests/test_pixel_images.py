@@ -7,6 +7,15 @@ from splatdd_pixel import PixelImages
 SPEC = DatasetSpec("toy", 3, 8, 6, 4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: extra threads only add synchronisation cost on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_contract_and_layout():
     check_plugin_class(PixelImages, "parameterization")
     p = PixelImages.build(SPEC, 2, generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,285 @@
+"""The distillation loop: optimiser, progress bar, atomic checkpoints, bit-exact resume.
+
+Per step (see :class:`splatdd.plugin_api.Algorithm`)::
+
+    loss = algo.loss(param, step) (+ param.regularization())
+    opt.zero_grad(); loss.backward(); opt.step(); algo.after_step(); param.post_step()
+
+Checkpoints (``out_dir/checkpoint.pt``, written atomically every ``checkpoint_every`` steps and at
+the end) hold the parameterization's ``state_dict``, the optimiser state, ``algo.state_dict()``, the
+state of ``algo.generator`` and of torch's global RNGs (CPU and CUDA) and of ``random``/``numpy``,
+the step, the loss history and the run config. ``resume=True`` restores all of it, so an
+interrupted and resumed run ends in exactly the same state as an uninterrupted one, provided the
+plugins draw all their randomness from ``algo.generator`` (or, as a fallback, torch's global RNG).
+
+At the end the loop writes ``out_dir/distilled.safetensors`` (:mod:`splatdd.distilled_file`),
+``out_dir/history.json`` (losses and any evaluations) and ``out_dir/loss.png``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from splatdd.budget import check_budget
+from splatdd.io_utils import atomic_save_with, atomic_torch_save, atomic_write_json
+from splatdd.plugin_api import Algorithm, Parameterization
+
+__all__ = ["distill", "CHECKPOINT_NAME", "DISTILLED_NAME", "checkpoint_path", "has_checkpoint",
+           "load_checkpoint", "CheckpointMismatch", "plot_losses"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+DISTILLED_NAME = "distilled.safetensors"
+HISTORY_NAME = "history.json"
+LOSS_PLOT_NAME = "loss.png"
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint in ``out_dir`` belongs to a different run (other plugins, ipc, ...)."""
+
+
+def checkpoint_path(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / CHECKPOINT_NAME
+
+
+def has_checkpoint(out_dir: str | os.PathLike) -> bool:
+    return checkpoint_path(out_dir).is_file()
+
+
+def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any]:
+    path = checkpoint_path(out_dir)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a splatdd checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+# ---- RNG state --------------------------------------------------------------------------------------
+def _rng_state(algo: Algorithm) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    gen = getattr(algo, "generator", None)
+    if isinstance(gen, torch.Generator):
+        state["algo_generator"] = gen.get_state()
+        state["algo_generator_device"] = str(gen.device)
+    return state
+
+
+def _set_rng_state(algo: Algorithm, state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        np.random.set_state(state["numpy"])
+    gen = getattr(algo, "generator", None)
+    if "algo_generator" in state:
+        if not isinstance(gen, torch.Generator):
+            raise CheckpointMismatch("checkpoint has a generator state but the algorithm has no "
+                                     "torch.Generator")
+        gen.set_state(state["algo_generator"])
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# ---- plots -----------------------------------------------------------------------------------------
+def plot_losses(losses: list[float], path: str | os.PathLike, *, title: str = "") -> Path:
+    """Loss curve (raw and smoothed) as a PNG, written atomically."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = list(range(1, len(losses) + 1))
+    ax.plot(steps, losses, lw=0.6, alpha=0.4, label="loss")
+    if len(losses) >= 10:
+        k = max(2, len(losses) // 50)
+        sm = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+              for i in range(len(losses))]
+        ax.plot(steps, sm, lw=1.5, label=f"moving mean ({k})")
+    if losses and min(losses) > 0 and max(losses) / max(min(losses), 1e-30) > 100:
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_save_with(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return path
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+def _identity(param: Parameterization, algo: Algorithm, ipc: int) -> dict[str, Any]:
+    spec = algo.real.spec
+    return {"parameterization": param.name, "algorithm": algo.name, "ipc": int(ipc),
+            "dataset": spec.name, "resolution": [spec.height, spec.width],
+            "num_classes": spec.num_classes, "param_config": param.config(),
+            "algo_config": algo.config()}
+
+
+def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
+            out_dir: str | os.PathLike, checkpoint_every: int | None = 500,
+            resume: bool = False, seed: int | None = 0, eval_every: int | None = None,
+            eval_fn: Callable[[Parameterization, int], Mapping[str, Any]] | None = None,
+            progress: bool = True, on_step: Callable[..., Any] | None = None,
+            lr: float | None = None, config: Mapping[str, Any] | None = None,
+            save_file: bool = True, plot: bool = True, budget_tolerance: float = 0.0,
+            registry: Any = None) -> Parameterization:
+    """Run ``iterations`` outer steps of ``algo`` on ``param``; returns ``param`` (trained, in place).
+
+    ``out_dir``        where checkpoints, the distilled file, history and loss plot go.
+    ``checkpoint_every`` steps between checkpoints (``None``/0: only at the end).
+    ``resume``         continue from ``out_dir/checkpoint.pt`` if it exists (else start fresh);
+                       ``iterations`` may be larger than in the interrupted run.
+    ``seed``           seeds torch's global RNG (and ``random``, numpy) at the start of a fresh run,
+                       as a safety net for plugins that use it; plugins should use ``algo.generator``
+                       (the caller creates and seeds it).
+    ``eval_every``/``eval_fn``  call ``eval_fn(param, step)`` every ``eval_every`` steps (its result
+                       dict goes to the history); it runs under a forked RNG so it cannot change
+                       the run's randomness.
+    ``on_step``        ``on_step(step, loss, param, algo)`` after every step (``step`` 1-based).
+    ``lr``             overrides the parameterization's default learning rate.
+    ``config``         extra JSON-able run settings recorded in the checkpoint and distilled file.
+    ``save_file``/``plot``  write ``distilled.safetensors`` / ``loss.png`` at the end.
+    The run refuses to start if ``param`` exceeds the budget of ``algo.ipc`` images per class.
+    """
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    if eval_every and eval_fn is None:
+        raise ValueError("eval_every needs eval_fn")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = algo.real.spec
+    ipc = int(algo.ipc)
+    budget = check_budget(param, spec, ipc, tolerance=budget_tolerance)
+
+    identity = _identity(param, algo, ipc)
+    run_config = {**identity, "seed": seed, "lr": lr, **dict(config or {})}
+
+    opt = param.optimizer_spec(algo.name, lr).build()
+    losses: list[float] = []
+    evals: list[dict[str, Any]] = []
+    start = 0
+    if resume and has_checkpoint(out_dir):
+        ckpt = load_checkpoint(out_dir)
+        if ckpt["identity"] != identity:
+            raise CheckpointMismatch(
+                f"{checkpoint_path(out_dir)} is from a different run: {ckpt['identity']} vs "
+                f"{identity}; use another --out directory or delete the checkpoint")
+        param.load_state_dict(ckpt["param"])
+        opt.load_state_dict(ckpt["optimizer"])
+        algo.load_state_dict(ckpt["algo"])
+        _set_rng_state(algo, ckpt["rng"])
+        start = int(ckpt["step"])
+        losses = list(ckpt["losses"])
+        evals = list(ckpt.get("evals", []))
+    elif seed is not None:
+        _seed_everything(int(seed))
+
+    def save_checkpoint(step: int) -> None:
+        atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "step": step, "identity": identity,
+            "config": run_config, "param": param.state_dict(), "optimizer": opt.state_dict(),
+            "algo": algo.state_dict(), "rng": _rng_state(algo), "losses": losses,
+            "evals": evals, "time": time.time(),
+        }, checkpoint_path(out_dir))
+
+    bar = None
+    if progress and iterations > start:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=iterations, initial=start, desc=f"{param.name}+{algo.name}",
+                   dynamic_ncols=True, leave=True)
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, iterations):
+            loss = algo.loss(param, step)
+            reg = param.regularization()
+            total = loss if reg is None else loss + reg
+            if not torch.isfinite(total.detach()).all():
+                raise FloatingPointError(f"non-finite loss {total.item()} at step {step}; "
+                                         f"try a smaller --lr")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            algo.after_step()
+            param.post_step()
+            value = float(total.detach())
+            losses.append(value)
+            done = step + 1
+            if eval_fn is not None and eval_every and done % eval_every == 0 and done < iterations:
+                with torch.random.fork_rng(devices=[]):
+                    res = dict(eval_fn(param, done))
+                evals.append({"step": done, **res})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+            if checkpoint_every and done % checkpoint_every == 0 and done < iterations:
+                save_checkpoint(done)
+            if on_step is not None:
+                on_step(done, value, param, algo)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    final_step = max(start, iterations)
+    if eval_fn is not None and eval_every and (not evals or evals[-1]["step"] != final_step):
+        with torch.random.fork_rng(devices=[]):
+            evals.append({"step": final_step, **dict(eval_fn(param, final_step))})
+    save_checkpoint(final_step)
+
+    history = {"identity": identity, "config": run_config, "losses": losses, "evals": evals,
+               "steps": final_step, "seconds_this_session": elapsed,
+               "budget": {"used": budget.used, "allowed": budget.allowed}}
+    atomic_write_json(out_dir / HISTORY_NAME, _finite(history))
+    if plot and losses:
+        plot_losses(losses, out_dir / LOSS_PLOT_NAME,
+                    title=f"{param.name} + {algo.name}, {spec.name}, ipc {ipc}")
+    if save_file:
+        from splatdd import distilled_file
+        tail = losses[-min(len(losses), 50):]
+        distilled_file.save(
+            out_dir / DISTILLED_NAME, param, spec=spec, ipc=ipc, algorithm=algo.name,
+            algo_config=algo.config(), learned_lr=algo.learned_lr(), registry=registry,
+            extra_meta={"iterations": final_step, "seed": seed, "lr": lr,
+                        "final_loss_mean50": (sum(tail) / len(tail)) if tail else None,
+                        **{k: v for k, v in dict(config or {}).items()}})
+    return param
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: map them to None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
