@@ -142,3 +142,10 @@ def test_memory_report(make_real, tiny_buffer, tiny_pixels):
     rep = algo.measure_memory(_param(tiny_pixels, real))
     assert rep["measured_by"] in ("torch.profiler", "rss")
     assert rep["measured_peak_bytes"] is not None and rep["measured_peak_bytes"] > 0
+
+
+def test_warns_when_the_unroll_will_not_fit(make_real, tiny_buffer, monkeypatch):
+    import splatdd_tm.algorithm as tm_algorithm
+    monkeypatch.setattr(tm_algorithm, "_available_bytes", lambda device: 1000)
+    with pytest.warns(RuntimeWarning, match="syn_steps or batch_syn"):
+        _algo(make_real(), tiny_buffer)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -38,6 +39,20 @@ DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 #: FreD's FashionMNIST settings by IPC: (syn_steps, expert_epochs, max_start_epoch). Used as the
 #: defaults (IPC 1 -> the first row, any other IPC -> the IPC 10 row).
 FMNIST_DEFAULTS: dict[int, tuple[int, int, int]] = {1: (50, 2, 5), 10: (60, 2, 15)}
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable``), or None."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except Exception:  # noqa: BLE001 - purely advisory
+        return None
+    return None
 
 
 def _draw_seed(generator: torch.Generator) -> int:
@@ -136,9 +151,16 @@ class TrajectoryMatching(Algorithm):
         self.lr_opt = torch.optim.SGD([self.syn_lr], lr=self.lr_lr, momentum=self.lr_momentum)
         self.last_loss: float | None = None
         self.memory_estimate = self.estimate_memory()
+        est_b = self.memory_estimate["total_bytes"]
         log.info("tm: student unroll keeps ~%.1f MiB until backward (%d steps x (2 x %d params + "
-                 "activations of %d images))", self.memory_estimate["total_bytes"] / 2**20,
-                 self.syn_steps, self.buffer.num_params, self.memory_estimate["batch"])
+                 "activations of %d images))", est_b / 2**20, self.syn_steps,
+                 self.buffer.num_params, self.memory_estimate["batch"])
+        avail = _available_bytes(self.device)
+        if avail is not None and est_b > 0.8 * avail:
+            warnings.warn(f"tm: the student unroll needs ~{est_b / 2**30:.1f} GiB "
+                          f"({self.syn_steps} steps x {self.memory_estimate['batch']} images), "
+                          f"{avail / 2**30:.1f} GiB is available on {self.device}; lower "
+                          f"syn_steps or batch_syn", RuntimeWarning, stacklevel=2)
 
     # ---- checks & reports ---------------------------------------------------------------------
     def _check_dataset(self, real: RealData) -> None:

@@ -98,7 +98,7 @@ class ExpertBuffer:
         if directory is None or str(directory) == "":
             raise BufferError("tm needs buffer_dir: a directory of expert trajectories made by "
                               "`splatdd buffer --out DIR`")
-        d = Path(directory)
+        d = Path(str(directory))
         if not d.is_dir():
             raise BufferError(f"expert buffer {d} does not exist; make it with "
                               f"`splatdd buffer --out {d}`")
