@@ -269,3 +269,36 @@ def test_kl_checkpoint_converts(tmp_path):
     ref = make_tiny_parts(10, 32, 3, seed=0, vae="kl")
     for k, v in ref["vae"].state_dict().items():
         torch.testing.assert_close(ldm.vae.state_dict()[k], v, rtol=0, atol=0)
+
+
+# the CompVis cin256-v2 config (configs/latent-diffusion/cin256-v2.yaml), as data
+CIN256_UNET = dict(image_size=64, in_channels=3, out_channels=3, model_channels=192,
+                   attention_resolutions=[8, 4, 2], num_res_blocks=2, channel_mult=[1, 2, 3, 5], num_heads=1,
+                   use_spatial_transformer=True, transformer_depth=1, context_dim=512)
+CIN256_VAE = dict(embed_dim=3, n_embed=8192,
+                  ddconfig=dict(double_z=False, z_channels=3, resolution=256, in_channels=3, out_ch=3, ch=128,
+                                ch_mult=[1, 2, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0))
+
+
+def test_cin256_layout_maps_onto_diffusers_exactly():
+    """For the real cin256-v2 architecture (built on the meta device: shapes only, no memory), the
+    diffusers models our configs describe have exactly the CompVis key names and shapes under our
+    mapping, and one attention head of the full width, as the CompVis UNet (num_heads 1)."""
+    from diffusers import UNet2DConditionModel, VQModel
+
+    from splatdd_ld3m.convert import (_map_state, unet_config_from_compvis, unet_module_table,
+                                      vae_config_from_compvis, vae_module_table)
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config_from_compvis(CIN256_UNET))
+        vae = VQModel(**vae_config_from_compvis(CIN256_VAE, "vq"))
+    got = {k: tuple(v.shape) for k, v in
+           _map_state(unet.state_dict(), unet_module_table(CIN256_UNET), reverse=True, what="unet").items()}
+    assert got == expected_unet_keys(CIN256_UNET)
+    got = {k: tuple(v.shape) for k, v in
+           _map_state(vae.state_dict(), vae_module_table(CIN256_VAE["ddconfig"], "vq"), reverse=True,
+                      what="vae").items()}
+    assert got == expected_vq_keys(CIN256_VAE)
+    attn = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    assert attn.heads == 1 and attn.to_q.out_features == 384
+    assert vae.config.scaling_factor == 1.0 and 2 ** (len(vae.config.block_out_channels) - 1) == 4
