@@ -2,7 +2,7 @@
 and (until/unless the core provides them) stand-ins for splatdd.models / splatdd.augment."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from typing import Any, Mapping
 
 import pytest
@@ -97,6 +97,14 @@ class _TinyConvNet(nn.Module):
         return self.fc(self.pool(torch.relu(self.norm(self.conv(x)))).flatten(1))
 
 
+def _has(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
 def _standin_get_network(model, channels, num_classes, im_size, *, width, depth, seed):
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(int(seed))
@@ -125,9 +133,9 @@ def single_thread():
 @pytest.fixture(autouse=True)
 def core_standins(monkeypatch):
     """Use the core's networks / DSA when present; tiny stand-ins otherwise."""
-    if importlib.util.find_spec("splatdd.models") is None:
+    if not _has("splatdd.models"):
         monkeypatch.setattr(dc_algorithm, "_get_network", _standin_get_network)
-    if importlib.util.find_spec("splatdd.augment") is None:
+    if not _has("splatdd.augment"):
         monkeypatch.setattr(dc_algorithm, "_dsa", _standin_dsa)
     yield
 

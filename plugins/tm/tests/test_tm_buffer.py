@@ -1,6 +1,6 @@
 """`splatdd buffer` / train_experts: file layout, resumption after an interruption or a kill
 (same bytes as an uninterrupted run), and clear errors for missing or empty buffers."""
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -67,8 +67,15 @@ def test_resume_with_other_settings_is_refused(tmp_path, make_real, buffer_kw):
         train_experts(real, tmp_path, experts=1, progress=False, **dict(kw, lr=0.02))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("splatdd.models") is None
-                    or importlib.util.find_spec("splatdd.augment") is None,
+def _has(module):
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not (_has("splatdd.models") and _has("splatdd.augment")),
                     reason="needs the core's networks and DSA in a subprocess")
 def test_resume_after_sigkill_gives_identical_files(tmp_path, make_real, buffer_kw):
     """A real SIGKILL in the middle of expert 2 (of 3) of a separate process: experts 0 and 1
