@@ -93,16 +93,31 @@ def match_loss(g_real: Sequence[torch.Tensor], g_syn: Sequence[torch.Tensor],
 # ------------------------------------------------------------------------------------------------
 def _get_network(model: str, channels: int, num_classes: int, im_size: tuple[int, int], *,
                  width: int, depth: int | None, seed: int) -> torch.nn.Module:
-    """A freshly initialised network; its initialisation depends only on ``seed``."""
+    """A freshly initialised network; its initialisation depends only on ``seed`` (the global RNG
+    is left untouched)."""
     from splatdd.models import get_network
-    return get_network(model, channels, num_classes, im_size, width=width, depth=depth, seed=seed)
+    try:
+        return get_network(model, channels, num_classes, im_size, width=width, depth=depth,
+                           seed=seed)
+    except TypeError as exc:             # a get_network without the ``seed`` keyword
+        if "seed" not in str(exc):
+            raise
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed))
+        return get_network(model, channels, num_classes, im_size, width=width, depth=depth)
 
 
 def _dsa(x: torch.Tensor, strategy: str, seed: int, per_sample: bool) -> torch.Tensor:
     """DSA with all randomness from ``seed``; ``per_sample=False`` shares one transform across the
-    batch (siamese matching), ``True`` draws one per image (network training)."""
+    batch (siamese matching), ``True`` draws one per image (network training; without that keyword
+    in the core, one transform per batch)."""
     from splatdd.augment import dsa
-    return dsa(x, strategy, seed=seed, per_sample=per_sample)
+    try:
+        return dsa(x, strategy, seed=seed, per_sample=per_sample)
+    except TypeError as exc:
+        if "per_sample" not in str(exc):
+            raise
+    return dsa(x, strategy, seed=seed)
 
 
 def _draw_seed(generator: torch.Generator) -> int:

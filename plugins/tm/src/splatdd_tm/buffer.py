@@ -322,7 +322,11 @@ def train_experts(train: RealData, out_dir: str | os.PathLike, *, experts: int,
                 meta["test_acc"] = round(acc, 6)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.3f}", test_acc=f"{acc:.4f}")
-                say(f"expert {i}: train loss {last_loss:.4f}, test accuracy {acc:.4f}")
+                msg = f"expert {i}: train loss {last_loss:.4f}, test accuracy {acc:.4f}"
+                if bar is not None and log is not None:
+                    bar.write(msg)
+                else:
+                    say(msg)
             _save_expert(paths[i], traj, meta)
     finally:
         if bar is not None:
