@@ -107,6 +107,10 @@ def ref_subset(B: int, N: int, R: int, max_elems: float) -> int:
     return int(max(1, min(B, max_elems // per_image)))
 
 
+def fmt(x: float) -> str:
+    return f"{x:,.1f}" if x >= 10 else f"{x:.3g}"
+
+
 def cpu_model() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -171,7 +175,10 @@ def main(argv=None) -> int:
     md = ["# Renderer benchmark: compiled backend vs dense PyTorch reference", ""]
     md += machine_lines(device)
     md += ["", f"C = {C}, ssaa = {SSAA}, prefilter on, fp32 parameters; images/s (higher is better). "
-           "Forward = render only (no autograd); fwd+bwd = render + backward of (out * v).sum().", ""]
+           "Forward = render only (no autograd); fwd+bwd = render + backward of (out * v).sum(). "
+           "The dense reference's rate is measured on the stated subset of the batch (its memory "
+           "grows with N * (ssaa * px)^2 per image) and is per image like every other row; "
+           "speed-ups are relative to it.", ""]
     head = "| workload | renderer | images timed | fwd img/s | fwd+bwd img/s | fwd speed-up | fwd+bwd speed-up |"
     md += [head, "|" + "---|" * 7]
     print("\n".join(md[2:6]))
@@ -208,7 +215,7 @@ def main(argv=None) -> int:
         ref_f, ref_fb = k / fr, k / frb
         for label, n, f, fbk in runs:
             ips_f, ips_fb = n / f, n / fbk
-            row([name, label, str(n), f"{ips_f:,.1f}", f"{ips_fb:,.1f}",
+            row([name, label, str(n), fmt(ips_f), fmt(ips_fb),
                  f"{ips_f / ref_f:,.0f}x", f"{ips_fb / ref_fb:,.0f}x"])
 
     # ------------------------------------------------------------------------------------------
@@ -250,6 +257,7 @@ def main(argv=None) -> int:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
         for ax, (sweep, rows) in zip(axes, results.items()):
@@ -261,6 +269,9 @@ def main(argv=None) -> int:
             ax.loglog(xs, [ref * (x / xs[0]) ** expo for x in xs], "k:", label=f"~ x^{expo}")
             fixed = {"B": "N=64, 64 px", "N": "B=16, 64 px, fixed size", "resolution": "B=8, N=64"}[sweep]
             ax.set_xlabel({"B": "images B", "N": "Gaussians per image N", "resolution": "pixels per side"}[sweep])
+            ax.set_xticks(xs)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_ylabel("seconds")
             ax.set_title(f"{device}: time vs {sweep} ({fixed})", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
