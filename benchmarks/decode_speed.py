@@ -167,8 +167,8 @@ def main(argv=None) -> int:
             ax.set_title(f"{ylabel}, {sweep} sweep", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(f"equal storage {4 * args.floats_per_image:.0f} B/image; CPU: "
-                 f"{machine_description()[:60]}", fontsize=9)
+    fig.suptitle(f"equal storage {4 * args.floats_per_image:.0f} B/image; "
+                 f"{machine_description()}", fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=100)
     plt.close(fig)
