@@ -1,0 +1,200 @@
+"""The field's evaluation protocol for a distilled dataset.
+
+For each of ``runs`` runs: build a fresh network (seeded ``seed + run``), train it on the distilled
+images for ``epochs`` epochs -- SGD, momentum 0.9, weight decay 5e-4, learning rate ``lr`` (0.01,
+or the learned lr from trajectory matching) multiplied by 0.1 at ``epochs // 2``, cross-entropy,
+mini-batches of ``batch_size``, DSA on every batch -- then measure accuracy on the whole real
+test set. Report mean and (population, ``np.std``-style) standard deviation over the runs, in %.
+
+As in DSA's ``evaluate_synset``, the SGD optimiser is rebuilt (momentum reset) at the lr drop, and
+training-time DSA draws its random parameters per sample. Every random choice derives from
+``(seed, run)``: the shuffling and the per-step DSA seeds come from one private generator per run,
+so the same arguments give the same accuracies (up to the backend's own nondeterminism on GPU).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .augment import DEFAULT_STRATEGY, DSAParams, dsa as dsa_fn
+from .models import get_network
+from .plugin_api import DatasetSpec, RealData
+
+__all__ = ["evaluate", "train_and_test", "train_network", "test_accuracy", "EvalResult", "run_seed"]
+
+
+@dataclass
+class EvalResult:
+    mean: float                          # mean test accuracy, %
+    std: float                           # population std over runs, %
+    accs: list[float] = field(default_factory=list)   # per-run test accuracy, %
+    train_seconds: float = 0.0           # wall-clock training time summed over runs
+    test_seconds: float = 0.0            # wall-clock testing time summed over runs
+    model: str = ""
+    epochs: int = 0
+    lr: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.model}: {self.mean:.2f} +- {self.std:.2f} % over {len(self.accs)} runs "
+                f"({self.epochs} epochs, lr {self.lr:g}, train {self.train_seconds:.1f} s)")
+
+
+def run_seed(seed: int, run: int) -> int:
+    """Seed of run ``run`` (network init and the run's generator)."""
+    return (int(seed) + int(run)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@torch.no_grad()
+def test_accuracy(net: nn.Module, test: RealData, *, batch_size: int = 1000,
+                  device: torch.device | str | None = None) -> float:
+    """Accuracy (%) of ``net`` on every image of ``test`` (batched, no grad, eval mode)."""
+    device = torch.device(device) if device is not None else test.device
+    was_training = net.training
+    net.eval()
+    correct, n = 0, len(test.labels)
+    try:
+        for i in range(0, n, batch_size):
+            x = test.images[i:i + batch_size].to(device, non_blocking=True)
+            y = test.labels[i:i + batch_size].to(device, non_blocking=True)
+            correct += int((net(x).argmax(1) == y).sum())
+    finally:
+        net.train(was_training)
+    return 100.0 * correct / max(n, 1)
+
+
+test_accuracy.__test__ = False      # not a pytest test, whatever module imports it
+
+
+def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                  epochs: int = 1000, lr: float = 0.01, batch_size: int = 256, dsa: bool = True,
+                  dsa_strategy: str = DEFAULT_STRATEGY, dsa_params: DSAParams = DSAParams(),
+                  seed: int = 0, momentum: float = 0.9, weight_decay: float = 5e-4,
+                  device: torch.device | str = "cpu", progress: bool = False,
+                  desc: str = "train") -> nn.Module:
+    """Train ``net`` in place on ``(images, labels)`` with the protocol above; returns ``net``.
+
+    ``seed`` drives the shuffling and the DSA parameters (not the net's init: build ``net``
+    seeded). ``labels`` are int class indices ``(n,)``.
+    """
+    device = torch.device(device)
+    net = net.to(device)
+    x_all = images.detach().to(device=device, dtype=torch.float32)
+    y_all = labels.detach().to(device=device, dtype=torch.long)
+    if x_all.shape[0] != y_all.shape[0] or x_all.shape[0] == 0:
+        raise ValueError(f"need as many labels as images (>0), got {x_all.shape[0]} images and "
+                         f"{y_all.shape[0]} labels")
+    lr = float(lr)
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite number, got {lr}")
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    n = x_all.shape[0]
+
+    def make_opt(lr_now: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(net.parameters(), lr=lr_now, momentum=momentum,
+                               weight_decay=weight_decay)
+
+    opt = make_opt(lr)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=epochs, desc=desc, unit="ep", leave=False)
+    net.train()
+    try:
+        for ep in range(epochs):
+            if epochs > 1 and ep == epochs // 2:
+                opt = make_opt(lr * 0.1)          # as DSA: new optimiser, momentum reset
+            perm = torch.randperm(n, generator=g).to(device)
+            for i in range(0, n, batch_size):
+                idx = perm[i:i + batch_size]
+                xb, yb = x_all[idx], y_all[idx]
+                if dsa:
+                    step_seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+                    xb = dsa_fn(xb, dsa_strategy, seed=step_seed, params=dsa_params,
+                                per_sample=True)
+                loss = F.cross_entropy(net(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return net
+
+
+def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, test: RealData, *,
+                   epochs: int = 1000, lr: float = 0.01, batch_size: int = 256, dsa: bool = True,
+                   dsa_strategy: str = DEFAULT_STRATEGY, dsa_params: DSAParams = DSAParams(),
+                   seed: int = 0, momentum: float = 0.9, weight_decay: float = 5e-4,
+                   device: torch.device | str | None = None, test_batch_size: int = 1000,
+                   progress: bool = False) -> float:
+    """Train ``net`` (:func:`train_network`) then return its test accuracy (%) on ``test``."""
+    device = torch.device(device) if device is not None else test.device
+    train_network(net, images, labels, epochs=epochs, lr=lr, batch_size=batch_size, dsa=dsa,
+                  dsa_strategy=dsa_strategy, dsa_params=dsa_params, seed=seed,
+                  momentum=momentum, weight_decay=weight_decay, device=device,
+                  progress=progress)
+    return test_accuracy(net, test, batch_size=test_batch_size, device=device)
+
+
+train_and_test.__test__ = False
+
+
+def evaluate(images: torch.Tensor, labels: torch.Tensor, test: RealData, *,
+             model: str = "ConvNet", runs: int = 3, epochs: int = 1000, lr: float = 0.01,
+             batch_size: int = 256, dsa: bool = True, dsa_strategy: str = DEFAULT_STRATEGY,
+             dsa_params: DSAParams = DSAParams(), seed: int = 0, progress: bool = True,
+             device: torch.device | str | None = None, spec: DatasetSpec | None = None,
+             test_batch_size: int = 1000, **net_kwargs) -> EvalResult:
+    """Evaluate distilled ``images`` ``(n, C, H, W)`` (normalised like ``test``) with ``labels``
+    ``(n,)`` by training ``runs`` fresh ``model`` nets and testing them on ``test``.
+
+    ``spec`` (default ``test.spec``) gives channels / classes; the resolution is the images'.
+    Extra keyword arguments go to :func:`splatdd.models.get_network` (e.g. ``width``, ``norm``).
+    """
+    spec = spec or test.spec
+    device = torch.device(device) if device is not None else test.device
+    if images.dim() != 4:
+        raise ValueError(f"images must be (n, C, H, W), got {tuple(images.shape)}")
+    if tuple(images.shape[-2:]) != tuple(test.images.shape[-2:]):
+        raise ValueError(f"distilled images are {tuple(images.shape[-2:])} but the test images "
+                         f"are {tuple(test.images.shape[-2:])}; decode at the test resolution")
+    im_size = tuple(images.shape[-2:])
+    accs: list[float] = []
+    t_train = t_test = 0.0
+    outer = None
+    if progress:
+        from tqdm.auto import tqdm
+        outer = tqdm(total=runs, desc=f"eval {model}", unit="run")
+    try:
+        for r in range(runs):
+            s = run_seed(seed, r)
+            net = get_network(model, spec.channels, spec.num_classes, im_size, seed=s,
+                              device=device, **net_kwargs)
+            t0 = time.perf_counter()
+            train_network(net, images, labels, epochs=epochs, lr=lr, batch_size=batch_size,
+                          dsa=dsa, dsa_strategy=dsa_strategy, dsa_params=dsa_params, seed=s,
+                          device=device, progress=progress, desc=f"run {r + 1}/{runs}")
+            t1 = time.perf_counter()
+            acc = test_accuracy(net, test, batch_size=test_batch_size, device=device)
+            t_test += time.perf_counter() - t1
+            t_train += t1 - t0
+            accs.append(acc)
+            if outer is not None:
+                outer.update(1)
+                outer.set_postfix(acc=f"{acc:.2f}")
+    finally:
+        if outer is not None:
+            outer.close()
+    t = torch.tensor(accs, dtype=torch.float64)
+    mean = float(t.mean()) if accs else float("nan")
+    std = float(t.std(unbiased=False)) if accs else float("nan")
+    return EvalResult(mean=mean, std=std, accs=accs, train_seconds=t_train, test_seconds=t_test,
+                      model=model, epochs=epochs, lr=float(lr))

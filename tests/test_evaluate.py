@@ -1,0 +1,139 @@
+"""Evaluation protocol: learns a separable toy problem, is deterministic, follows the schedule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import splatdd.evaluate as E
+from splatdd.evaluate import EvalResult, evaluate, test_accuracy, train_and_test
+from splatdd.models import get_network
+from splatdd.plugin_api import DatasetSpec, RealData
+
+SPEC = DatasetSpec(name="toy", channels=1, height=16, width=16, num_classes=2)
+SMALL = dict(width=16)          # keep the ConvNet tiny: these tests must be fast
+
+
+def _toy(n_per_class: int, seed: int, noise: float = 0.3):
+    """Class 0: bright top half; class 1: bright bottom half (survives DSA's ops)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((2 * n_per_class, 1, 16, 16), -1.0)
+    x[:n_per_class, :, :8] = 1.0
+    x[n_per_class:, :, 8:] = 1.0
+    x += noise * torch.randn(x.shape, generator=g)
+    y = torch.arange(2).repeat_interleave(n_per_class)
+    return x, y
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny nets: one intra-op thread is faster, and far faster on a shared, busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy_test():
+    x, y = _toy(50, seed=1)
+    return RealData(spec=SPEC, images=x, labels=y)
+
+
+def test_learns_separable_problem(toy_test):
+    x, y = _toy(2, seed=0)
+    res = evaluate(x, y, toy_test, runs=2, epochs=30, lr=0.05, seed=0, progress=False, **SMALL)
+    assert isinstance(res, EvalResult)
+    assert len(res.accs) == 2 and res.mean >= 90.0, res
+    assert res.train_seconds > 0 and res.test_seconds >= 0
+
+
+def test_zero_epochs_and_std_is_population(toy_test):
+    x, y = _toy(2, seed=0)
+    res = evaluate(x, y, toy_test, runs=3, epochs=0, seed=0, progress=False, **SMALL)
+    assert 0 <= res.mean <= 100
+    t = torch.tensor(res.accs, dtype=torch.float64)
+    assert res.mean == pytest.approx(float(t.mean()))
+    assert res.std == pytest.approx(float(t.std(unbiased=False)))
+
+
+def test_deterministic_in_seed(toy_test):
+    x, y = _toy(3, seed=2, noise=1.5)                     # noisy enough that seeds matter
+    kw = dict(runs=2, epochs=6, lr=0.01, batch_size=4, progress=False, **SMALL)
+    state = torch.get_rng_state()
+    a = evaluate(x, y, toy_test, seed=5, **kw)
+    b = evaluate(x, y, toy_test, seed=5, **kw)
+    assert torch.equal(torch.get_rng_state(), state)      # no global RNG use
+    assert a.accs == b.accs
+    # and the trained weights really are identical, not just the accuracies
+    nets = []
+    for _ in range(2):
+        net = get_network("ConvNet", 1, 2, 16, seed=9, **SMALL)
+        E.train_network(net, x, y, epochs=4, lr=0.01, batch_size=4, seed=3)
+        nets.append(net)
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(p, q)
+    net = get_network("ConvNet", 1, 2, 16, seed=9, **SMALL)
+    E.train_network(net, x, y, epochs=4, lr=0.01, batch_size=4, seed=4)
+    assert any(not torch.equal(p, q) for p, q in zip(nets[0].parameters(), net.parameters()))
+
+
+def test_schedule_batches_and_dsa_seeds(toy_test, monkeypatch):
+    """SGD(momentum .9, wd 5e-4) at lr, rebuilt at lr/10 at epochs//2; ceil(n/bs) steps per
+    epoch; DSA on every batch with a fresh per-step seed, per-sample parameters."""
+    made, seeds = [], []
+    real_sgd, real_dsa = torch.optim.SGD, E.dsa_fn
+
+    def sgd(params, **kw):
+        made.append(kw)
+        return real_sgd(params, **kw)
+
+    def rec_dsa(x, strategy, *, seed, params, per_sample):
+        seeds.append((seed, x.shape[0], per_sample, strategy))
+        return real_dsa(x, strategy, seed=seed, params=params, per_sample=per_sample)
+
+    monkeypatch.setattr(E.torch.optim, "SGD", sgd)
+    monkeypatch.setattr(E, "dsa_fn", rec_dsa)
+    x, y = _toy(5, seed=0)                                 # 10 images, batch 4 -> 3 steps/epoch
+    net = get_network("ConvNet", 1, 2, 16, seed=0, **SMALL)
+    acc = train_and_test(net, x, y, toy_test, epochs=4, lr=0.02, batch_size=4, seed=1,
+                         dsa_strategy="crop_flip")
+    assert 0 <= acc <= 100
+    assert [m["lr"] for m in made] == [0.02, pytest.approx(0.002)]
+    assert all(m["momentum"] == 0.9 and m["weight_decay"] == 5e-4 for m in made)
+    assert len(seeds) == 12 and sorted(s[1] for s in seeds[:3]) == [2, 4, 4]
+    assert len({s[0] for s in seeds}) == 12
+    assert all(s[2] is True and s[3] == "crop_flip" for s in seeds)
+    seeds.clear()
+    E.train_network(net, x, y, epochs=2, lr=0.02, dsa=False)
+    assert seeds == []
+
+
+def test_learned_lr_is_used(toy_test):
+    x, y = _toy(2, seed=0)
+    kw = dict(runs=1, epochs=3, seed=0, progress=False, **SMALL)
+    a = evaluate(x, y, toy_test, lr=torch.tensor(0.05).item(), **kw)
+    assert a.lr == pytest.approx(0.05)
+    with pytest.raises(ValueError):
+        evaluate(x, y, toy_test, lr=float("nan"), **kw)
+
+
+def test_test_accuracy_batched(toy_test):
+    class Const(torch.nn.Module):
+        def forward(self, x):                             # always predicts class 1
+            return torch.tensor([[0.0, 1.0]]).expand(x.shape[0], 2)
+
+    assert test_accuracy(Const(), toy_test, batch_size=7) == 50.0
+
+
+def test_input_checks(toy_test):
+    x, y = _toy(2, seed=0)
+    with pytest.raises(ValueError, match="resolution"):
+        evaluate(torch.zeros(4, 1, 8, 8), y, toy_test, epochs=1, runs=1, progress=False)
+    with pytest.raises(ValueError, match="labels"):
+        evaluate(x, y[:3], toy_test, epochs=1, runs=1, progress=False, **SMALL)
+
+
+def test_progress_bar_runs(toy_test, capsys):
+    x, y = _toy(1, seed=0)
+    evaluate(x, y, toy_test, runs=1, epochs=2, progress=True, **SMALL)
+    assert "eval ConvNet" in capsys.readouterr().err
