@@ -181,7 +181,8 @@ class _RenderFunction(torch.autograd.Function):
                 total, C, H, W, ssaa, prefilter, out.data_ptr(), torch.get_num_threads(), 0,
             )
         else:
-            out = torch.zeros((B, C, H, W), dtype=acc_dtype, device=params.device)
+            # the CUDA forward writes every pixel (zeros where no Gaussian reaches)
+            out = torch.empty((B, C, H, W), dtype=acc_dtype, device=params.device)
             with torch.cuda.device(params.device):
                 stream = torch.cuda.current_stream(params.device).cuda_stream
                 ctx.state = ext.render_batch(
@@ -281,10 +282,15 @@ def render(
     if device == "cpu" or CHECK_FINITE_ON_CUDA:
         _check_finite(flat)
     flat = flat.contiguous()
-    if offsets_list is None:
-        offsets = torch.arange(B + 1, dtype=torch.int64) * N
+    # offsets: host memory for the CPU backend, device memory for CUDA (built without a host sync:
+    # on the device for equal counts, an asynchronous copy from pinned memory for ragged ones)
+    if device == "cpu":
+        if offsets_list is None:
+            offsets = torch.arange(B + 1, dtype=torch.int64) * N
+        else:
+            offsets = torch.tensor(offsets_list, dtype=torch.int64)
+    elif offsets_list is None:
+        offsets = torch.arange(B + 1, dtype=torch.int64, device=dev) * N
     else:
-        offsets = torch.tensor(offsets_list, dtype=torch.int64)
-    if device == "cuda":
-        offsets = offsets.to(dev, non_blocking=False)
+        offsets = torch.tensor(offsets_list, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
     return _RenderFunction.apply(flat, offsets, B, C, H, W, ssaa, prefilter, device)
