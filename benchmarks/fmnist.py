@@ -104,18 +104,27 @@ def _table(results: dict[str, Any]) -> str:
              "|---|" + "---|" * len(ipcs) + "---|"]
 
     def cell(e):
-        return "-" if e is None else f"{e['mean']:.2f} +- {e['std']:.2f}"
+        if e is None:
+            return "-"
+        if len(e["accs"]) == 1:
+            return f"{e['mean']:.2f} (1 net)"
+        return f"{e['mean']:.2f} +- {e['std']:.2f}"
 
     for method, label in (("random_real", "random real images"), ("pixel_dm", "pixel + DM (ours)")):
         es = [_best(results, i, method) for i in ipcs]
-        s = next((e for e in es if e is not None), None)
-        settings = ""
-        if s is not None:
-            ev = s["eval"]
-            settings = f"{ev['runs']} x {ev['model']}, {ev['epochs']} epochs"
+        per_ipc = []
+        for i, e in zip(ipcs, es):
+            if e is None:
+                continue
+            ev = e["eval"]
+            txt = f"{ev['runs']} x {ev['model']}, {ev['epochs']} epochs"
             if method == "pixel_dm":
-                settings = (f"{s['iterations']} DM iterations, batch_real {s['batch_real']}; "
-                            + settings)
+                txt = f"{e['iterations']} DM iterations, batch_real {e['batch_real']}; " + txt
+            per_ipc.append((i, txt))
+        if len({t for _, t in per_ipc}) <= 1:
+            settings = per_ipc[0][1] if per_ipc else ""
+        else:
+            settings = "; ".join(f"IPC {i}: {t}" for i, t in per_ipc)
         lines.append(f"| {label} | " + " | ".join(cell(e) for e in es) + f" | {settings} |")
     lines.append("| DM (published) | " + " | ".join(str(PUBLISHED_DM.get(i, "-")) for i in ipcs)
                  + " | 20000 iterations, batch_real 256; 1000 epochs |")
