@@ -3,30 +3,13 @@ core's distill loop (checkpoint + resume + distilled file)."""
 import pytest
 import torch
 
+from splatdd.testing import init_from_real_samples, parameterization_class
 from splatdd_dc import GradientMatching
 
 PARAMETERIZATIONS = ["pixel", "gaussian", "siren"]
 #: Options that make a parameterization fit the tiny 8x8 budget (siren's default field is 67
 #: floats, more than one 8x8 image).
 TINY_OPTIONS = {"siren": {"width": 4}}
-
-
-def _param_class(name):
-    from splatdd import registry
-    try:
-        return registry.get_parameterization(name)
-    except registry.UnknownPluginError:
-        pytest.skip(f"parameterization plugin {name!r} is not installed")
-
-
-def _init_real(param, real):
-    labels = param.labels.cpu()
-    g = torch.Generator().manual_seed(0)
-    images = torch.empty((len(labels), real.spec.channels, real.spec.height, real.spec.width))
-    for c in range(real.spec.num_classes):
-        idx = torch.nonzero(labels == c).flatten()
-        images[idx] = real.sample(c, len(idx), g)
-    param.init_from_real(images, labels, steps=5)
 
 
 def test_registry_finds_dc():
@@ -40,11 +23,11 @@ def test_dc_end_to_end(pname, real, tmp_path):
     from splatdd import distilled_file, registry
     from splatdd.distill import distill
 
-    pcls = _param_class(pname)
+    pcls = parameterization_class(pname)
     acls = registry.get_algorithm("dc")
     param = pcls.build(real.spec, 2, generator=torch.Generator().manual_seed(0),
                        **TINY_OPTIONS.get(pname, {}))
-    _init_real(param, real)
+    init_from_real_samples(param, real, steps=5)
     before = param.decode().detach().clone()
 
     def make_algo():

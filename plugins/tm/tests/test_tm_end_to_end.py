@@ -7,20 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from splatdd.testing import init_from_real_samples, parameterization_class
 from splatdd_tm import ExpertBuffer, TrajectoryMatching
 
 PARAMETERIZATIONS = ["pixel", "gaussian", "siren"]
 #: Options that make a parameterization fit the tiny 8x8 budget (siren's default field is 67
 #: floats, more than one 8x8 image).
 TINY_OPTIONS = {"siren": {"width": 4}}
-
-
-def _param_class(name):
-    from splatdd import registry
-    try:
-        return registry.get_parameterization(name)
-    except registry.UnknownPluginError:
-        pytest.skip(f"parameterization plugin {name!r} is not installed")
 
 
 def test_registry_finds_tm_and_buffer_command():
@@ -37,14 +30,11 @@ def test_tm_end_to_end(pname, make_real, tiny_buffer, tmp_path):
     from splatdd.distill import distill
 
     real = make_real()
-    pcls = _param_class(pname)
+    pcls = parameterization_class(pname)
     acls = registry.get_algorithm("tm")
     param = pcls.build(real.spec, 1, generator=torch.Generator().manual_seed(0),
                        **TINY_OPTIONS.get(pname, {}))
-    labels = param.labels.cpu()
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.stack([real.sample(int(c), 1, g)[0] for c in labels])
-    param.init_from_real(imgs, labels, steps=5)
+    init_from_real_samples(param, real, steps=5, per_label=True)
     before = param.decode().detach().clone()
     algo = acls(real, ipc=1, generator=torch.Generator().manual_seed(0),
                 buffer_dir=str(tiny_buffer), syn_steps=3, max_start_epoch=2, lr_lr=1e-3)
