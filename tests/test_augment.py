@@ -11,13 +11,7 @@ from splatdd.augment import DEFAULT_STRATEGY, DSA_OPS, DSAParams, dsa
 OPS = list(DSA_OPS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and far faster on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.py
 
 
 def _x(b=4, c=3, h=16, w=16, seed=0, dtype=torch.float32):

@@ -12,13 +12,7 @@ PROTOCOLS = [(1, 28, 28, 3), (3, 32, 32, 3), (3, 64, 64, 4), (3, 128, 128, 5), (
 CROSS = ["AlexNet", "VGG11", "ResNet18", "ViT"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and far faster on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.py
 
 
 def _convs(net: nn.Module) -> list[nn.Conv2d]:
