@@ -17,6 +17,8 @@ This module imports only torch and the core; pytest is imported lazily, by the h
 from __future__ import annotations
 
 import contextlib
+import os
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -25,8 +27,9 @@ import torch.nn as nn
 from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, DatasetSpec, OptimizerSpec,
                                 Parameterization, RealData)
 
-__all__ = ["TINY_SPEC", "TinyPixels", "algorithm_class", "init_from_real_samples", "make_tiny_real",
-           "parameterization_class", "single_thread"]
+__all__ = ["TINY_SPEC", "TinyDistillation", "TinyPixels", "algorithm_class",
+           "init_from_real_samples", "make_tiny_real", "parameterization_class",
+           "run_tiny_distillation", "single_thread"]
 
 #: A 1-channel 8x8 dataset with 3 classes, already normalised (mean 0, std 1).
 TINY_SPEC = DatasetSpec(name="tiny", channels=1, height=8, width=8, num_classes=3,
@@ -161,3 +164,49 @@ def init_from_real_samples(param: Parameterization, real: RealData, *, steps: in
             idx = torch.nonzero(labels == c).flatten()
             images[idx] = real.sample(c, len(idx), g)
     return param.init_from_real(images, labels, steps=steps)
+
+
+@dataclass
+class TinyDistillation:
+    """What :func:`run_tiny_distillation` returns."""
+
+    real: RealData
+    param: Parameterization            #: the trained parameterization (what ``distill`` returned)
+    algo: Algorithm
+    init_diag: Mapping[str, Any]       #: ``init_from_real``'s diagnostics
+    before: torch.Tensor | None        #: a copy of the watched tensor before distillation
+    losses: list[float] = field(default_factory=list)   #: the loss of every step
+    out_dir: str | os.PathLike | None = None
+
+
+def run_tiny_distillation(param_cls: type[Parameterization], algo_name: str,
+                          out_dir: str | os.PathLike, *,
+                          algo_options: Mapping[str, Any] | None = None, watch: str | None = None,
+                          iterations: int = 2, init_steps: int = 5,
+                          **build_options: Any) -> TinyDistillation:
+    """A tiny end-to-end run: a 2-class 3x16x16 random dataset (10 images per class), ``param_cls``
+    built with ipc 1 and ``build_options`` (plus ``init_steps``) and initialised from the first two
+    real images of each class, then ``iterations`` steps of the algorithm registered as
+    ``algo_name`` (skips the test when it is not installed) through :func:`splatdd.distill.distill`
+    with no intermediate checkpoints. ``watch`` names a tensor attribute of the parameterization
+    to copy before distilling (``TinyDistillation.before``)."""
+    from splatdd.distill import distill
+
+    algo_cls = algorithm_class(algo_name)
+    gen = torch.Generator().manual_seed(0)
+    spec = DatasetSpec("toy", 3, 16, 16, 2, (0.0,) * 3, (1.0,) * 3)
+    images = torch.randn(20, 3, 16, 16, generator=gen)
+    labels = torch.arange(2).repeat_interleave(10)
+    real = RealData(spec, images, labels)
+    param = param_cls.build(spec, 1, generator=gen, init_steps=init_steps, **build_options)
+    init = torch.cat([images[:2], images[10:12]])
+    diag = param.init_from_real(init, param.labels)
+    algo = algo_cls(real, ipc=1, generator=torch.Generator().manual_seed(1),
+                    **(algo_options or {}))
+    before = getattr(param, watch).detach().clone() if watch is not None else None
+    run = TinyDistillation(real=real, param=param, algo=algo, init_diag=diag, before=before,
+                           out_dir=out_dir)
+    run.param = distill(param, algo, iterations=iterations, out_dir=out_dir, checkpoint_every=0,
+                        progress=False,
+                        on_step=lambda step, loss, p, a: run.losses.append(loss))
+    return run

@@ -4,31 +4,18 @@ import math
 import pytest
 import torch
 
-from splatdd.plugin_api import DatasetSpec, RealData
-
-dm = pytest.importorskip("splatdd_dm")
-distill_mod = pytest.importorskip("splatdd.distill")
+pytest.importorskip("splatdd_dm")
+from splatdd.testing import run_tiny_distillation  # noqa: E402
 from splatdd_siren import SirenImages  # noqa: E402
 
 
 def test_siren_with_dm_end_to_end(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    spec = DatasetSpec("toy", 3, 16, 16, 2, (0.0,) * 3, (1.0,) * 3)
-    images = torch.randn(20, 3, 16, 16, generator=gen)
-    labels = torch.arange(2).repeat_interleave(10)
-    real = RealData(spec, images, labels)
-    param = SirenImages.build(spec, 1, dpc=2, generator=gen, init_steps=5)
-    init = torch.cat([images[:2], images[10:12]])
-    diag = param.init_from_real(init, param.labels)
-    assert diag["mse"] < diag["mse_start"]
-    algo = dm.DistributionMatching(real, ipc=1, generator=torch.Generator().manual_seed(1),
-                                   batch_real=4, dsa=False, width=8)
-    before = param.w_out.detach().clone()
-    losses = []
-    out = distill_mod.distill(param, algo, iterations=2, out_dir=tmp_path, checkpoint_every=0,
-                              progress=False, on_step=lambda step, loss, p, a: losses.append(loss))
-    assert len(losses) == 2 and all(math.isfinite(float(x)) for x in losses)
-    assert not torch.equal(out.w_out.detach(), before)
+    run = run_tiny_distillation(SirenImages, "dm", tmp_path, dpc=2, watch="w_out",
+                                algo_options=dict(batch_real=4, dsa=False, width=8))
+    assert run.init_diag["mse"] < run.init_diag["mse_start"]
+    out = run.param
+    assert len(run.losses) == 2 and all(math.isfinite(float(x)) for x in run.losses)
+    assert not torch.equal(out.w_out.detach(), run.before)
     files = list(tmp_path.glob("*.safetensors"))
     if files:
         from splatdd.distilled_file import load
