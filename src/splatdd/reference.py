@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .render import _check_common
+from .render import _check_common, _check_finite
 
 __all__ = ["render", "render_untruncated", "CUTOFF_D2", "TAIL_VALUE", "PREFILTER_VARIANCE", "MIN_VARIANCE"]
 
@@ -68,8 +68,7 @@ def _render_dense(p: torch.Tensor, H: int, W: int, ssaa: int, prefilter: bool, t
 
 def _render(params, H, W, ssaa, prefilter, counts, truncate):
     B, C, counts_list, H, W, ssaa = _check_common(params, H, W, ssaa, prefilter, counts)
-    if params.numel() and not bool(torch.isfinite(params).all()):
-        raise ValueError("params contains NaN or inf")
+    _check_finite(params)
     if counts_list is None:
         return _render_dense(params, H, W, ssaa, prefilter, truncate)
     acc = torch.float64 if params.dtype == torch.float64 else torch.float32
