@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "splat_math.h"
@@ -197,34 +198,37 @@ using ForwardFn = void (*)(const RenderArgs&, int, int, int, T*);
 template <typename T>
 using BackwardFn = void (*)(const BackwardArgs&, int, int64_t, T*);
 
+// The instantiation of a kernel template for supersampling factor s (1, 2 or 4), chosen once per
+// call (not in the pixel loops): inst maps std::integral_constant<int, S> to the kernel for S.
+template <class Fn, class Inst>
+Fn pick_ssaa(int s, const Inst& inst) {
+  if (s == 1) return inst(std::integral_constant<int, 1>{});
+  if (s == 2) return inst(std::integral_constant<int, 2>{});
+  return inst(std::integral_constant<int, 4>{});
+}
+
 template <typename T>
 ForwardFn<T> pick_forward(Kernel k, int s) {
   if (k == Kernel::kSimple) return &cpu_simple::forward_task<T>;
 #if defined(SPLATDD_CPU_AVX2)
-  if (k == Kernel::kAvx2) {
-    if (s == 1) return &cpu_avx2::forward_task<T, 1>;
-    if (s == 2) return &cpu_avx2::forward_task<T, 2>;
-    return &cpu_avx2::forward_task<T, 4>;
-  }
+  if (k == Kernel::kAvx2)
+    return pick_ssaa<ForwardFn<T>>(
+        s, [](auto S) { return &cpu_avx2::forward_task<T, decltype(S)::value>; });
 #endif
-  if (s == 1) return &cpu_generic::forward_task<T, 1>;
-  if (s == 2) return &cpu_generic::forward_task<T, 2>;
-  return &cpu_generic::forward_task<T, 4>;
+  return pick_ssaa<ForwardFn<T>>(
+      s, [](auto S) { return &cpu_generic::forward_task<T, decltype(S)::value>; });
 }
 
 template <typename T>
 BackwardFn<T> pick_backward(Kernel k, int s) {
   if (k == Kernel::kSimple) return &cpu_simple::backward_gaussian<T>;
 #if defined(SPLATDD_CPU_AVX2)
-  if (k == Kernel::kAvx2) {
-    if (s == 1) return &cpu_avx2::backward_gaussian<T, 1>;
-    if (s == 2) return &cpu_avx2::backward_gaussian<T, 2>;
-    return &cpu_avx2::backward_gaussian<T, 4>;
-  }
+  if (k == Kernel::kAvx2)
+    return pick_ssaa<BackwardFn<T>>(
+        s, [](auto S) { return &cpu_avx2::backward_gaussian<T, decltype(S)::value>; });
 #endif
-  if (s == 1) return &cpu_generic::backward_gaussian<T, 1>;
-  if (s == 2) return &cpu_generic::backward_gaussian<T, 2>;
-  return &cpu_generic::backward_gaussian<T, 4>;
+  return pick_ssaa<BackwardFn<T>>(
+      s, [](auto S) { return &cpu_generic::backward_gaussian<T, decltype(S)::value>; });
 }
 
 template <typename T>
