@@ -13,11 +13,13 @@ measured, a random one is not a diffusion model). The VQ quantiser and the outpu
 that only the reverse chain is measured.
 
 Part 2, cost. Wall time and peak memory of one decode + backward of ``--cost-images`` images against
-T, with and without per-UNet-call checkpointing (residual on). Memory is the rise of the process's
-peak resident set size (``ru_maxrss``) over its resident size just before the pass, measured in a
-fresh subprocess per configuration: it counts everything the pass allocates (activations kept for
-backward, recomputation buffers, allocator slack), not just tensors, and is an upper bound of what
-the autograd graph holds. Times are single runs on shared cores (the minimum of ``--repeats``).
+T, with per-UNet-call checkpointing (non-reentrant, the default; reentrant) and without (residual
+on), in a fresh subprocess per
+configuration, after one warm-up pass of the same configuration. Memory is the rise of the
+process's peak resident set size during the pass (the kernel's VmHWM, reset just before the pass
+through /proc/self/clear_refs) above its resident size just before it: everything the pass
+allocates (activations kept for backward, recomputation buffers, allocator slack), not a tensor
+count. Times are the minimum of ``--repeats`` runs on shared cores.
 
     python benchmarks/ld3m_gradients.py            # writes benchmarks/results/ld3m_gradients.{md,png,json}
     python benchmarks/ld3m_gradients.py --quick    # T = 10, 30, 50 only, no training (a smoke run)
@@ -30,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,8 @@ PAPER = {10: 58.1, 20: 33.5, 30: 19.8, 40: 15.4, 50: 13.9, 60: 12.1, 70: 10.4, 8
 ANCHOR_ROW = "Gradient flow through a diffusion chain (LD3M paper, Table 1)"
 #: result key -> the ``residual`` option: plain DDIM, the paper's Eq. 7, the released code's variant
 MODES = {"plain": False, "residual": "eq7", "x0": "x0"}
+#: the ``checkpointing`` option values compared in part 2
+CKPT_MODES = ("nonreentrant", "reentrant", "off")
 MODE_LABEL = {"plain": "plain DDIM", "residual": "Eq. 7 residual", "x0": "released-code x0 residual"}
 
 
@@ -161,13 +164,29 @@ def grad_norm(model_dir: Path, real, T: int, residual, n_images: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # part 2: time and memory, one subprocess per configuration
 # ---------------------------------------------------------------------------------------------
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def measure_child(cfg: dict) -> dict:
-    """Runs inside the subprocess: build, warm up without grad, then decode + backward."""
+    """Runs inside the subprocess: build, one full warm-up decode + backward (one-time allocations:
+    oneDNN primitives, autograd engine, allocator pools), then per repeat: reset the peak-RSS counter,
+    decode + backward, read the peak. Memory = peak RSS (VmHWM) minus RSS just before the pass."""
+    import gc
     import warnings
 
     from splatdd.plugin_api import DatasetSpec
@@ -180,26 +199,41 @@ def measure_child(cfg: dict) -> dict:
                                     model_path=cfg["model"], steps=cfg["T"], residual=True, noise="fixed",
                                     checkpointing=cfg["checkpointing"])
     idx = torch.arange(cfg["images"])
-    with torch.no_grad():
-        p.decode(idx[:1])  # kernels, allocator warm-up (no autograd graph)
-    times = []
-    rss0 = _rss_kb()
-    peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(cfg["repeats"]):
+
+    def one_pass() -> float:
         p.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         p.decode(idx).square().mean().backward()
-        times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": min(times), "peak_rise_mb": max(0, peak - rss0) / 1024.0,
-            "setup_peak_above_start_mb": max(0, peak0 - rss0) / 1024.0}
+        return time.perf_counter() - t0
+
+    one_pass()  # warm-up
+    times, rises, resettable = [], [], True
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        trim = None
+    for _ in range(cfg["repeats"]):
+        p.zero_grad(set_to_none=True)
+        gc.collect()
+        if trim is not None:
+            trim(0)
+        resettable = _reset_peak() and resettable
+        rss0 = _status_kb("VmRSS")
+        times.append(one_pass())
+        rises.append(max(0, _status_kb("VmHWM") - rss0) / 1024.0)
+    return {"seconds": min(times), "peak_rise_mb": max(rises), "peak_reset": resettable}
 
 
 def measure(model: Path, T: int, checkpointing: bool, images: int, threads: int, repeats: int) -> dict:
     cfg = {"model": str(model), "T": T, "checkpointing": checkpointing, "images": images, "threads": threads,
            "repeats": repeats}
+    # glibc: a fixed mmap threshold (no dynamic raise) and immediate trimming, so that freed tensors go
+    # back to the OS and the resident size follows the live memory instead of the allocator's high water
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run([sys.executable, __file__, "--_child", json.dumps(cfg)], capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -227,6 +261,8 @@ def plot(res: dict, path: Path) -> None:
         if name not in res["grad"]:
             continue
         for mode, color in (("plain", "tab:red"), ("residual", "tab:blue"), ("x0", "tab:purple")):
+            if name == "random" and mode == "x0":
+                continue  # explodes (see the notes); it would flatten every other curve
             v = res["grad"][name][mode]
             ax.plot(Ts, [x / v[0] for x in v], style, color=color, marker="o", ms=3,
                     label=f"{name} UNet, {MODE_LABEL[mode]}")
@@ -234,33 +270,37 @@ def plot(res: dict, path: Path) -> None:
             label="paper Table 1 (plain)")
     ax.set_xlabel("DDIM steps T")
     ax.set_ylabel("||dL/dZ|| relative to T = 10")
-    ax.set_title("gradient norm vs T (normalised)")
-    ax.legend(fontsize=7)
+    ax.set_ylim(0, 1.9)
+    ax.set_title("gradient norm vs T (normalised; random x0 omitted)")
+    ax.legend(fontsize=6, ncol=2, loc="upper center")
     ax = axes[1]
     for name, style in (("trained", "-"), ("random", ":")):
         if name not in res["grad"]:
             continue
         for mode, color in (("plain", "tab:red"), ("residual", "tab:blue"), ("x0", "tab:purple")):
+            if name == "random" and mode == "x0":
+                continue
             ax.plot(Ts, res["grad"][name][mode], style, color=color, marker="o", ms=3,
                     label=f"{name}, {MODE_LABEL[mode]}")
     ax.set_yscale("log")
     ax.set_xlabel("DDIM steps T")
     ax.set_ylabel("||dL/dZ|| x 1e4")
-    ax.set_title("gradient norm vs T (absolute, tiny LDM)")
+    ax.set_title("gradient norm vs T (absolute; random x0 omitted)")
     ax.legend(fontsize=7)
     ax = axes[2]
     cost = res["cost"]
-    for ck, color in ((True, "tab:green"), (False, "tab:orange")):
+    colors = {"nonreentrant": "tab:green", "reentrant": "tab:cyan", "off": "tab:orange"}
+    for ck, color in colors.items():
         rows = [r for r in cost if r["checkpointing"] == ck]
         ax.plot([r["T"] for r in rows], [r["peak_rise_mb"] for r in rows], "-o", color=color, ms=3,
-                label=f"memory, checkpointing {'on' if ck else 'off'}")
+                label=f"memory, checkpointing {ck}")
     ax.set_xlabel("DDIM steps T")
     ax.set_ylabel("peak RSS rise (MB)")
     ax2 = ax.twinx()
-    for ck, color in ((True, "tab:green"), (False, "tab:orange")):
+    for ck, color in colors.items():
         rows = [r for r in cost if r["checkpointing"] == ck]
         ax2.plot([r["T"] for r in rows], [r["seconds"] for r in rows], "--s", color=color, ms=3,
-                 label=f"time, checkpointing {'on' if ck else 'off'}")
+                 label=f"time, checkpointing {ck}")
     ax2.set_ylabel("decode + backward (s)")
     ax.set_title(f"cost of {res['cost_images']} images (solid: memory, dashed: time)")
     ax.legend(fontsize=7, loc="upper left")
@@ -273,9 +313,10 @@ def write_md(res: dict, path: Path) -> None:
     Ts = res["T"]
     L = []
     L.append("# LD3M: gradient flow through the reverse process (paper Table 1) and checkpointing cost\n")
-    L.append(f"Produced by `benchmarks/ld3m_gradients.py` on {res['machine']}, {res['threads']} torch "
-             f"thread(s), in {res['seconds']:.0f} s. Compared with shared/ANCHORS.md, row "
-             f"\"{ANCHOR_ROW}\" (the paper's values are for the plain process only).\n")
+    L.append(f"Produced by `benchmarks/ld3m_gradients.py` with {res['threads']} torch thread(s). Gradients: "
+             f"{res.get('machine_grad', res['machine'])}, {res.get('seconds_grad', res['seconds']):.0f} s; cost: "
+             f"{res['machine']}. Compared with shared/ANCHORS.md, row \"{ANCHOR_ROW}\" (the paper's values are "
+             "for the plain process only).\n")
     L.append("## Setup\n")
     L.append(f"- Model: the tiny class-conditional LDM of `splatdd_ld3m.tiny` (VQ-f4 autoencoder with 3 latent "
              f"channels, 32 px -> 8x8 latents, cross-attention UNet 32/64 channels, 10 classes + null, cin256 noise "
@@ -297,7 +338,7 @@ def write_md(res: dict, path: Path) -> None:
         for i, T in enumerate(Ts):
             p = PAPER.get(T, float("nan"))
             L.append(f"| {T} | {p:.1f} | {p / PAPER[10]:.2f} | {pl[i]:.3g} | {pl[i] / pl[0]:.2f} | {rs[i]:.3g} | "
-                     f"{rs[i] / rs[0]:.2f} | {rs[i] / pl[i]:.2f} | {x0[i]:.3g} | {x0[i] / x0[0]:.2f} |")
+                     f"{rs[i] / rs[0]:.2f} | {rs[i] / pl[i]:.2f} | {x0[i]:.3g} | {x0[i] / x0[0]:.3g} |")
         L.append("")
     L.append("Columns: \"plain\" = `residual=False` (the process of the paper's Table 1), \"Eq. 7\" = "
              "`residual=True` (the paper's method), \"x0 variant\" = `residual=\"x0\"` (the authors' released "
@@ -307,13 +348,15 @@ def write_md(res: dict, path: Path) -> None:
              "not specified).\n")
     L.append("## Decode + backward cost against T (residual on)\n")
     L.append(f"{res['cost_images']} images (ipc 1 of a 10-class 28x28 spec), guidance 3 (UNet batch "
-             f"{2 * res['cost_images']}), one decode + backward of a mean-square loss. Memory: rise of the "
-             "process's peak resident set size (`ru_maxrss`) above its resident size just before the pass, in a "
-             "fresh subprocess per row (so it includes allocator slack; it is not a tensor count).\n")
+             f"{2 * res['cost_images']}), one decode + backward of a mean-square loss, after one warm-up pass, in a fresh "
+             "subprocess per row. Memory: rise of the process's peak resident set size during the pass (VmHWM, reset "
+             "through /proc/self/clear_refs just before it) above its resident size just before it -- everything the "
+             "pass allocates incl. allocator slack, not a tensor count. Time: minimum of "
+             f"{res.get('repeats', 1)} runs on shared cores.\n")
     L.append("| T | checkpointing | time (s) | peak RSS rise (MB) |")
     L.append("|---|---|---|---|")
     for r in res["cost"]:
-        L.append(f"| {r['T']} | {'on' if r['checkpointing'] else 'off'} | {r['seconds']:.2f} | "
+        L.append(f"| {r['T']} | {r['checkpointing']} | {r['seconds']:.2f} | "
                  f"{r['peak_rise_mb']:.1f} |")
     L.append("")
     L.append("## Reading\n")
@@ -332,10 +375,19 @@ def main(argv=None) -> int:
     ap.add_argument("--cost-images", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--reuse-grad", default=None, metavar="JSON",
+                    help="take part 1 (gradients) from an earlier results JSON; rerun part 2 only")
+    ap.add_argument("--replot", action="store_true", help="only redraw the .md/.png from the results JSON")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child is not None:
         print(json.dumps(measure_child(json.loads(args._child))))
+        return 0
+    if args.replot:
+        res = json.loads((Path(args.out) / "ld3m_gradients.json").read_text())
+        res["notes"] = notes(res)
+        plot(res, Path(args.out) / "ld3m_gradients.png")
+        write_md(res, Path(args.out) / "ld3m_gradients.md")
         return 0
     import warnings
 
@@ -351,10 +403,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     real, data_name = load_real()
     res: dict = {"machine": mach, "threads": args.threads, "T": Ts, "n_images": args.images, "data": data_name,
-                 "grad": {}, "training": {}, "cost_images": args.cost_images}
+                 "grad": {}, "training": {}, "cost_images": args.cost_images, "repeats": args.repeats}
+    if args.reuse_grad:
+        old = json.loads(Path(args.reuse_grad).read_text())
+        res.update({k: old[k] for k in ("T", "n_images", "data", "grad", "training")})
+        res["machine_grad"] = old.get("machine_grad", old["machine"])
+        res["seconds_grad"] = old.get("seconds_grad", old.get("seconds"))
+        train_steps, Ts = 0, res["T"]
     with tempfile.TemporaryDirectory() as tmp:
         rand_dir = build_tiny_ldm(Path(tmp) / "random", num_classes=10, image_size=32, channels=1, seed=0)
-        models = {"random": rand_dir}
+        models = {} if args.reuse_grad else {"random": rand_dir}
         if train_steps:
             print(f"training the tiny denoiser for {train_steps} steps", flush=True)
             res["training"] = train_denoiser(rand_dir, Path(tmp) / "trained", real, train_steps)
@@ -371,13 +429,15 @@ def main(argv=None) -> int:
         cost_T = [10, 50] if args.quick else [10, 30, 50, 70, 90]
         res["cost"] = []
         for T in cost_T:
-            for ck in (True, False):
+            for ck in CKPT_MODES:
                 r = measure(rand_dir, T, ck, args.cost_images, args.threads, args.repeats)
                 r.update(T=T, checkpointing=ck)
                 res["cost"].append(r)
-                print(f"cost T={T:3d} checkpointing={ck!s:5s}: {r['seconds']:.2f} s, "
+                print(f"cost T={T:3d} checkpointing={ck:12s}: {r['seconds']:.2f} s, "
                       f"peak RSS rise {r['peak_rise_mb']:.1f} MB", flush=True)
     res["seconds"] = time.perf_counter() - t_start
+    if not args.reuse_grad:
+        res["machine_grad"], res["seconds_grad"] = mach, res["seconds"]
     res["notes"] = notes(res)
     (out / "ld3m_gradients.json").write_text(json.dumps(res, indent=1))
     plot(res, out / "ld3m_gradients.png")
@@ -396,20 +456,32 @@ def notes(res: dict) -> list[str]:
                    f"{pl[-1] / pl[0]:.2f}x its T = {Ts[0]} value (paper: {PAPER[Ts[-1]] / PAPER[10]:.2f}x), the "
                    f"Eq. 7 process's to {rs[-1] / rs[0]:.2f}x; Eq. 7's gradient is {min(r / p for r, p in zip(rs, pl)):.2f}"
                    f"-{max(r / p for r, p in zip(rs, pl)):.2f}x the plain one; the released code's x0 variant's is "
-                   f"{min(r / p for r, p in zip(x0, pl)):.1f}-{max(r / p for r, p in zip(x0, pl)):.1f}x the plain one "
-                   f"and ends at {x0[-1] / x0[0]:.2f}x its T = {Ts[0]} value.")
+                   f"{min(r / p for r, p in zip(x0, pl)):.3g}-{max(r / p for r, p in zip(x0, pl)):.3g}x the plain one "
+                   f"and ends at {x0[-1] / x0[0]:.3g}x its T = {Ts[0]} value.")
     out.append("Eq. 7 keeps a direct path from z_T to z_0 but its weight in the last step is 1/T, so it too "
                "thins out as T grows (the paper's appendix E names this limitation); and z_T carries Z only "
                "through sqrt(alpha_bar_T) (about 0.03 at the first DDIM timestep of the cin256 schedule). The "
                "x0 variant injects the clean Z itself, so its gradient skips that factor.")
-    on = {r["T"]: r for r in res["cost"] if r["checkpointing"]}
-    off = {r["T"]: r for r in res["cost"] if not r["checkpointing"]}
-    if on and off:
-        t0, t1 = min(on), max(on)
-        out.append(f"Memory with checkpointing: {on[t0]['peak_rise_mb']:.0f} MB at T = {t0}, "
-                   f"{on[t1]['peak_rise_mb']:.0f} MB at T = {t1}; without: {off[t0]['peak_rise_mb']:.0f} -> "
-                   f"{off[t1]['peak_rise_mb']:.0f} MB. Time with checkpointing is {on[t1]['seconds'] / off[t1]['seconds']:.2f}x "
-                   f"the time without at T = {t1} (one extra UNet forward per step).")
+    if "random" in res["grad"]:
+        out.append("The random UNet is not a denoiser: under plain DDIM its states grow to |z| ~ 100-200, where the "
+                   "GroupNorm-based UNet's Jacobian is small, while the x0 variant keeps them at unit scale, where "
+                   "the random UNet's steps are expansive (x0 = (z - sqrt(1-a) eps)/sqrt(a) amplifies by up to "
+                   "1/sqrt(a) ~ 40) and the gradient explodes geometrically with T. Only the trained rows say "
+                   "something about a diffusion model.")
+    by = {m: {r["T"]: r for r in res["cost"] if r["checkpointing"] == m} for m in CKPT_MODES}
+    if all(by.values()):
+        t0, t1 = min(by["off"]), max(by["off"])
+        mb = {m: (by[m][t0]["peak_rise_mb"], by[m][t1]["peak_rise_mb"]) for m in CKPT_MODES}
+        per = {m: (mb[m][1] - mb[m][0]) / (t1 - t0) for m in CKPT_MODES}
+        out.append(f"Memory from T = {t0} to {t1}: without checkpointing {mb['off'][0]:.0f} -> {mb['off'][1]:.0f} MB "
+                   f"({per['off']:.1f} MB per step); non-reentrant checkpointing (the default) {mb['nonreentrant'][0]:.0f} "
+                   f"-> {mb['nonreentrant'][1]:.0f} MB ({per['nonreentrant']:.2f} MB per step: PyTorch's non-reentrant "
+                   f"checkpoint keeps part of each recomputed segment until the whole backward ends); reentrant "
+                   f"checkpointing {mb['reentrant'][0]:.0f} -> {mb['reentrant'][1]:.0f} MB ({per['reentrant']:.2f} MB per "
+                   f"step, flat).")
+        out.append(f"Time at T = {t1}: non-reentrant {by['nonreentrant'][t1]['seconds'] / by['off'][t1]['seconds']:.2f}x, "
+                   f"reentrant {by['reentrant'][t1]['seconds'] / by['off'][t1]['seconds']:.2f}x the uncheckpointed time "
+                   "(one extra UNet forward per step).")
     return out
 
 

@@ -77,12 +77,13 @@ def test_dm_end_to_end_with_distilled_file(tiny_dir, tmp_path):
     distill(param, algo, iterations=3, out_dir=tmp_path, resume=True, checkpoint_every=0, progress=False)
 
 
-def test_dc_end_to_end(tiny_dir, tmp_path):
+@pytest.mark.parametrize("checkpointing", [True, "reentrant"])
+def test_dc_end_to_end(tiny_dir, tmp_path, checkpointing):
     pytest.importorskip("splatdd.distill")
     from splatdd.distill import distill
 
     real = _real()
-    param = _param(tiny_dir, real)
+    param = _param(tiny_dir, real, checkpointing=checkpointing)
     before = param.latents.detach().clone()
     algo = _algo("dc")(real, ipc=1, generator=torch.Generator().manual_seed(3), net_width=8, batch_real=4,
                        outer_loop=1, inner_loop=1, batch_train=4, dsa=False)
@@ -90,7 +91,8 @@ def test_dc_end_to_end(tiny_dir, tmp_path):
     assert torch.isfinite(param.latents).all() and not torch.equal(param.latents.detach(), before)
 
 
-def test_tm_end_to_end(tiny_dir, tmp_path):
+@pytest.mark.parametrize("checkpointing", [True, "reentrant"])
+def test_tm_end_to_end(tiny_dir, tmp_path, checkpointing):
     pytest.importorskip("splatdd.distill")
     pytest.importorskip("splatdd_tm")
     from splatdd.distill import distill
@@ -99,7 +101,7 @@ def test_tm_end_to_end(tiny_dir, tmp_path):
     real = _real()
     train_experts(real, tmp_path / "buffer", experts=1, model="ConvNet", width=4, depth=2, epochs=2,
                   lr=0.01, batch_size=8, dsa=False, seed=0, progress=False)
-    param = _param(tiny_dir, real)
+    param = _param(tiny_dir, real, checkpointing=checkpointing)
     before = param.latents.detach().clone()
     algo = _algo("tm")(real, ipc=1, generator=torch.Generator().manual_seed(4), buffer_dir=str(tmp_path / "buffer"),
                        syn_steps=2, max_start_epoch=1, expert_epochs=1, lr_lr=1e-3)

