@@ -6,8 +6,6 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _ld3m_cache(tmp_path_factory):
