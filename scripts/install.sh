@@ -27,4 +27,4 @@ for p in plugins/*/; do
   [ -f "$p/pyproject.toml" ] || continue
   $PY -m pip install -q -e "$p"
 done
-$PY -c "import splatdd; print('splatdd', splatdd.__version__, 'backends:', splatdd.backends())"
+$PY -c "import splatdd; from splatdd import _C; print('splatdd', splatdd.__version__, '| compiled backends:', _C.backends(), '| usable here:', splatdd.backends())"
