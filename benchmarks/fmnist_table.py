@@ -470,10 +470,9 @@ def _plot(results: dict[str, Any], path: Path) -> None:
                     xs.append(i + (j - 1) * w)
                     ms.append(e["mean"])
                     ss.append(e["std"])
-            bars = ax.bar(xs, ms, w, yerr=ss, capsize=3, color=f"C{j}", label=p)
-            for x, m in zip(xs, ms):
-                ax.text(x, m + 0.8, f"{m:.1f}", ha="center", fontsize=7)
-            del bars
+            ax.bar(xs, ms, w, yerr=ss, capsize=3, color=f"C{j}")
+            for x, m, sd in zip(xs, ms, ss):
+                ax.text(x, m + sd + 0.8, f"{m:.1f}", ha="center", fontsize=7)
         for i, al in enumerate(ALGOS):
             name, vals, _ = PUBLISHED[al]
             if ipc in vals:
@@ -485,12 +484,15 @@ def _plot(results: dict[str, Any], path: Path) -> None:
                 ax.axhline(vals[ipc], color=f"C{k + 4}", ls=":", lw=1.2,
                            label=f"{name}: {vals[ipc]}")
         ax.axhline(TARGET, color="r", lw=0.8, alpha=0.5, label="target 85")
+        from matplotlib.patches import Patch
+        handles, _ = ax.get_legend_handles_labels()
+        handles = [Patch(color=f"C{j}", label=p) for j, p in enumerate(PARAMS)] + handles
         ax.set_xticks(range(len(ALGOS)), ALGOS)
-        ax.set_ylim(40, 95)
+        ax.set_ylim(40, 100)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"FashionMNIST IPC {ipc}, ConvNet-3, equal storage (reduced settings)",
                      fontsize=9)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(handles=handles, fontsize=7, loc="upper left", ncol=3)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     atomic_save_with(path, lambda f: fig.savefig(f, format="png"))
