@@ -165,7 +165,8 @@ def _deviations(results: dict[str, Any]) -> list[str]:
     evs = {(e["eval"]["runs"], e["eval"]["epochs"]) for e in results["entries"]}
     for runs, epochs in sorted(evs):
         if (runs, epochs) != (3, 1000):
-            out.append(f"evaluation with {runs} nets x {epochs} epochs instead of 3 x 1000")
+            out.append(f"evaluation with {runs} net{'s' if runs != 1 else ''} x {epochs} epochs "
+                       f"instead of 3 x 1000")
     ipcs = sorted({e["ipc"] for e in results["entries"]})
     missing = [i for i in (1, 10) if i not in ipcs]
     if missing:
