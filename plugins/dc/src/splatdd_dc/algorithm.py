@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from splatdd.augment import dsa
+from splatdd.models import get_network
 from splatdd.plugin_api import PLUGIN_API_VERSION, Algorithm, Parameterization, RealData
 
 __all__ = ["GradientMatching", "layer_distance", "match_loss", "dc_loops", "DEFAULT_DSA_STRATEGY"]
@@ -86,38 +88,6 @@ def match_loss(g_real: Sequence[torch.Tensor], g_syn: Sequence[torch.Tensor],
     for gr, gs in zip(g_real, g_syn):
         total = total + layer_distance(gr, gs, eps)
     return total
-
-
-# ------------------------------------------------------------------------------------------------
-# core hooks (thin wrappers so tests can substitute stand-ins)
-# ------------------------------------------------------------------------------------------------
-def _get_network(model: str, channels: int, num_classes: int, im_size: tuple[int, int], *,
-                 width: int, depth: int | None, seed: int) -> torch.nn.Module:
-    """A freshly initialised network; its initialisation depends only on ``seed`` (the global RNG
-    is left untouched)."""
-    from splatdd.models import get_network
-    try:
-        return get_network(model, channels, num_classes, im_size, width=width, depth=depth,
-                           seed=seed)
-    except TypeError as exc:             # a get_network without the ``seed`` keyword
-        if "seed" not in str(exc):
-            raise
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(int(seed))
-        return get_network(model, channels, num_classes, im_size, width=width, depth=depth)
-
-
-def _dsa(x: torch.Tensor, strategy: str, seed: int, per_sample: bool) -> torch.Tensor:
-    """DSA with all randomness from ``seed``; ``per_sample=False`` shares one transform across the
-    batch (siamese matching), ``True`` draws one per image (network training; without that keyword
-    in the core, one transform per batch)."""
-    from splatdd.augment import dsa
-    try:
-        return dsa(x, strategy, seed=seed, per_sample=per_sample)
-    except TypeError as exc:
-        if "per_sample" not in str(exc):
-            raise
-    return dsa(x, strategy, seed=seed)
 
 
 def _draw_seed(generator: torch.Generator) -> int:
@@ -186,9 +156,9 @@ class GradientMatching(Algorithm):
     # ---- the network ----------------------------------------------------------------------------
     def _new_network(self) -> None:
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
-        net = _get_network(self.model, self.spec.channels, self.spec.num_classes,
-                           (self.spec.height, self.spec.width), width=self.net_width,
-                           depth=self.net_depth, seed=seed)
+        net = get_network(self.model, self.spec.channels, self.spec.num_classes,
+                          (self.spec.height, self.spec.width), width=self.net_width,
+                          depth=self.net_depth, seed=seed)
         self._net = net.to(self.device).train()
         self._net_opt = torch.optim.SGD(self._net.parameters(), lr=self.lr_net,
                                         momentum=self.momentum_net)
@@ -243,8 +213,8 @@ class GradientMatching(Algorithm):
             img_syn = images.index_select(0, idx).to(self.device)
             if self.dsa:
                 seed = _draw_seed(self.generator)      # siamese: one transform for both batches
-                img_real = _dsa(img_real, self.dsa_strategy, seed, per_sample=False)
-                img_syn = _dsa(img_syn, self.dsa_strategy, seed, per_sample=False)
+                img_real = dsa(img_real, self.dsa_strategy, seed=seed, per_sample=False)
+                img_syn = dsa(img_syn, self.dsa_strategy, seed=seed, per_sample=False)
             lab_real = torch.full((img_real.shape[0],), c, dtype=torch.long, device=self.device)
             lab_syn = labels.index_select(0, idx).to(self.device)
             loss_real = F.cross_entropy(net(img_real), lab_real)
@@ -289,7 +259,7 @@ class GradientMatching(Algorithm):
                 b = perm[i:i + self.batch_train]
                 x, y = images[b], labels[b]
                 if self.dsa:
-                    x = _dsa(x, self.dsa_strategy, _draw_seed(self.generator), per_sample=True)
+                    x = dsa(x, self.dsa_strategy, seed=_draw_seed(self.generator), per_sample=True)
                 loss = F.cross_entropy(net(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
