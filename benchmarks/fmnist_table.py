@@ -97,6 +97,8 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--work-dir", default="runs/fmnist_table")
     ap.add_argument("--note", default=None, help="a remark on the machine, kept in the results")
     ap.add_argument("--report-only", action="store_true", help="rewrite md/png from the JSON")
+    ap.add_argument("--notes", default=None,
+                    help="free-text notes (findings, what was not run) kept in the results")
     return ap.parse_args(argv)
 
 
@@ -400,6 +402,8 @@ def _table(results: dict[str, Any]) -> str:
                  f"{e.get('bytes')} / {e.get('budget_bytes')} | {_short_settings(e)}{extra} | "
                  f"{e.get('init_seconds', 0):.0f} | {e.get('distill_seconds', 0):.0f} | "
                  f"{e.get('eval_seconds', 0):.0f} | {e.get('finished', '')} |")
+    if results.get("notes"):
+        L += ["", "## Notes", "", results["notes"]]
     L += ["", "## Reduced settings (not the papers' protocol)", ""]
     L += [f"* **{k}**: {v}" for k, v in _deviations(results)]
     bufs = {json.dumps(e["buffer"], sort_keys=True) for e in results["entries"] if "buffer" in e}
@@ -547,6 +551,8 @@ def main(argv=None) -> int:
     if a.report_only:
         if a.note is not None:
             results.setdefault("environment", {})["note"] = a.note
+        if a.notes is not None:
+            results["notes"] = a.notes
         _write(results, json_path)
         return 0
     results["environment"] = {
