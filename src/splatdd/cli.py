@@ -84,6 +84,10 @@ def _positive_float(text: str) -> float:
     return v
 
 
+#: Public argparse ``type=`` helpers for plugins that add commands (``splatdd.commands``).
+positive_int, nonneg_int, positive_float = _positive_int, _nonneg_int, _positive_float
+
+
 def _resolution(text: str) -> tuple[int, int]:
     parts = text.lower().replace("x", ",").split(",")
     try:

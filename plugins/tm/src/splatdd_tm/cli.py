@@ -13,27 +13,10 @@ import argparse
 import sys
 from typing import Any
 
+from splatdd.cli import positive_float as _positive_float
+from splatdd.cli import positive_int as _positive_int
+
 DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
 
 
 def register(subparsers: Any) -> None:
