@@ -188,12 +188,18 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for k, ipc in enumerate(sorted({e["ipc"] for e in results["entries"]})):
         color = f"C{k}"
-        pts = sorted((e["iterations"], e["mean"], e["std"]) for e in results["entries"]
-                     if e["ipc"] == ipc and e["method"] in ("pixel_dm", "random_real"))
-        if pts:
-            xs, ms, ss = zip(*pts)
-            ax.errorbar(xs, ms, yerr=ss, marker="o", color=color, capsize=3,
-                        label=f"pixel + DM, IPC {ipc} (iteration 0 = random real)")
+        evals = sorted({(e["eval"]["runs"], e["eval"]["epochs"]) for e in results["entries"]
+                        if e["ipc"] == ipc})
+        for j, (runs, epochs) in enumerate(evals):
+            pts = sorted((e["iterations"], e["mean"], e["std"]) for e in results["entries"]
+                         if e["ipc"] == ipc and e["method"] in ("pixel_dm", "random_real")
+                         and (e["eval"]["runs"], e["eval"]["epochs"]) == (runs, epochs))
+            if pts:
+                xs, ms, ss = zip(*pts)
+                ax.errorbar(xs, ms, yerr=ss, marker="os^"[j % 3], color=color, capsize=3,
+                            ls="-" if len(pts) > 1 else "none",
+                            label=f"pixel + DM, IPC {ipc}, eval {runs} x {epochs} ep"
+                                  + (" (it. 0 = random real)" if xs[0] == 0 else ""))
         if ipc in PUBLISHED_DM:
             ax.axhline(PUBLISHED_DM[ipc], color=color, ls="--", lw=1,
                        label=f"published DM, IPC {ipc} (20k iterations)")
