@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from splatdd.memory import proc_status_kb, reset_peak_rss
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -164,24 +165,6 @@ def grad_norm(model_dir: Path, real, T: int, residual, n_images: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # part 2: time and memory, one subprocess per configuration
 # ---------------------------------------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure_child(cfg: dict) -> dict:
     """Runs inside the subprocess: build, one full warm-up decode + backward (one-time allocations:
     oneDNN primitives, autograd engine, allocator pools), then per repeat: reset the peak-RSS counter,
@@ -219,10 +202,10 @@ def measure_child(cfg: dict) -> dict:
         gc.collect()
         if trim is not None:
             trim(0)
-        resettable = _reset_peak() and resettable
-        rss0 = _status_kb("VmRSS")
+        resettable = reset_peak_rss() and resettable
+        rss0 = proc_status_kb("VmRSS")
         times.append(one_pass())
-        rises.append(max(0, _status_kb("VmHWM") - rss0) / 1024.0)
+        rises.append(max(0, proc_status_kb("VmHWM") - rss0) / 1024.0)
     return {"seconds": min(times), "peak_rise_mb": max(rises), "peak_reset": resettable}
 
 

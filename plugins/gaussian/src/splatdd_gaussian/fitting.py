@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from splatdd.memory import proc_status_kb, reset_peak_rss
 
 __all__ = ["FitResult", "load_images", "fit_method", "psnr", "PeakMemory", "equal_storage_options",
            "pixel_grid", "SKIMAGE_PHOTOS"]
@@ -153,14 +153,6 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((10 * torch.log10(1.0 / mse)).mean())
 
 
-def _proc_status_kb(key: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    m = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.M)
-    return int(m.group(1)) if m else None
-
 
 def _malloc_trim() -> None:
     try:
@@ -189,11 +181,7 @@ class PeakMemory:
             import gc
             gc.collect()
             _malloc_trim()      # hand freed heap back, so the RSS at entry is what is live
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-                self._base = _proc_status_kb("VmRSS")
-            except OSError:
-                self._base = None
+            self._base = proc_status_kb("VmRSS") if reset_peak_rss() else None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -201,7 +189,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
         elif self._base is not None:
-            peak = _proc_status_kb("VmHWM")
+            peak = proc_status_kb("VmHWM")
             if peak is not None:
                 self.mb = max(peak - self._base, 0) / 1024.0
 

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from splatdd.memory import proc_status_kb, reset_peak_rss
 
 __all__ = ["flatten_params", "unflatten", "student_unroll", "tm_loss", "activation_bytes",
            "estimate_unroll_bytes", "measure_peak_bytes", "param_layout"]
@@ -135,23 +136,6 @@ def estimate_unroll_bytes(num_params: int, syn_steps: int, act_bytes_per_step: i
             "total_bytes": int(params + acts)}
 
 
-def _rss_peak_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{key} not in /proc/self/status")
-
-
 def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu"
                        ) -> dict[str, object]:
     """Run ``fn()`` once and report the peak of memory it used on top of what was live before.
@@ -189,9 +173,9 @@ def measure_peak_bytes(fn: Callable[[], object], device: torch.device | str = "c
             return {"peak_bytes": int(peak), "method": "torch.profiler"}
     except Exception:  # noqa: BLE001 - private profiler API; fall back to RSS
         pass
-    if _rss_peak_reset():
-        before = _rss_status("VmRSS")
+    if reset_peak_rss():
+        before = proc_status_kb("VmRSS") * 1024
         fn()
-        return {"peak_bytes": int(max(_rss_status("VmHWM") - before, 0)), "method": "rss"}
+        return {"peak_bytes": int(max(proc_status_kb("VmHWM") * 1024 - before, 0)), "method": "rss"}
     fn()
     return {"peak_bytes": None, "method": "unavailable"}
