@@ -543,6 +543,23 @@ def _write(results: dict[str, Any], json_path: Path) -> None:
     _plot_gpc(results, json_path.parent / "fmnist_gpc.png")
 
 
+def _merge_entry(json_path: Path, e: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Add a finished cell to the results file under an exclusive lock, re-reading the file first,
+    so that several invocations (e.g. IPC 10 cells and the GPC sweep, which use different
+    settings) can run side by side without losing each other's cells. An earlier entry of the
+    same cell and settings (e.g. a failed one) is replaced."""
+    with open(json_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = _load(json_path)
+        results["environment"] = env
+        results["entries"] = [x for x in results["entries"] if not (
+            all(x.get(k) == e[k] for k in ("ipc", "param", "algo", "gpc", "group"))
+            and x.get("settings") == e["settings"])]
+        results["entries"].append(e)
+        _write(results, json_path)
+    return results
+
+
 def main(argv=None) -> int:
     a = _args(argv)
     json_path = Path(a.results)
@@ -569,21 +586,14 @@ def main(argv=None) -> int:
             continue
         todo.append(t)
     print(f"{len(todo)} cells to run with {a.jobs} workers x {a.threads} threads", flush=True)
-    _write(results, json_path)
     ctx = mp.get_context("spawn")
     with ctx.Pool(a.jobs, initializer=_init_worker, initargs=(a.threads, a.data_root),
                   maxtasksperchild=None) as pool:
         for e in pool.imap_unordered(run_task, todo, chunksize=1):
-            # replace an earlier entry of the same cell and settings (e.g. a failed one)
-            results["entries"] = [x for x in results["entries"] if not (
-                all(x.get(k) == e[k] for k in ("ipc", "param", "algo", "gpc", "group"))
-                and x.get("settings") == e["settings"])]
-            results["entries"].append(e)
-            _write(results, json_path)
+            results = _merge_entry(json_path, e, results["environment"])
             print(f"[{e['finished']}] {_key(e)}: {_cell(e)} (wall {e['wall_seconds']:.0f} s)",
                   flush=True)
-    _write(results, json_path)
-    print(_table(results))
+    print(_table(_load(json_path)))
     return 0
 
 
