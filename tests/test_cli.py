@@ -15,12 +15,7 @@ pytest.importorskip("splatdd_pixel")
 pytest.importorskip("splatdd_dm")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_idx(path, arr):

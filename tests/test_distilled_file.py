@@ -16,13 +16,7 @@ from splatdd.registry import Registry, UnknownPluginError
 SPEC = DatasetSpec("toy", 3, 4, 5, 2, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only add synchronisation cost on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyBF16(Parameterization):

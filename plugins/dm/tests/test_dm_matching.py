@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from splatdd.plugin_api import DatasetSpec, RealData, check_plugin_class
+from splatdd.testing import single_thread
 from splatdd_dm import DistributionMatching
 
 pixel = pytest.importorskip("splatdd_pixel")
@@ -10,10 +11,8 @@ pixel = pytest.importorskip("splatdd_pixel")
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny tensors: extra threads only add synchronisation cost on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
 def toy_real(num_classes=3, per_class=12, c=1, h=12, w=12, seed=0):

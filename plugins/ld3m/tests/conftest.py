@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from splatdd.testing import single_thread
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _ld3m_cache(tmp_path_factory):
@@ -23,10 +25,8 @@ def _ld3m_cache(tmp_path_factory):
 def _one_thread():
     """The tiny model's ops are far too small for intra-op threads: with 2 cores shared by other jobs,
     OpenMP spin-waiting makes a 2-thread UNet call ~40x slower than a 1-thread one. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

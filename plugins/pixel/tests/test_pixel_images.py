@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from splatdd.plugin_api import DatasetSpec, check_plugin_class
+from splatdd.testing import single_thread
 from splatdd_pixel import PixelImages
 
 SPEC = DatasetSpec("toy", 3, 8, 6, 4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -10,10 +11,8 @@ SPEC = DatasetSpec("toy", 3, 8, 6, 4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.2
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny tensors: extra threads only add synchronisation cost on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
 def test_contract_and_layout():
