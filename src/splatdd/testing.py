@@ -29,7 +29,7 @@ from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, DatasetSpec, Opti
 
 __all__ = ["TINY_SPEC", "TinyDistillation", "TinyPixels", "algorithm_class",
            "init_from_real_samples", "make_tiny_real", "parameterization_class",
-           "run_tiny_distillation", "single_thread"]
+           "run_steps", "run_tiny_distillation", "single_thread"]
 
 #: A 1-channel 8x8 dataset with 3 classes, already normalised (mean 0, std 1).
 TINY_SPEC = DatasetSpec(name="tiny", channels=1, height=8, width=8, num_classes=3,
@@ -210,3 +210,24 @@ def run_tiny_distillation(param_cls: type[Parameterization], algo_name: str,
                         progress=False,
                         on_step=lambda step, loss, p, a: run.losses.append(loss))
     return run
+
+
+def run_steps(algo: Algorithm, param: Parameterization, optimizer: torch.optim.Optimizer,
+              steps: int, start: int = 0) -> list[float]:
+    """``steps`` plain distillation steps (zero_grad, ``algo.loss``, backward, optimizer step,
+    ``algo.after_step``) numbered from ``start``; returns the losses. The loop of
+    :func:`splatdd.distill.distill` without its files, for resume tests that stop and restart an
+    algorithm by hand::
+
+        opt = param.optimizer_spec("dm").build()
+        losses = run_steps(algo, param, opt, 3)
+    """
+    out = []
+    for step in range(start, start + steps):
+        optimizer.zero_grad()
+        loss = algo.loss(param, step)
+        loss.backward()
+        optimizer.step()
+        algo.after_step()
+        out.append(loss.item())
+    return out

@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from splatdd.testing import run_steps
+
 from splatdd_dc import GradientMatching
 
 
@@ -84,28 +86,16 @@ def test_ipc1_uses_a_new_network_every_step(real, tiny_pixels):
     assert algo._net is not n0
 
 
-def _run(algo, param, opt, steps, start=0):
-    out = []
-    for step in range(start, start + steps):
-        opt.zero_grad()
-        loss = algo.loss(param, step)
-        loss.backward()
-        opt.step()
-        algo.after_step()
-        out.append(loss.item())
-    return out
-
-
-def test_checkpoint_resume_reproduces_the_run(real, tiny_pixels):
+def test_checkpoint_resume_reproduces_therun_steps(real, tiny_pixels):
     ref_algo = _algo(real, outer_loop=3, inner_loop=2, seed=5)
     ref_param = _param(tiny_pixels, real)
     ref_opt = ref_param.optimizer_spec("dc").build()
-    ref = _run(ref_algo, ref_param, ref_opt, 5)
+    ref = run_steps(ref_algo, ref_param, ref_opt, 5)
 
     algo = _algo(real, outer_loop=3, inner_loop=2, seed=5)
     param = _param(tiny_pixels, real)
     opt = param.optimizer_spec("dc").build()
-    first = _run(algo, param, opt, 2)           # stop inside an outer loop (pos == 2)
+    first = run_steps(algo, param, opt, 2)           # stop inside an outer loop (pos == 2)
     ckpt = copy.deepcopy({"algo": algo.state_dict(), "param": param.state_dict(),
                           "opt": opt.state_dict()})
     algo2 = _algo(real, outer_loop=3, inner_loop=2, seed=123)   # different seed: state wins
@@ -114,7 +104,7 @@ def test_checkpoint_resume_reproduces_the_run(real, tiny_pixels):
     opt2 = param2.optimizer_spec("dc").build()
     opt2.load_state_dict(ckpt["opt"])
     algo2.load_state_dict(ckpt["algo"])
-    rest = _run(algo2, param2, opt2, 3, start=2)
+    rest = run_steps(algo2, param2, opt2, 3, start=2)
     assert first + rest == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 

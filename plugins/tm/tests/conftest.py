@@ -6,27 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from splatdd.plugin_api import RealData
-from splatdd.testing import TinyPixels, single_thread
 from splatdd.testing import make_tiny_real as make_real
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and on a shared 2-core machine, spin-wait
-    contention that makes these tests 100x slower). Restored after each test."""
-    with single_thread():
-        yield
-
-
-@pytest.fixture
-def real() -> RealData:
-    return make_real()
-
-
-@pytest.fixture
-def tiny_pixels():
-    return TinyPixels
+from splatdd.testing import single_thread
+from splatdd.testing_fixtures import one_thread, real, tiny_pixels  # noqa: F401
 
 
 @pytest.fixture(name="make_real")

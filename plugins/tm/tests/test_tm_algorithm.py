@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from splatdd.testing import run_steps
+
 from splatdd_tm import TrajectoryMatching
 
 
@@ -68,26 +70,14 @@ def test_lr_is_learned_by_its_own_optimiser_and_clipped(make_real, tiny_buffer, 
     assert algo.learned_lr() == pytest.approx(1e-4)
 
 
-def _run(algo, param, opt, steps, start=0):
-    out = []
-    for step in range(start, start + steps):
-        opt.zero_grad()
-        loss = algo.loss(param, step)
-        loss.backward()
-        opt.step()
-        algo.after_step()
-        out.append(loss.item())
-    return out
-
-
-def test_checkpoint_resume_reproduces_the_run(make_real, tiny_buffer, tiny_pixels):
+def test_checkpoint_resume_reproduces_therun_steps(make_real, tiny_buffer, tiny_pixels):
     real = make_real()
     kw = dict(lr_lr=1e-3, batch_syn=2)
     ref_algo, ref_param = _algo(real, tiny_buffer, seed=4, **kw), _param(tiny_pixels, real)
-    ref = _run(ref_algo, ref_param, ref_param.optimizer_spec("tm").build(), 4)
+    ref = run_steps(ref_algo, ref_param, ref_param.optimizer_spec("tm").build(), 4)
     algo, param = _algo(real, tiny_buffer, seed=4, **kw), _param(tiny_pixels, real)
     opt = param.optimizer_spec("tm").build()
-    first = _run(algo, param, opt, 2)
+    first = run_steps(algo, param, opt, 2)
     ckpt = copy.deepcopy({"a": algo.state_dict(), "p": param.state_dict(), "o": opt.state_dict()})
     algo2, param2 = _algo(real, tiny_buffer, seed=99, **kw), _param(tiny_pixels, real, seed=7)
     param2.load_state_dict(ckpt["p"])
@@ -95,7 +85,7 @@ def test_checkpoint_resume_reproduces_the_run(make_real, tiny_buffer, tiny_pixel
     opt2.load_state_dict(ckpt["o"])
     algo2.load_state_dict(ckpt["a"])
     assert algo2.learned_lr() == algo.learned_lr()
-    rest = _run(algo2, param2, opt2, 2, start=2)
+    rest = run_steps(algo2, param2, opt2, 2, start=2)
     assert first + rest == pytest.approx(ref, rel=1e-5)
     assert algo2.learned_lr() == pytest.approx(ref_algo.learned_lr(), rel=1e-6)
 
