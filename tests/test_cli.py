@@ -118,12 +118,20 @@ def test_clear_errors(env, tmp_path, capsys, argv, needle):
     assert needle in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["distill", "--ipc", "0"], ["distill"],
-                                  ["distill", "--ipc", "1", "--lr", "-1"], ["render", "f"]])
-def test_argparse_errors(argv, capsys):
+@pytest.mark.parametrize("argv,needles", [
+    (["distill", "--ipc", "0"], ["--ipc", "expected a positive integer, got '0'"]),
+    (["distill", "--ipc", "x"], ["--ipc", "expected a positive integer, got 'x'"]),
+    (["distill"], ["--ipc"]),
+    (["distill", "--ipc", "1", "--lr", "-1"], ["--lr", "expected a positive number, got '-1'"]),
+    (["distill", "--ipc", "1", "--lr", "nan"], ["--lr", "expected a positive number, got 'nan'"]),
+    (["render", "f"], ["--out"])])
+def test_argparse_errors(argv, needles, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err
 
 
 def test_corrupt_file_error(tmp_path, capsys):
