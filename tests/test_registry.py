@@ -194,3 +194,16 @@ def test_builtin_plugins_via_entry_points():
     if "pixel" not in names:
         pytest.skip("splatdd-pixel not installed")
     assert R.get_parameterization("pixel").name == "pixel"
+
+
+def test_reject_unknown_options_names_plugin_unknown_and_known():
+    from splatdd.plugin_api import reject_unknown_options
+    reject_unknown_options("p", {"a": 1}, ("a", "b"))          # all known: no error
+    reject_unknown_options("p", [], ())
+    with pytest.raises(TypeError) as e:
+        reject_unknown_options("myplug", {"zz": 1, "a": 2, "bogus": 3}, ("a", "b"))
+    msg = str(e.value)
+    assert msg.startswith("myplug: unknown option(s) bogus, zz;")   # sorted, known ones not listed
+    assert msg.endswith("known: a, b")
+    with pytest.raises(TypeError, match="known: none"):
+        reject_unknown_options("p", ["x"], ())

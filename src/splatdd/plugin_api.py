@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -239,5 +239,19 @@ def check_plugin_class(obj: Any, kind: str) -> None:
                          f"v{obj.api_version}; this splatdd provides v{PLUGIN_API_VERSION}")
 
 
+def reject_unknown_options(plugin: str, given: Iterable[str], known: Iterable[str]) -> None:
+    """Raise ``TypeError`` naming the plugin, each unknown option in ``given`` and the ``known``
+    ones; do nothing when every option is known. For ``build(**options)`` and ``__init__``::
+
+        reject_unknown_options("gaussian", options, ("gpc", "points", "bf16"))
+    """
+    known = list(known)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise TypeError(f"{plugin}: unknown option(s) {', '.join(unknown)}; "
+                        f"known: {', '.join(known) or 'none'}")
+
+
 __all__: Sequence[str] = ["PLUGIN_API_VERSION", "DatasetSpec", "OptimizerSpec",
-                          "Parameterization", "RealData", "Algorithm", "check_plugin_class"]
+                          "Parameterization", "RealData", "Algorithm", "check_plugin_class",
+                          "reject_unknown_options"]

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from splatdd.augment import dsa
 from splatdd.models import get_network
-from splatdd.plugin_api import PLUGIN_API_VERSION, Algorithm, Parameterization, RealData
+from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, Parameterization, RealData,
+                                reject_unknown_options)
 
 __all__ = ["GradientMatching", "layer_distance", "match_loss", "dc_loops", "DEFAULT_DSA_STRATEGY"]
 
@@ -119,10 +120,10 @@ class GradientMatching(Algorithm):
                  inner_loop: int | None = None, lr_net: float = 0.01, momentum_net: float = 0.5,
                  batch_train: int = 256, dsa: bool = True,
                  dsa_strategy: str = DEFAULT_DSA_STRATEGY, **unknown: Any) -> None:
-        if unknown:
-            raise TypeError(f"dc: unknown option(s) {', '.join(sorted(unknown))}; known: model, "
-                            "net_width, net_depth, batch_real, outer_loop, inner_loop, lr_net, "
-                            "momentum_net, batch_train, dsa, dsa_strategy")
+        reject_unknown_options("dc", unknown, ("model", "net_width", "net_depth", "batch_real",
+                                               "outer_loop", "inner_loop", "lr_net",
+                                               "momentum_net", "batch_train", "dsa",
+                                               "dsa_strategy"))
         super().__init__(real, ipc=ipc, generator=generator)
         d_outer, d_inner = dc_loops(ipc)
         self.outer_loop = int(outer_loop) if outer_loop is not None else d_outer

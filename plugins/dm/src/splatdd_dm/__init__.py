@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from splatdd.plugin_api import PLUGIN_API_VERSION, Algorithm, Parameterization, RealData
+from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, Parameterization, RealData,
+                                reject_unknown_options)
 
 __all__ = ["DistributionMatching"]
 __version__ = "0.1.0"
@@ -46,10 +47,7 @@ class DistributionMatching(Algorithm):
     def __init__(self, real: RealData, *, ipc: int, generator: torch.Generator,
                  **options: Any) -> None:
         super().__init__(real, ipc=ipc, generator=generator)
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            raise TypeError(f"dm: unknown option(s) {', '.join(unknown)} "
-                            f"(known: {', '.join(self.OPTIONS)})")
+        reject_unknown_options("dm", options, self.OPTIONS)
         opts = {**self.OPTIONS, **options}
         self.batch_real = int(opts["batch_real"])
         if self.batch_real < 1:

@@ -39,7 +39,8 @@ from typing import Any, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from splatdd.plugin_api import PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization
+from splatdd.plugin_api import (PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization,
+                                reject_unknown_options)
 
 __all__ = ["GaussianImages", "default_gpc", "points_for_budget", "boundary_loss", "bf16_round_ste"]
 
@@ -148,10 +149,7 @@ class GaussianImages(Parameterization):
     @classmethod
     def build(cls, spec: DatasetSpec, ipc: int, *, generator: torch.Generator | None = None,
               **options: Any) -> "GaussianImages":
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise TypeError(f"gaussian: unknown option(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(_OPTIONS)}")
+        reject_unknown_options("gaussian", options, _OPTIONS)
         gpc = options.pop("gpc", None)
         gpc = default_gpc(spec, ipc) if gpc is None else int(gpc)
         points = options.pop("points", None)

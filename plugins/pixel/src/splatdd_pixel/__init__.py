@@ -22,7 +22,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from splatdd.plugin_api import PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization
+from splatdd.plugin_api import (PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization,
+                                reject_unknown_options)
 
 __all__ = ["PixelImages", "DEFAULT_LR"]
 __version__ = "0.1.0"
@@ -62,11 +63,9 @@ class PixelImages(Parameterization):
     @classmethod
     def build(cls, spec: DatasetSpec, ipc: int, *, generator: torch.Generator | None = None,
               **options: Any) -> "PixelImages":
+        reject_unknown_options("pixel", options, ("init", "noise_std"))
         init = options.pop("init", "noise")
         noise_std = float(options.pop("noise_std", 1.0))
-        if options:
-            raise TypeError(f"pixel: unknown option(s) {', '.join(sorted(options))} "
-                            f"(known: init, noise_std)")
         shape = (spec.num_classes * int(ipc), spec.channels, spec.height, spec.width)
         if init == "noise":
             images = torch.randn(shape, generator=generator) * noise_std

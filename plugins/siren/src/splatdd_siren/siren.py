@@ -32,7 +32,8 @@ from typing import Any, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from splatdd.plugin_api import PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization
+from splatdd.plugin_api import (PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization,
+                                reject_unknown_options)
 
 __all__ = ["SirenImages", "siren_param_count", "default_architecture", "coordinate_grid"]
 
@@ -107,10 +108,7 @@ class SirenImages(Parameterization):
     @classmethod
     def build(cls, spec: DatasetSpec, ipc: int, *, generator: torch.Generator | None = None,
               **options: Any) -> "SirenImages":
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise TypeError(f"siren: unknown option(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(_OPTIONS)}")
+        reject_unknown_options("siren", options, _OPTIONS)
         layers, width, w0 = default_architecture(spec, ipc)
         layers = int(options.pop("layers", layers))
         width = int(options.pop("width", width))

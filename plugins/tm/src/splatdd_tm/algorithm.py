@@ -23,7 +23,8 @@ from typing import Any, Mapping
 
 import torch
 
-from splatdd.plugin_api import PLUGIN_API_VERSION, Algorithm, Parameterization, RealData
+from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, Parameterization, RealData,
+                                reject_unknown_options)
 
 from . import _core
 from .buffer import BufferError, ExpertBuffer
@@ -81,11 +82,10 @@ class TrajectoryMatching(Algorithm):
                  lr_lr: float = 1e-5, lr_momentum: float = 0.5, lr_min: float = 1e-8,
                  dsa: bool = True, dsa_strategy: str = DEFAULT_DSA_STRATEGY,
                  max_experts: int | None = None, **unknown: Any) -> None:
-        if unknown:
-            raise TypeError(f"tm: unknown option(s) {', '.join(sorted(unknown))}; known: "
-                            "buffer_dir, syn_steps, expert_epochs, max_start_epoch, "
-                            "min_start_epoch, batch_syn, lr_init, lr_lr, lr_momentum, lr_min, dsa, "
-                            "dsa_strategy, max_experts")
+        reject_unknown_options("tm", unknown, (
+            "buffer_dir", "syn_steps", "expert_epochs", "max_start_epoch", "min_start_epoch",
+            "batch_syn", "lr_init", "lr_lr", "lr_momentum", "lr_min", "dsa", "dsa_strategy",
+            "max_experts"))
         super().__init__(real, ipc=ipc, generator=generator)
         self.buffer = ExpertBuffer.open(buffer_dir)
         self.buffer_dir = str(buffer_dir)
