@@ -88,6 +88,15 @@ def _args(argv=None) -> argparse.Namespace:
                     help="class-balanced training subset for the experts (images per class)")
     ap.add_argument("--eval-runs", type=int, default=3)
     ap.add_argument("--eval-epochs", type=int, default=150)
+    ap.add_argument("--eval-steps", type=int, default=None,
+                    help="instead of --eval-epochs: train each evaluation net for about this many "
+                         "SGD steps (batch 256), i.e. round(steps / batches per epoch) epochs, so "
+                         "that cells with more, smaller images (gaussian, siren) get the same "
+                         "training as pixels (at IPC 1 every set fits one batch, so epochs == "
+                         "steps)")
+    ap.add_argument("--dc-inner-loop", type=int, default=None,
+                    help="DC inner loop (epochs of network training on the synthetic set between "
+                         "outer steps); default: the paper's by IPC")
     ap.add_argument("--eval-model", default="ConvNet")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", default=None)
@@ -125,13 +134,18 @@ def _tasks(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _settings(a: argparse.Namespace, algo: str) -> dict[str, Any]:
-    s: dict[str, Any] = {"eval": {"model": a.eval_model, "runs": a.eval_runs,
-                                  "epochs": a.eval_epochs, "seed": a.seed},
-                         "seed": a.seed}
+    ev: dict[str, Any] = {"model": a.eval_model, "runs": a.eval_runs, "seed": a.seed}
+    if a.eval_steps is not None:
+        ev["steps"] = a.eval_steps
+    else:
+        ev["epochs"] = a.eval_epochs
+    s: dict[str, Any] = {"eval": ev, "seed": a.seed}
     if algo == "dm":
         s.update(iterations=a.dm_iterations, batch_real=a.dm_batch_real)
     elif algo == "dc":
         s.update(iterations=a.dc_iterations, batch_real=a.dc_batch_real)
+        if a.dc_inner_loop is not None:
+            s["inner_loop"] = a.dc_inner_loop
     else:
         s.update(iterations=a.tm_iterations, syn_steps=a.syn_steps, batch_syn=a.batch_syn,
                  expert_epochs=2, buffer=_buffer_settings(a))
@@ -210,6 +224,20 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def _epochs_for_steps(steps: int, n_images: int, batch: int = 256) -> int:
+    """Epochs that give about ``steps`` SGD steps of ``batch`` over ``n_images`` (at least 2, so
+    the lr drop at half the epochs still happens)."""
+    per_epoch = -(-n_images // batch)
+    return max(2, round(steps / per_epoch))
+
+
+def _eval_text(e) -> str:
+    ev = e["settings"]["eval"]
+    if "steps" in ev:
+        return f"{ev['runs']} x ~{ev['steps']} steps ({e.get('eval_epochs', '?')} ep)"
+    return f"{ev['runs']} x {ev['epochs']} ep"
+
+
 def _run_cell(task: dict[str, Any]) -> dict[str, Any]:
     from splatdd import distill as D
     from splatdd import registry
@@ -244,7 +272,8 @@ def _run_cell(task: dict[str, Any]) -> dict[str, Any]:
     if aname == "dm":
         algo = A(train, ipc=ipc, generator=gen, batch_real=s["batch_real"])
     elif aname == "dc":
-        algo = A(train, ipc=ipc, generator=gen, batch_real=s["batch_real"])
+        algo = A(train, ipc=ipc, generator=gen, batch_real=s["batch_real"],
+                 inner_loop=s.get("inner_loop"))
         out["outer_loop"], out["inner_loop"] = algo.outer_loop, algo.inner_loop
     else:
         bdir, binfo = _ensure_buffer(s["buffer"], work)
@@ -254,7 +283,7 @@ def _run_cell(task: dict[str, Any]) -> dict[str, Any]:
         out["batch_syn_used"] = min(s["batch_syn"], len(labels))
         out["max_start_epoch"] = getattr(algo, "max_start_epoch", None)
     run_dir = work / (f"ipc{ipc}_{pname}_{aname}" + (f"_gpc{task['gpc']}" if task["gpc"] else "")
-                      + f"_{_hash(s)}")
+                      + f"_{_hash({k: v for k, v in s.items() if k != 'eval'})}")
     t0 = time.perf_counter()
     D.distill(param, algo, iterations=s["iterations"], out_dir=run_dir, checkpoint_every=10,
               resume=True, seed=s["seed"], progress=False)
@@ -275,8 +304,10 @@ def _run_cell(task: dict[str, Any]) -> dict[str, Any]:
         images = param.decode().detach().float()
     ev = s["eval"]
     t0 = time.perf_counter()
+    epochs = ev.get("epochs") or _epochs_for_steps(ev["steps"], len(images))
+    out["eval_epochs"] = epochs
     r = evaluate(images, param.labels, test, model=ev["model"], runs=ev["runs"],
-                 epochs=ev["epochs"], lr=lr, seed=ev["seed"], progress=False)
+                 epochs=epochs, lr=lr, seed=ev["seed"], progress=False)
     out["eval_seconds"] = time.perf_counter() - t0
     out.update(mean=r.mean, std=r.std, accs=list(r.accs), eval_train_seconds=r.train_seconds,
                eval_test_seconds=r.test_seconds, eval_lr=lr)
@@ -319,7 +350,9 @@ def _short_settings(e) -> str:
         a = (f"{s['iterations']} it, syn_steps {s['syn_steps']}, batch_syn "
              f"{e.get('batch_syn_used', s['batch_syn'])}, {b['experts']} experts x {b['epochs']} ep "
              f"on {b['per_class']}/class")
-    return f"{a}; eval {ev['runs']} x {ev['epochs']} ep"
+    if e["algo"] == "dc" and "inner_loop" in s:
+        a += f", inner_loop {s['inner_loop']}"
+    return f"{a}; eval {_eval_text(e)}"
 
 
 def _table(results: dict[str, Any]) -> str:
@@ -449,9 +482,8 @@ def _deviations(results) -> list[tuple[str, str]]:
             continue
         ss = sorted({_short_settings(e).split("; eval")[0] for e in es})
         out.append((al, f"{' | '.join(ss)} -- papers: {PAPER[al]}"))
-    evs = sorted({(e["settings"]["eval"]["runs"], e["settings"]["eval"]["epochs"])
-                  for e in results["entries"]})
-    out.append(("evaluation", ", ".join(f"{r} nets x {ep} epochs" for r, ep in evs)
+    evs = sorted({_eval_text(e).replace(" x ", " nets x ", 1) for e in results["entries"]})
+    out.append(("evaluation", ", ".join(evs)
                 + f" -- papers: {PAPER['eval']} (lr x0.1 at half the epochs in both)"))
     return out
 
