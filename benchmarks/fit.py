@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
                              generator=torch.Generator().manual_seed(0), **kw)
         g_e._init_geometry(images, g_e._generator())
         hist: list = []
-        diag = g_e.fit(images, steps=args.steps, lr=lrs["gaussian"], regularize=True,
+        g_e.fit(images, steps=args.steps, lr=lrs["gaussian"], regularize=True,
                        history=hist, history_every=max(1, args.steps // 10))
         hist.append(g_e.params.detach()[..., :2].cpu().clone())
         final = hist[-1].reshape(-1, 2)

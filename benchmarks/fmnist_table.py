@@ -340,7 +340,6 @@ def _cell(e) -> str:
 
 def _short_settings(e) -> str:
     s = e["settings"]
-    ev = s["eval"]
     if e["algo"] == "dm":
         a = f"{s['iterations']} it, batch_real {s['batch_real']}"
     elif e["algo"] == "dc":
