@@ -639,11 +639,14 @@ def main(argv=None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     results = _load(json_path)
     if a.report_only:
-        if a.note is not None:
-            results.setdefault("environment", {})["note"] = a.note
-        if a.notes is not None:
-            results["notes"] = a.notes
-        _write(results, json_path)
+        with open(json_path.with_suffix(".lock"), "w") as lock:   # a run may be writing cells
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            results = _load(json_path)
+            if a.note is not None:
+                results.setdefault("environment", {})["note"] = a.note
+            if a.notes is not None:
+                results["notes"] = a.notes
+            _write(results, json_path)
         return 0
     results["environment"] = {
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
