@@ -415,6 +415,25 @@ def _table(results: dict[str, Any]) -> str:
         for name, (vals, src) in PUBLISHED_ES.items():
             L.append(f"| {name} (published) | | | | {vals.get(ipc, '-')} ({src}) |")
         L.append("")
+        cells = [e for e in results["entries"] if e["ipc"] == ipc and e["group"] == "table"
+                 and "error" not in e]
+        used = {al: sorted({_short_settings(e).split("; eval")[0] for e in cells
+                            if e["algo"] == al}) for al in ALGOS}
+        evs = sorted({_eval_text(e).split(" (")[0] for e in cells})
+        L += ["Settings at IPC " + str(ipc) + ": " + "; ".join(
+            f"{al}: {' / '.join(v)}" for al, v in used.items() if v)
+            + f"; evaluation {' / '.join(evs)} (epochs per cell: last table).", ""]
+        comp = []
+        for al in ALGOS:
+            pe = _latest(results, ipc=ipc, param="pixel", algo=al, gpc=None, group="table")
+            ge = _latest(results, ipc=ipc, param="gaussian", algo=al, gpc=None, group="table")
+            if pe and ge and "mean" in pe and "mean" in ge:
+                d = ge["mean"] - pe["mean"]
+                sig = "within noise" if abs(d) <= pe["std"] + ge["std"] else (
+                    "gaussian better" if d > 0 else "pixel better")
+                comp.append(f"{al}: gaussian - pixel = {d:+.2f} points ({sig})")
+        if comp:
+            L += [f"Gaussian vs pixel at equal storage, IPC {ipc}: " + "; ".join(comp) + ".", ""]
     # best vs target
     ok = [e for e in results["entries"] if "error" not in e and e["ipc"] == 1 and "mean" in e]
     if ok:
@@ -423,18 +442,8 @@ def _table(results: dict[str, Any]) -> str:
               + (f" (GPC {b['gpc']})" if b["gpc"] else "")
               + f": {b['mean']:.2f} % vs the 85 % target "
               + ("(reached)." if b["mean"] >= TARGET else
-                 f"(**not reached**, {TARGET - b['mean']:.1f} points short)."), ""]
-        comp = []
-        for al in ALGOS:
-            pe = _latest(results, ipc=1, param="pixel", algo=al, gpc=None, group="table")
-            ge = _latest(results, ipc=1, param="gaussian", algo=al, gpc=None, group="table")
-            if pe and ge and "mean" in pe and "mean" in ge:
-                d = ge["mean"] - pe["mean"]
-                sig = "within noise" if abs(d) <= pe["std"] + ge["std"] else (
-                    "gaussian better" if d > 0 else "pixel better")
-                comp.append(f"{al}: gaussian - pixel = {d:+.2f} points ({sig})")
-        if comp:
-            L += ["Gaussian vs pixel at equal storage, IPC 1: " + "; ".join(comp) + ".", ""]
+                 f"(**not reached**, {TARGET - b['mean']:.1f} points short)")
+              + f" [{_short_settings(b)}].", ""]
     # GPC sweep
     sweep = sorted([e for e in results["entries"] if e["ipc"] == 1 and e["param"] == "gaussian"
                     and e["algo"] == "dm" and "mean" in e and "error" not in e],
@@ -582,15 +591,19 @@ def _plot_gpc(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     from splatdd.io_utils import atomic_save_with
 
-    es = [e for e in results["entries"] if e["ipc"] == 1 and e["param"] == "gaussian"
-          and e["algo"] == "dm" and "mean" in e and "error" not in e]
-    if not es:
+    base = _latest(results, ipc=1, param="gaussian", algo="dm", gpc=None, group="table")
+    if base is None or "mean" not in base:
         return
+    it = base["settings"]["iterations"]
+    es = [e for e in results["entries"] if e["ipc"] == 1 and e["param"] == "gaussian"
+          and e["algo"] == "dm" and "mean" in e and "error" not in e
+          and e["settings"]["iterations"] == it]
     pts = sorted(((e["param_config"] or {}).get("gpc"), e["mean"], e["std"],
                   (e["param_config"] or {}).get("points")) for e in es)
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
     xs, ms, ss, ps = zip(*pts)
-    ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label="gaussian + dm (splatdd)")
+    ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3,
+                label=f"gaussian + dm (splatdd, {it} iterations)")
     for x, m, p in zip(xs, ms, ps):
         ax.annotate(f"{p} pts", (x, m), textcoords="offset points", xytext=(4, -12), fontsize=7)
     pe = _latest(results, ipc=1, param="pixel", algo="dm", gpc=None, group="table")
