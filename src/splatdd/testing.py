@@ -177,6 +177,20 @@ class TinyDistillation:
     before: torch.Tensor | None        #: a copy of the watched tensor before distillation
     losses: list[float] = field(default_factory=list)   #: the loss of every step
     out_dir: str | os.PathLike | None = None
+    iterations: int = 0                #: the steps asked for
+
+    def check_finished(self) -> None:
+        """Assert that every asked-for step ran with a finite loss, and that the distilled file
+        was written and loads back to exactly the returned parameterization's images."""
+        import math
+
+        from splatdd.distill import DISTILLED_NAME
+        from splatdd.distilled_file import load
+
+        assert len(self.losses) == self.iterations, (len(self.losses), self.iterations)
+        assert all(math.isfinite(float(x)) for x in self.losses), self.losses
+        loaded = load(os.path.join(os.fspath(self.out_dir), DISTILLED_NAME))
+        assert torch.equal(loaded.param.decode(), self.param.decode().detach())
 
 
 def run_tiny_distillation(param_cls: type[Parameterization], algo_name: str,
@@ -205,7 +219,7 @@ def run_tiny_distillation(param_cls: type[Parameterization], algo_name: str,
                     **(algo_options or {}))
     before = getattr(param, watch).detach().clone() if watch is not None else None
     run = TinyDistillation(real=real, param=param, algo=algo, init_diag=diag, before=before,
-                           out_dir=out_dir)
+                           out_dir=out_dir, iterations=iterations)
     run.param = distill(param, algo, iterations=iterations, out_dir=out_dir, checkpoint_every=0,
                         progress=False,
                         on_step=lambda step, loss, p, a: run.losses.append(loss))

