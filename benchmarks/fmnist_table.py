@@ -48,7 +48,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -629,21 +629,28 @@ def _write(results: dict[str, Any], json_path: Path) -> None:
     _plot_gpc(results, json_path.parent / "fmnist_gpc.png")
 
 
-def _merge_entry(json_path: Path, e: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-    """Add a finished cell to the results file under an exclusive lock, re-reading the file first,
-    so that several invocations (e.g. IPC 10 cells and the GPC sweep, which use different
-    settings) can run side by side without losing each other's cells. An earlier entry of the
-    same cell and settings (e.g. a failed one) is replaced."""
+def _update_results(json_path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Re-read the results file, apply ``change`` to it and rewrite it (with the report), all
+    under an exclusive lock, so that several invocations (e.g. IPC 10 cells and the GPC sweep,
+    which use different settings, or a --report-only) never lose each other's writes."""
     with open(json_path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = _load(json_path)
+        change(results)
+        _write(results, json_path)
+    return results
+
+
+def _merge_entry(json_path: Path, e: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Add a finished cell to the results file; an earlier entry of the same cell and settings
+    (e.g. a failed one) is replaced."""
+    def change(results: dict[str, Any]) -> None:
         results["environment"] = env
         results["entries"] = [x for x in results["entries"] if not (
             all(x.get(k) == e[k] for k in ("ipc", "param", "algo", "gpc", "group"))
             and x.get("settings") == e["settings"])]
         results["entries"].append(e)
-        _write(results, json_path)
-    return results
+    return _update_results(json_path, change)
 
 
 def main(argv=None) -> int:
@@ -652,14 +659,12 @@ def main(argv=None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     results = _load(json_path)
     if a.report_only:
-        with open(json_path.with_suffix(".lock"), "w") as lock:   # a run may be writing cells
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            results = _load(json_path)
+        def change(results: dict[str, Any]) -> None:
             if a.note is not None:
                 results.setdefault("environment", {})["note"] = a.note
             if a.notes is not None:
                 results["notes"] = a.notes
-            _write(results, json_path)
+        _update_results(json_path, change)
         return 0
     results["environment"] = {
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
