@@ -8,6 +8,9 @@ Plugins are found through three entry-point groups:
     classes implementing :class:`splatdd.plugin_api.Algorithm` (``dm``, ``dc``, ``tm``)
 ``splatdd.commands``
     a callable ``register(subparsers)`` that adds subcommands to the ``splatdd`` CLI
+``splatdd.protocols``
+    classes implementing :class:`splatdd.protocols.EvalProtocol` (``paper``, ``cross-arch``,
+    ``quick``, ``soft-label``, ...)
 
 Listing (:meth:`Registry.list_plugins`) reads only the installed distributions' metadata: it never
 imports a plugin. Loading is lazy and per plugin; a plugin that fails to import or to validate raises
@@ -44,6 +47,7 @@ GROUPS: dict[str, str] = {
     "parameterization": "splatdd.parameterizations",
     "algorithm": "splatdd.algorithms",
     "command": "splatdd.commands",
+    "protocol": "splatdd.protocols",
 }
 KINDS: tuple[str, ...] = tuple(GROUPS)
 
@@ -54,6 +58,7 @@ _ALIASES = {
     "algorithm": "algorithm", "algorithms": "algorithm", "algo": "algorithm", "algos": "algorithm",
     "splatdd.algorithms": "algorithm",
     "command": "command", "commands": "command", "splatdd.commands": "command",
+    "protocol": "protocol", "protocols": "protocol", "splatdd.protocols": "protocol",
 }
 
 
@@ -232,7 +237,11 @@ class Registry:
                 raise TypeError(f"a splatdd.commands entry point must be a callable "
                                 f"register(subparsers), got {obj!r}")
             return
-        check_plugin_class(obj, kind)
+        if kind == "protocol":
+            from splatdd.protocols import check_protocol_class
+            check_protocol_class(obj)
+        else:
+            check_plugin_class(obj, kind)
         if obj.name != name:
             raise ValueError(f"class {obj.__qualname__} declares name {obj.name!r} but is "
                              f"installed under the entry-point name {name!r}")

@@ -1,0 +1,99 @@
+"""Evaluation protocols: how a distilled set is turned into a test accuracy, as named objects.
+
+A protocol trains fresh networks on the distilled images and tests them on the real test set. The
+papers use several, and their numbers are only comparable within one protocol:
+
+``paper``       the field's hard-label protocol (DC/DSA/DM/MTT): SGD momentum 0.9, wd 5e-4, lr 0.01
+                (or the learned lr of trajectory matching) x0.1 at half, 1000 epochs, DSA, batch 256.
+``cross-arch``  GSDD appendix B.2 / LD3M: the same hard labels, per-architecture optimiser (Adam or
+                SGD) with a cosine schedule; LD3M reports 5 runs per architecture.
+``quick``       ``paper`` with 300 epochs and 1 run: for development only, labelled in every output.
+``soft-label``  SRe2L/FKD (provided by the ``sre2l`` plugin): the teacher relabels every crop.
+
+Protocols are plugins like parameterizations and algorithms: classes registered through the
+entry-point group ``splatdd.protocols`` (the built-in ones by splatdd's own entry points), looked up
+by name through :mod:`splatdd.registry`. A protocol is built with its options (unknown options raise
+``TypeError`` naming them) and evaluates with :meth:`EvalProtocol.evaluate`.
+
+Example::
+
+    from splatdd.protocols import get_protocol
+    proto = get_protocol("quick")()
+    res = proto.evaluate(images, labels, test, model="ConvNet", runs=1, seed=0)
+    print(proto.describe(), res.mean)
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import torch
+
+from splatdd.plugin_api import PLUGIN_API_VERSION, RealData
+
+__all__ = ["EvalProtocol", "check_protocol_class", "get_protocol", "LABEL_KINDS"]
+
+#: What kind of labels a protocol trains with. Accuracies of different kinds are never compared
+#: without saying so (hard-label and soft-label numbers differ by design).
+LABEL_KINDS = ("hard", "soft")
+
+
+class EvalProtocol(abc.ABC):
+    """A named, configurable way of measuring a distilled set's test accuracy."""
+
+    #: Registry name, e.g. ``"paper"``.
+    name: ClassVar[str] = ""
+    #: Plugin-API version the class was written for.
+    api_version: ClassVar[int] = PLUGIN_API_VERSION
+    #: ``"hard"`` (integer labels) or ``"soft"`` (teacher soft labels).
+    label_kind: ClassVar[str] = "hard"
+
+    def __init__(self, **options: Any) -> None:
+        from splatdd.plugin_api import reject_unknown_options
+        reject_unknown_options(f"protocol {self.name}", options, ())
+
+    @abc.abstractmethod
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, test: RealData, *,
+                 model: str = "ConvNet", runs: int = 3, seed: int = 0,
+                 learned_lr: float | None = None, progress: bool = False,
+                 train: RealData | None = None) -> Any:
+        """Train ``runs`` fresh ``model`` nets on ``(images, labels)`` and test them on ``test``;
+        returns a :class:`splatdd.evaluate.EvalResult`. ``learned_lr`` is the distilled file's
+        learned evaluation lr (trajectory matching), if any; ``train`` is the real training set,
+        for protocols that need it."""
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able settings of this protocol instance (recorded in results files)."""
+        return {}
+
+    def describe(self) -> str:
+        """One line naming the protocol and its settings, printed next to every accuracy."""
+        opts = ", ".join(f"{k} {v}" for k, v in self.config().items())
+        return f"protocol {self.name} ({self.label_kind} labels{', ' + opts if opts else ''})"
+
+
+def check_protocol_class(obj: Any) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``obj`` is a complete :class:`EvalProtocol`
+    subclass with a name, a known label kind and this splatdd's plugin-API version."""
+    if not (isinstance(obj, type) and issubclass(obj, EvalProtocol)):
+        raise TypeError(f"protocol plugin must be a subclass of splatdd.protocols.EvalProtocol, "
+                        f"got {obj!r}")
+    missing = sorted(getattr(obj, "__abstractmethods__", ()))
+    if missing:
+        raise TypeError(f"protocol plugin {obj.__name__} is abstract: it does not implement "
+                        f"{', '.join(missing)}")
+    if not obj.name:
+        raise ValueError(f"protocol plugin {obj.__name__} has no `name`")
+    if obj.label_kind not in LABEL_KINDS:
+        raise ValueError(f"protocol plugin {obj.name!r}: label_kind must be one of "
+                         f"{LABEL_KINDS}, got {obj.label_kind!r}")
+    if obj.api_version != PLUGIN_API_VERSION:
+        raise ValueError(f"protocol plugin {obj.name!r} was written for plugin API "
+                         f"v{obj.api_version}; this splatdd provides v{PLUGIN_API_VERSION}")
+
+
+def get_protocol(name: str, *, registry: Any = None) -> type[EvalProtocol]:
+    """The protocol class registered as ``name`` (entry point or direct registration)."""
+    from splatdd import registry as reg_mod
+    reg = registry if registry is not None else reg_mod.default_registry()
+    return reg.get("protocol", name)
