@@ -30,7 +30,7 @@ from splatdd.budget import check_budget
 from splatdd.io_utils import atomic_save_with, atomic_torch_save, atomic_write_json
 from splatdd.plugin_api import Algorithm, Parameterization
 
-__all__ = ["distill", "CHECKPOINT_NAME", "DISTILLED_NAME", "checkpoint_path", "has_checkpoint",
+__all__ = ["distill", "run_step", "CHECKPOINT_NAME", "DISTILLED_NAME", "checkpoint_path", "has_checkpoint",
            "load_checkpoint", "CheckpointMismatch", "plot_losses"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -143,6 +143,29 @@ def _identity(param: Parameterization, algo: Algorithm, ipc: int) -> dict[str, A
             "algo_config": algo.config()}
 
 
+def run_step(param: Parameterization, algo: Algorithm, opt: torch.optim.Optimizer,
+             step: int) -> float:
+    """One outer step, the only copy (the loop below and :mod:`splatdd.testing` call it)::
+
+        total = algo.loss(param, step) (+ param.regularization())
+        opt.zero_grad(); total.backward(); opt.step(); algo.after_step(); param.post_step()
+
+    Returns the loss value; raises ``FloatingPointError`` on a non-finite loss (nothing stepped).
+    """
+    loss = algo.loss(param, step)
+    reg = param.regularization()
+    total = loss if reg is None else loss + reg
+    if not torch.isfinite(total.detach()).all():
+        raise FloatingPointError(f"non-finite loss {total.item()} at step {step}; "
+                                 f"try a smaller --lr")
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    opt.step()
+    algo.after_step()
+    param.post_step()
+    return float(total.detach())
+
+
 def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
             out_dir: str | os.PathLike, checkpoint_every: int | None = 500,
             resume: bool = False, seed: int | None = 0, eval_every: int | None = None,
@@ -220,18 +243,7 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
     t0 = time.perf_counter()
     try:
         for step in range(start, iterations):
-            loss = algo.loss(param, step)
-            reg = param.regularization()
-            total = loss if reg is None else loss + reg
-            if not torch.isfinite(total.detach()).all():
-                raise FloatingPointError(f"non-finite loss {total.item()} at step {step}; "
-                                         f"try a smaller --lr")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            algo.after_step()
-            param.post_step()
-            value = float(total.detach())
+            value = run_step(param, algo, opt, step)
             losses.append(value)
             done = step + 1
             if eval_fn is not None and eval_every and done % eval_every == 0 and done < iterations:
