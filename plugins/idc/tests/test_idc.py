@@ -1,0 +1,154 @@
+"""IDC multi-formation: layout of the decoded sub-images, storage, init, optimiser, round trip."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from splatdd.budget import budget_bytes
+from splatdd.plugin_api import DatasetSpec, check_plugin_class
+from splatdd.testing import single_thread
+from splatdd_idc import DEFAULT_OPTIMIZER, IDCImages
+
+SPEC = DatasetSpec("toy", 1, 4, 4, 2, mean=(0.0,), std=(1.0,))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+def test_contract_and_labels():
+    check_plugin_class(IDCImages, "parameterization")
+    p = IDCImages.build(SPEC, 2, generator=torch.Generator().manual_seed(0))
+    # 2 stored images per class x 4 sub-images each, class-major
+    assert p.labels.tolist() == [0] * 8 + [1] * 8
+    assert p.decode().shape == (16, 1, 4, 4)
+    assert [q.shape for q in p.parameters()] == [(4, 1, 4, 4)]
+
+
+def test_hand_built_sub_images_in_place():
+    """A 4x4 stored image with factor 2 holds the four 2x2 quadrants in row-major order; with factor
+    4 every pixel is a sub-image, and a 1x1 image upsampled bilinearly is constant."""
+    img = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
+    spec = DatasetSpec("toy", 1, 4, 4, 1, (0.0,), (1.0,))
+    p = IDCImages(spec, 1, 2, img)
+    subs = p.sub_images()
+    expected = torch.tensor([[[0, 1], [4, 5]], [[2, 3], [6, 7]],
+                             [[8, 9], [12, 13]], [[10, 11], [14, 15]]], dtype=torch.float32)
+    assert torch.equal(subs[:, 0], expected)
+    # the decode of quadrant (1, 0) is the 2x2 block [[8, 9], [12, 13]] upsampled: corners equal the
+    # block's values (bilinear, align_corners=False, factor 2: outer pixels replicate the corners)
+    dec = p.decode()
+    assert dec.shape == (4, 1, 4, 4)
+    q = dec[2, 0]
+    assert q[0, 0] == 8 and q[0, 3] == 9 and q[3, 0] == 12 and q[3, 3] == 13
+    # the interior of the upsampled block, by hand: at output row 1 (input y = 0.25),
+    # column 1 (x = 0.25): 8*(.75*.75) + 9*(.75*.25) + 12*(.25*.75) + 13*(.25*.25) = 9.25
+    assert torch.isclose(q[1, 1], torch.tensor(9.25))
+    p4 = IDCImages(spec, 1, 4, img)
+    assert torch.equal(p4.decode(), img.reshape(16, 1, 1, 1).expand(16, 1, 4, 4))
+
+
+def test_padding_when_factor_does_not_divide():
+    spec = DatasetSpec("toy", 1, 5, 5, 1, (0.0,), (1.0,))
+    img = torch.arange(25, dtype=torch.float32).reshape(1, 1, 5, 5) + 1
+    p = IDCImages(spec, 1, 2, img)
+    assert p.sub_size == (3, 3)
+    subs = p.sub_images()
+    assert torch.equal(subs[0, 0], img[0, 0, :3, :3])
+    # bottom-right sub-image: rows/cols 3..4 of the image, padded with zeros (the mean) to 3x3
+    br = torch.zeros(3, 3)
+    br[:2, :2] = img[0, 0, 3:, 3:]
+    assert torch.equal(subs[3, 0], br)
+
+
+def test_decode_indices_match_full_decode_and_resolution():
+    spec = DatasetSpec("toy", 3, 6, 6, 3, (0.0,) * 3, (1.0,) * 3)
+    p = IDCImages.build(spec, 2, generator=torch.Generator().manual_seed(1), factor=3)
+    full = p.decode()
+    assert full.shape == (3 * 2 * 9, 3, 6, 6)
+    idx = torch.tensor([53, 0, 17, 9, 9])
+    assert torch.allclose(p.decode(idx), full[idx])
+    up = p.decode(idx, resolution=(12, 8))
+    ref = F.interpolate(p.sub_images(idx), size=(12, 8), mode="bilinear", align_corners=False)
+    assert up.shape == (5, 3, 12, 8) and torch.allclose(up, ref)
+    with pytest.raises(IndexError, match="indices"):
+        p.decode(torch.tensor([54]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(c=st.integers(1, 3), h=st.integers(2, 9), w=st.integers(2, 9), n=st.integers(1, 4),
+       ipc=st.integers(1, 3), k=st.integers(1, 4))
+def test_storage_equals_pixel_budget(c, h, w, n, ipc, k):
+    spec = DatasetSpec("toy", c, h, w, n, (0.0,) * c, (1.0,) * c)
+    k = min(k, h, w)
+    p = IDCImages.build(spec, ipc, factor=k)
+    assert p.num_bytes() == budget_bytes(spec, ipc) == n * ipc * c * h * w * 4
+    assert sum(t.numel() * t.element_size() for t in p.state_tensors().values()) == p.num_bytes()
+    assert len(p.labels) == n * ipc * k * k
+
+
+def test_init_from_real_tiles_downsampled_images():
+    spec = DatasetSpec("toy", 1, 4, 4, 1, (0.0,), (1.0,))
+    p = IDCImages.build(spec, 1)
+    # four constant real images: their 2x2 downsamples are constant, tiled into the quadrants
+    real = torch.stack([torch.full((1, 4, 4), float(v)) for v in (1, 2, 3, 4)])
+    diag = p.init_from_real(real, p.labels)
+    assert torch.equal(p.images.detach()[0, 0], torch.tensor(
+        [[1., 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]))
+    assert diag["mse"] == pytest.approx(0.0, abs=1e-10)
+    with pytest.raises(ValueError, match="one per decoded image"):
+        p.init_from_real(real[:1], p.labels[:1])
+    with pytest.raises(ValueError, match="labels"):
+        p.init_from_real(real, torch.ones(4, dtype=torch.long))
+
+
+def test_bad_options():
+    with pytest.raises(TypeError, match="gpc"):
+        IDCImages.build(SPEC, 1, gpc=3)
+    for bad in (0, 5, 1.5, "2", True):
+        with pytest.raises(ValueError, match="factor"):
+            IDCImages.build(SPEC, 1, factor=bad)
+    with pytest.raises(ValueError, match="init"):
+        IDCImages.build(SPEC, 1, init="real")
+
+
+def test_optimizer_by_regime():
+    p = IDCImages.build(SPEC, 1)
+    for regime, (kind, lr, extra) in DEFAULT_OPTIMIZER.items():
+        opt = p.optimizer_spec(regime).build()
+        assert opt.param_groups[0]["lr"] == lr
+        assert isinstance(opt, torch.optim.Adam if kind == "adam" else torch.optim.SGD)
+    rec = p.optimizer_spec("recover").build().param_groups[0]
+    assert rec["lr"] == 0.25 and tuple(rec["betas"]) == (0.5, 0.9)
+    assert p.optimizer_spec("gradient", lr=0.3).build().param_groups[0]["lr"] == 0.3
+    with pytest.raises(ValueError, match="regime"):
+        p.optimizer_spec("dm")
+
+
+def test_regimes_cover_the_contract():
+    import splatdd.plugin_api as api
+    regimes = getattr(api, "REGIMES", ("distribution", "gradient", "trajectory", "recover"))
+    assert set(regimes) == set(DEFAULT_OPTIMIZER)
+
+
+def test_state_round_trip_and_bad_state():
+    p = IDCImages.build(SPEC, 2, generator=torch.Generator().manual_seed(2), factor=2)
+    q = IDCImages.from_state(SPEC, p.state_tensors(), p.config())
+    assert torch.equal(q.decode(), p.decode().detach()) and q.factor == 2
+    with pytest.raises(ValueError, match="factor"):
+        IDCImages.from_state(SPEC, p.state_tensors(), {"ipc": 2})
+    with pytest.raises(ValueError, match="shape"):
+        IDCImages.from_state(SPEC, {"images": torch.zeros(3, 1, 4, 4)}, p.config())
+    with pytest.raises(ValueError, match="images"):
+        IDCImages.from_state(SPEC, {}, p.config())
+
+
+def test_gradient_reaches_only_used_sub_image():
+    spec = DatasetSpec("toy", 1, 4, 4, 1, (0.0,), (1.0,))
+    p = IDCImages.build(spec, 1)
+    p.decode(torch.tensor([3])).sum().backward()
+    g = p.images.grad[0, 0]
+    assert g[2:, 2:].abs().min() > 0 and g[:2].abs().sum() == 0 and g[:, :2].abs().sum() == 0
