@@ -75,12 +75,19 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                   dsa_strategy: str = DEFAULT_STRATEGY, dsa_params: DSAParams = DSAParams(),
                   seed: int = 0, momentum: float = 0.9, weight_decay: float = 5e-4,
                   device: torch.device | str = "cpu", progress: bool = False,
-                  desc: str = "train") -> nn.Module:
+                  desc: str = "train", optimizer: str = "sgd",
+                  schedule: str = "step") -> nn.Module:
     """Train ``net`` in place on ``(images, labels)`` with the protocol above; returns ``net``.
 
     ``seed`` drives the shuffling and the DSA parameters (not the net's init: build ``net``
-    seeded). ``labels`` are int class indices ``(n,)``.
+    seeded). ``labels`` are int class indices ``(n,)``. ``optimizer`` ``"sgd"`` (momentum,
+    weight decay) or ``"adam"`` (weight decay); ``schedule`` ``"step"`` (x0.1 at half, new
+    optimiser, as DSA) or ``"cosine"`` (annealed per epoch to 0, GSDD appendix B.2).
     """
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    if schedule not in ("step", "cosine"):
+        raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
     device = torch.device(device)
     net = net.to(device)
     x_all = images.detach().to(device=device, dtype=torch.float32)
@@ -96,6 +103,8 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
     n = x_all.shape[0]
 
     def make_opt(lr_now: float) -> torch.optim.Optimizer:
+        if optimizer == "adam":
+            return torch.optim.Adam(net.parameters(), lr=lr_now, weight_decay=weight_decay)
         return torch.optim.SGD(net.parameters(), lr=lr_now, momentum=momentum,
                                weight_decay=weight_decay)
 
@@ -107,8 +116,11 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
     net.train()
     try:
         for ep in range(epochs):
-            if epochs > 1 and ep == epochs // 2:
+            if schedule == "step" and epochs > 1 and ep == epochs // 2:
                 opt = make_opt(lr * 0.1)          # as DSA: new optimiser, momentum reset
+            elif schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * ep / epochs))
             perm = torch.randperm(n, generator=g).to(device)
             for i in range(0, n, batch_size):
                 idx = perm[i:i + batch_size]
@@ -152,12 +164,14 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: RealData, *,
              batch_size: int = 256, dsa: bool = True, dsa_strategy: str = DEFAULT_STRATEGY,
              dsa_params: DSAParams = DSAParams(), seed: int = 0, progress: bool = True,
              device: torch.device | str | None = None, spec: DatasetSpec | None = None,
-             test_batch_size: int = 1000, **net_kwargs) -> EvalResult:
+             test_batch_size: int = 1000, optimizer: str = "sgd", schedule: str = "step",
+             **net_kwargs) -> EvalResult:
     """Evaluate distilled ``images`` ``(n, C, H, W)`` (normalised like ``test``) with ``labels``
     ``(n,)`` by training ``runs`` fresh ``model`` nets and testing them on ``test``.
 
     ``spec`` (default ``test.spec``) gives channels / classes; the resolution is the images'.
-    Extra keyword arguments go to :func:`splatdd.models.get_network` (e.g. ``width``, ``norm``).
+    Extra keyword arguments go to :func:`splatdd.models.get_network` (e.g. ``width``, ``norm``);
+    ``optimizer``/``schedule`` as in :func:`train_network`.
     """
     spec = spec or test.spec
     device = torch.device(device) if device is not None else test.device
@@ -181,7 +195,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: RealData, *,
             t0 = time.perf_counter()
             train_network(net, images, labels, epochs=epochs, lr=lr, batch_size=batch_size,
                           dsa=dsa, dsa_strategy=dsa_strategy, dsa_params=dsa_params, seed=s,
-                          device=device, progress=progress, desc=f"run {r + 1}/{runs}")
+                          device=device, progress=progress, desc=f"run {r + 1}/{runs}",
+                          optimizer=optimizer, schedule=schedule)
             t1 = time.perf_counter()
             acc = test_accuracy(net, test, batch_size=test_batch_size, device=device)
             t_test += time.perf_counter() - t1
