@@ -17,7 +17,7 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z
 fi
 
 $PY -m pip install -q torch==2.13.0
-$PY -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" numpy safetensors tqdm matplotlib pillow \
+$PY -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" numpy safetensors tqdm matplotlib pillow tomli-w \
     pytest hypothesis
 # The compiled module: CPU always, CUDA when nvcc is found (or SPLATDD_CUDA=ON).
 if [ -z "${SPLATDD_CUDA:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi

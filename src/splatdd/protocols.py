@@ -31,7 +31,8 @@ import torch
 
 from splatdd.plugin_api import PLUGIN_API_VERSION, RealData
 
-__all__ = ["EvalProtocol", "check_protocol_class", "get_protocol", "LABEL_KINDS"]
+__all__ = ["EvalProtocol", "check_protocol_class", "get_protocol", "LABEL_KINDS", "PaperProtocol",
+           "QuickProtocol", "CrossArchProtocol", "DEFAULT_EVAL_LR"]
 
 #: What kind of labels a protocol trains with. Accuracies of different kinds are never compared
 #: without saying so (hard-label and soft-label numbers differ by design).
@@ -97,3 +98,105 @@ def get_protocol(name: str, *, registry: Any = None) -> type[EvalProtocol]:
     from splatdd import registry as reg_mod
     reg = registry if registry is not None else reg_mod.default_registry()
     return reg.get("protocol", name)
+
+
+# ---- the built-in protocols (registered by splatdd's own entry points) ------------------------
+#: Evaluation lr when the distilled file has no learned lr (DC/DSA/DM evaluation).
+DEFAULT_EVAL_LR = 0.01
+
+
+def _check_positive(name: str, key: str, value: Any, *, integer: bool = False) -> Any:
+    import math
+    ok = (isinstance(value, int) and not isinstance(value, bool)) if integer else (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(float(value)))
+    if not ok or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"protocol {name}: {key} must be {kind}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+class PaperProtocol(EvalProtocol):
+    """The field's hard-label protocol (DC, DSA, DM, MTT; GSDD and LD3M main tables).
+
+    SGD momentum 0.9, weight decay 5e-4, lr ``lr`` (default: the distilled file's learned lr,
+    else 0.01) x0.1 at half, ``epochs`` epochs (1000), batch 256, DSA on every batch.
+    """
+
+    name = "paper"
+    default_epochs: ClassVar[int] = 1000
+
+    def __init__(self, *, epochs: int | None = None, lr: float | None = None,
+                 batch_size: int = 256, dsa: bool = True, **unknown: Any) -> None:
+        from splatdd.plugin_api import reject_unknown_options
+        reject_unknown_options(f"protocol {self.name}", unknown,
+                               ("epochs", "lr", "batch_size", "dsa"))
+        self.epochs = _check_positive(self.name, "epochs",
+                                      self.default_epochs if epochs is None else epochs,
+                                      integer=True)
+        self.lr = None if lr is None else _check_positive(self.name, "lr", lr)
+        self.batch_size = _check_positive(self.name, "batch_size", batch_size, integer=True)
+        if not isinstance(dsa, bool):
+            raise ValueError(f"protocol {self.name}: dsa must be true or false, got {dsa!r}")
+        self.dsa = dsa
+
+    def lr_for(self, model: str, learned_lr: float | None) -> float:
+        """The training lr: the option, else the learned lr, else 0.01."""
+        if self.lr is not None:
+            return self.lr
+        return float(learned_lr) if learned_lr is not None else DEFAULT_EVAL_LR
+
+    def evaluate(self, images, labels, test, *, model="ConvNet", runs=3, seed=0,
+                 learned_lr=None, progress=False, train=None):
+        from splatdd.evaluate import evaluate
+        return evaluate(images, labels, test, model=model, runs=runs, epochs=self.epochs,
+                        lr=self.lr_for(model, learned_lr), batch_size=self.batch_size,
+                        dsa=self.dsa, seed=seed, progress=progress)
+
+    def config(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"epochs": self.epochs, "batch_size": self.batch_size,
+                               "dsa": self.dsa}
+        if self.lr is not None:
+            out["lr"] = self.lr
+        return out
+
+
+class QuickProtocol(PaperProtocol):
+    """``paper`` with 100 epochs: for development runs only. Its numbers are labelled ``quick``
+    everywhere and are not comparable with published figures."""
+
+    name = "quick"
+    default_epochs = 100
+
+
+class CrossArchProtocol(PaperProtocol):
+    """GSDD appendix B.2: hard labels, Adam (or SGD) with cosine annealing and a per-architecture
+    lr (AlexNet 1e-3, ViT 5e-5, every other architecture 1e-2); LD3M reports 5 runs per
+    architecture. ``lr`` overrides every architecture's lr; ``optimizer`` is ``adam`` or ``sgd``."""
+
+    name = "cross-arch"
+    #: GSDD appendix B.2 learning rates by architecture name (lower case); others: ``other``.
+    ARCH_LR: ClassVar[dict[str, float]] = {"alexnet": 1e-3, "vit": 5e-5, "other": 1e-2}
+
+    def __init__(self, *, optimizer: str = "adam", **options: Any) -> None:
+        super().__init__(**options)
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"protocol {self.name}: optimizer must be 'adam' or 'sgd', "
+                             f"got {optimizer!r}")
+        self.optimizer = optimizer
+
+    def lr_for(self, model: str, learned_lr: float | None) -> float:
+        if self.lr is not None:
+            return self.lr
+        return self.ARCH_LR.get(model.lower(), self.ARCH_LR["other"])
+
+    def evaluate(self, images, labels, test, *, model="ConvNet", runs=3, seed=0,
+                 learned_lr=None, progress=False, train=None):
+        from splatdd.evaluate import evaluate
+        return evaluate(images, labels, test, model=model, runs=runs, epochs=self.epochs,
+                        lr=self.lr_for(model, learned_lr), batch_size=self.batch_size,
+                        dsa=self.dsa, seed=seed, progress=progress, optimizer=self.optimizer,
+                        schedule="cosine")
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "optimizer": self.optimizer, "schedule": "cosine"}
