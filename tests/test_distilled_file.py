@@ -146,6 +146,7 @@ def _rewrite_meta(path, mutate):
     header = json.loads(buf[8:_data_start(buf)])
     meta = dict(header["__metadata__"])
     mutate(meta)
+    meta["splatdd_sha256"] = F.metadata_digest(meta["splatdd"])     # a deliberate edit
     path.write_bytes(st_save(load(buf), metadata=meta))
 
 
@@ -168,7 +169,7 @@ def test_rejects_newer_format_and_missing_keys(saved, reg):
 
     path.write_bytes(orig)
     _rewrite_meta(path, lambda m: m.update(splatdd="{not json"))
-    with pytest.raises(ValueError, match="corrupt 'splatdd' metadata"):
+    with pytest.raises(F.CorruptFile, match="splatdd metadata: not valid JSON"):
         F.load(path, registry=reg)
 
 
@@ -188,7 +189,9 @@ def test_from_state_errors_become_valueerror(saved, reg):
     tensors = {k: v for k, v in load(buf).items() if k != "param/values"}
     j = json.loads(meta["splatdd"])
     j["sha256"] = {k: v for k, v in j["sha256"].items() if k != "param/values"}
+    del j["tensors"]["param/values"]
     meta["splatdd"] = json.dumps(j)
+    meta["splatdd_sha256"] = F.metadata_digest(meta["splatdd"])
     path.write_bytes(st_save(tensors, metadata=meta))
     with pytest.raises(ValueError, match="values"):
         F.load(path, registry=reg)
