@@ -333,7 +333,8 @@ def _run_cell(task: dict[str, Any]) -> dict[str, Any]:
     out["final_loss"] = hist["losses"][-1] if hist.get("losses") else None
     out["file"] = str(run_dir / D.DISTILLED_NAME)
     lr = 0.01
-    llr = algo.learned_lr()
+    from splatdd.plugin_api import learned_eval_lr
+    llr = learned_eval_lr(algo)
     if llr is not None:
         out["learned_lr"] = float(llr)
         if float(llr) > 1e-6:

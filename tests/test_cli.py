@@ -50,7 +50,7 @@ def env(fmnist_root, monkeypatch):
     monkeypatch.setenv("SPLATDD_FASHION_MNIST", str(fmnist_root))
 
 
-TINY = ["--algo-opt", "batch_real=8", "--algo-opt", "width=8", "--eval-runs", "1",
+TINY = ["--algo-opt", "batch_real=8", "--algo-opt", "net_width=8", "--eval-runs", "1",
         "--eval-epochs", "2", "--no-progress", "--checkpoint-every", "1"]
 
 
@@ -63,7 +63,7 @@ def test_distill_resume_eval_render_export(env, tmp_path, capsys):
     assert "test accuracy:" in text and "+-" in text
     res = json.loads((out / "results.json").read_text())
     assert res["iterations"] == 2 and res["eval"]["runs"] == 1 and len(res["eval"]["accs"]) == 1
-    assert res["algo_opts"] == {"batch_real": 8, "width": 8}
+    assert res["algo_opts"] == {"batch_real": 8, "net_width": 8}
     for name in ("distilled.safetensors", "checkpoint.pt", "loss.png", "history.json"):
         assert (out / name).is_file()
 

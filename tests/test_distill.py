@@ -73,6 +73,7 @@ class RandomProjection(Algorithm):
     generator AND from torch's global RNG (the fallback the loop also checkpoints); it also
     keeps its own state (a running counter and an lr-like tensor)."""
     name = "randproj"
+    regime = "distribution"
 
     def __init__(self, real, *, ipc, generator, **options):
         super().__init__(real, ipc=ipc, generator=generator)
@@ -91,7 +92,7 @@ class RandomProjection(Algorithm):
             loss = loss + ((fr.mean(0) - fs.mean(0)) ** 2).sum()
         return loss * (1 + jitter)
 
-    def after_step(self):
+    def after_step(self, param):
         self.counter += 1
         self.ema = 0.9 * self.ema + 0.1
 
@@ -241,7 +242,7 @@ def test_pixel_dm_resume_bit_identical(tmp_path):
     def mk():
         p = pixel.PixelImages.build(spec, 1, generator=torch.Generator().manual_seed(0))
         a = dm.DistributionMatching(real, ipc=1, generator=torch.Generator().manual_seed(3),
-                                    batch_real=4, width=8, depth=2)
+                                    batch_real=4, net_width=8, net_depth=2)
         return p, a
     p1, a1 = mk()
     _run(tmp_path / "full", p1, a1, 6, checkpoint_every=2)

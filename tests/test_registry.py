@@ -7,20 +7,29 @@ import pytest
 
 from splatdd import registry as R
 from splatdd.plugin_api import PLUGIN_API_VERSION, Algorithm, Parameterization
+from splatdd.testing import TinyPixels
 
 GOOD = """
 from splatdd.plugin_api import Parameterization, Algorithm
+from splatdd.testing import TinyPixels
 LOADED = True
-class FakeParam(Parameterization):
+class FakeParam(TinyPixels):
     name = "fakeparam"
 class FakeAlgo(Algorithm):
     name = "fakealgo"
+    regime = "distribution"
     default_iterations = 7
-class Misnamed(Parameterization):
+    def loss(self, param, step):
+        return param.decode().sum()
+class Misnamed(TinyPixels):
     name = "something_else"
-class OldAPI(Algorithm):
+class OldAPI(FakeAlgo):
     name = "oldapi"
     api_version = 0
+class HalfDone(Parameterization):
+    name = "halfdone"
+    def decode(self, indices=None, *, resolution=None):
+        return None
 NotAClass = 3
 def register(subparsers):
     sp = subparsers.add_parser("fakecmd")
@@ -43,6 +52,7 @@ def fake_dist(tmp_path, monkeypatch):
         broken = {mod}_broken:Thing
         misnamed = {mod}:Misnamed
         notaclass = {mod}:NotAClass
+        halfdone = {mod}:HalfDone
 
         [splatdd.algorithms]
         fakealgo = {mod}:FakeAlgo
@@ -61,7 +71,8 @@ def test_list_without_import(fake_dist):
     mod, path = fake_dist
     reg = R.Registry(path=[str(path)])
     infos = reg.list_plugins("parameterization")
-    assert [i.name for i in infos] == ["broken", "fakeparam", "misnamed", "notaclass"]
+    assert [i.name for i in infos] == ["broken", "fakeparam", "halfdone", "misnamed",
+                                       "notaclass"]
     fp = next(i for i in infos if i.name == "fakeparam")
     assert fp.distribution == "splatdd-fake" and fp.version == "0.3.1"
     assert fp.value == f"{mod}:FakeParam" and fp.kind == "parameterization" and fp.active
@@ -94,13 +105,21 @@ def test_broken_plugins_reported_others_load(fake_dist):
         reg.get_parameterization("notaclass")
     with pytest.raises(R.PluginLoadError, match="plugin API v0"):
         reg.get_algorithm("oldapi")
+    # an incomplete class is refused at load time, naming every missing method (not `decode`)
+    with pytest.raises(R.PluginLoadError) as e:
+        reg.get_parameterization("halfdone")
+    msg = str(e.value.original)
+    assert "abstract" in msg and "'halfdone'" in msg and "decode," not in msg
+    assert ("build, config, from_state, init_from_real, labels, num_bytes, optimizer_spec, "
+            "state_tensors") in msg
     # the healthy one still loads, and load_all skips the broken ones
     assert reg.get_parameterization("fakeparam").name == "fakeparam"
     loaded = reg.load_all("parameterization")
     assert set(loaded) == {"fakeparam"}
     errs = reg.load_errors()
     assert set(errs) == {("parameterization", "broken"), ("parameterization", "misnamed"),
-                         ("parameterization", "notaclass"), ("algorithm", "oldapi")}
+                         ("parameterization", "notaclass"), ("parameterization", "halfdone"),
+                         ("algorithm", "oldapi")}
     assert set(reg.load_errors("algorithm")) == {("algorithm", "oldapi")}
     # a second attempt re-raises the remembered error without re-importing
     with pytest.raises(R.PluginLoadError):
@@ -131,12 +150,16 @@ def test_command_plugins(fake_dist):
     assert p.parse_args(["fakecmd"]).func(None) == 0
 
 
-class MyParam(Parameterization):
+class MyParam(TinyPixels):
     name = "myparam"
 
 
 class MyAlgo(Algorithm):
     name = "myalgo"
+    regime = "gradient"
+
+    def loss(self, param, step):
+        return param.decode().sum()
 
 
 def test_direct_registration_isolated():
@@ -174,11 +197,70 @@ def test_register_validates():
         reg.register("parameterization", MyParam, name="other")
 
 
+def test_register_refuses_abstract_classes_naming_the_missing_methods():
+    reg = R.Registry(entry_points=False)
+
+    class NoLoss(Algorithm):
+        name = "noloss"
+        regime = "distribution"
+    with pytest.raises(TypeError) as e:
+        reg.register("algorithm", NoLoss)
+    msg = str(e.value)
+    assert "'noloss'" in msg and "is abstract" in msg and "does not implement loss" in msg
+    assert "splatdd.plugin_api.Algorithm" in msg
+
+    class OnlyDecode(Parameterization):
+        name = "onlydecode"
+
+        def decode(self, indices=None, *, resolution=None):
+            return None
+    with pytest.raises(TypeError, match=r"does not implement build, config, from_state, "
+                                        r"init_from_real, labels, num_bytes, optimizer_spec, "
+                                        r"state_tensors \("):
+        reg.register("parameterization", OnlyDecode)
+    assert reg.names("algorithm") == [] and reg.names("parameterization") == []
+
+
+@pytest.mark.parametrize("regime", ["", "dm", "Distribution", None, 3])
+def test_register_refuses_an_algorithm_without_a_valid_regime(regime):
+    class Bad(MyAlgo):
+        name = "bad"
+    Bad.regime = regime
+    with pytest.raises(ValueError) as e:
+        R.Registry(entry_points=False).register("algorithm", Bad)
+    msg = str(e.value)
+    assert "'bad'" in msg and "regime" in msg and repr(regime) in msg
+    assert "distribution, gradient, trajectory, recover" in msg
+
+
+def test_register_checks_the_lr_schedule():
+    class Cos(MyAlgo):
+        name = "cos"
+        lr_schedule = "cosine"
+    R.Registry(entry_points=False).register("algorithm", Cos)
+
+    class Step(MyAlgo):
+        name = "step"
+        lr_schedule = "step"
+    with pytest.raises(ValueError, match="lr_schedule.*constant, cosine.*'step'"):
+        R.Registry(entry_points=False).register("algorithm", Step)
+
+
+def test_every_installed_algorithm_declares_a_valid_regime():
+    """The built-in algorithms pass the same registration checks as a third party's."""
+    from splatdd.plugin_api import REGIMES
+    reg = R.Registry()
+    algos = reg.load_all("algorithm")
+    assert not reg.load_errors("algorithm"), reg.load_errors("algorithm")
+    for name, cls in algos.items():
+        assert cls.regime in REGIMES, name
+
+
 def test_registered_shadows_entry_point(fake_dist):
     _, path = fake_dist
     reg = R.Registry(path=[str(path)])
 
-    class Replacement(Parameterization):
+    class Replacement(TinyPixels):
         name = "fakeparam"
     with reg.registered("parameterization", Replacement):
         assert reg.get_parameterization("fakeparam") is Replacement

@@ -191,6 +191,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     from splatdd import distill as distill_mod
     from splatdd.budget import BudgetError, check_budget
+    from splatdd.plugin_api import learned_eval_lr
 
     param_opts = parse_kv(args.param_opt, "--param-opt")
     algo_opts = parse_kv(args.algo_opt, "--algo-opt")
@@ -249,7 +250,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     eval_fn = None
     if args.eval_every and args.eval_runs > 0:
         def eval_fn(p, step):
-            res = _evaluate(p, test, args, algo.learned_lr(), progress=False)
+            res = _evaluate(p, test, args, learned_eval_lr(algo), progress=False)
             _print(f"\n[step {step}] {_format_acc(res)}")
             return {"mean": res.mean, "std": res.std, "accs": list(res.accs)}
 
@@ -284,10 +285,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
         "eval_curve": curve, "eval": None,
     }
     if args.eval_runs > 0:
-        res = _evaluate(param, test, args, algo.learned_lr(), progress=progress)
+        res = _evaluate(param, test, args, learned_eval_lr(algo), progress=progress)
         results["eval"] = _eval_result_dict(res, runs=args.eval_runs, epochs=args.eval_epochs,
                                             model=args.eval_model,
-                                            lr=_eval_lr(args, algo.learned_lr()))
+                                            lr=_eval_lr(args, learned_eval_lr(algo)))
         _print(f"{_format_acc(res)} ({args.eval_runs} x {args.eval_model}, "
                f"{args.eval_epochs} epochs)")
     from splatdd.io_utils import atomic_write_json

@@ -3,7 +3,7 @@
 Per step (see :class:`splatdd.plugin_api.Algorithm`)::
 
     loss = algo.loss(param, step) (+ param.regularization())
-    opt.zero_grad(); loss.backward(); opt.step(); algo.after_step(); param.post_step()
+    opt.zero_grad(); loss.backward(); opt.step(); algo.after_step(param); param.post_step()
 
 Checkpoints (``out_dir/checkpoint.pt``, written atomically every ``checkpoint_every`` steps and at
 the end) hold the parameterization's ``state_dict``, the optimiser state, ``algo.state_dict()``, the
@@ -28,7 +28,7 @@ import torch
 
 from splatdd.budget import check_budget
 from splatdd.io_utils import atomic_save_with, atomic_torch_save, atomic_write_json
-from splatdd.plugin_api import Algorithm, Parameterization
+from splatdd.plugin_api import Algorithm, Parameterization, learned_eval_lr
 
 __all__ = ["distill", "run_step", "CHECKPOINT_NAME", "DISTILLED_NAME", "checkpoint_path", "has_checkpoint",
            "load_checkpoint", "CheckpointMismatch", "plot_losses"]
@@ -148,7 +148,7 @@ def run_step(param: Parameterization, algo: Algorithm, opt: torch.optim.Optimize
     """One outer step, the only copy (the loop below and :mod:`splatdd.testing` call it)::
 
         total = algo.loss(param, step) (+ param.regularization())
-        opt.zero_grad(); total.backward(); opt.step(); algo.after_step(); param.post_step()
+        opt.zero_grad(); total.backward(); opt.step(); algo.after_step(param); param.post_step()
 
     Returns the loss value; raises ``FloatingPointError`` on a non-finite loss (nothing stepped).
     """
@@ -161,7 +161,7 @@ def run_step(param: Parameterization, algo: Algorithm, opt: torch.optim.Optimize
     opt.zero_grad(set_to_none=True)
     total.backward()
     opt.step()
-    algo.after_step()
+    algo.after_step(param)
     param.post_step()
     return float(total.detach())
 
@@ -207,7 +207,7 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
     identity = _identity(param, algo, ipc)
     run_config = {**identity, "seed": seed, "lr": lr, **dict(config or {})}
 
-    opt = param.optimizer_spec(algo.name, lr).build()
+    opt = param.optimizer_spec(algo.regime, lr).build()
     losses: list[float] = []
     evals: list[dict[str, Any]] = []
     start = 0
@@ -279,7 +279,7 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
         tail = losses[-min(len(losses), 50):]
         distilled_file.save(
             out_dir / DISTILLED_NAME, param, spec=spec, ipc=ipc, algorithm=algo.name,
-            algo_config=algo.config(), learned_lr=algo.learned_lr(), registry=registry,
+            algo_config=algo.config(), learned_lr=learned_eval_lr(algo), registry=registry,
             extra_meta={"iterations": final_step, "seed": seed, "lr": lr,
                         "final_loss_mean50": (sum(tail) / len(tail)) if tail else None,
                         **{k: v for k, v in dict(config or {}).items()}})

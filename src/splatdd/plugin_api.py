@@ -7,25 +7,89 @@ loss per step (`dm`, `dc`, `tm`). Algorithms never look inside a parameterizatio
 
 Plugins are classes registered through the entry-point groups ``splatdd.parameterizations`` and
 ``splatdd.algorithms`` (see :mod:`splatdd.registry`). Each declares :data:`PLUGIN_API_VERSION`,
-the version of this module it was written for.
+the version of this module it was written for. Registration refuses a class that still has abstract
+methods (naming them), an algorithm without a valid :data:`REGIMES` entry or with an unknown
+:data:`LR_SCHEDULES` entry.
 
-Example, a third-party parameterization::
+Algorithms and parameterizations never name each other: an algorithm declares its optimisation
+*regime* (``"distribution"``, ``"gradient"``, ``"trajectory"``, ``"recover"``) and the loop asks the
+parameterization for its optimiser under that regime (:meth:`Parameterization.optimizer_spec`). A new
+algorithm of a known regime therefore gets every parameterization's deliberate learning rate; a
+parameterization asked for a regime it has no setting for raises ``ValueError`` (never a fallback).
 
-    class Pixels(Parameterization):
-        name = "mypixels"
+Example, a third-party algorithm (tests/test_third_party.py runs one end to end)::
+
+    class MeanMatching(Algorithm):
+        name = "meanmatch"
         api_version = splatdd.plugin_api.PLUGIN_API_VERSION
-        ...
+        regime = "distribution"            # optimise like DM
+        def loss(self, param, step):
+            ...
+
+Version history: 2 -- ``optimizer_spec(regime)`` instead of ``optimizer_spec(algorithm_name)``,
+``Algorithm.regime``/``lr_schedule``, ``after_step(param)``, ``learned_lr`` moved to the
+:class:`LearnsEvalLR` protocol, abstract classes refused at registration.
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import (Any, ClassVar, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar,
+                    runtime_checkable)
 
 import torch
 
 #: Version of the plugin contract. A plugin whose ``api_version`` differs is refused at load time.
-PLUGIN_API_VERSION = 1
+PLUGIN_API_VERSION = 2
+
+#: Optimisation regimes an algorithm can declare (:attr:`Algorithm.regime`); a parameterization
+#: chooses its optimiser and learning rate per regime (:meth:`Parameterization.optimizer_spec`):
+#: ``distribution`` -- feature/distribution matching (DM); ``gradient`` -- gradient matching (DC);
+#: ``trajectory`` -- trajectory matching (MTT/TM); ``recover`` -- decoupled recovery from a trained
+#: model (SRe2L-style).
+REGIMES: tuple[str, ...] = ("distribution", "gradient", "trajectory", "recover")
+
+#: Learning-rate schedules an algorithm can ask the core loop for (:attr:`Algorithm.lr_schedule`).
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+
+#: Exclusive upper bound of :func:`draw_seed`'s default range (seeds fit a signed 32-bit int).
+SEED_HIGH = 2**31 - 1
+
+_T = TypeVar("_T")
+
+
+def draw_seed(generator: torch.Generator | None, high: int = SEED_HIGH) -> int:
+    """One integer seed in ``[0, high)`` from ``generator`` (the only place plugins draw seeds for
+    networks and DSA transforms, so every plugin consumes its generator the same way)::
+
+        g = torch.Generator().manual_seed(0)
+        seed = draw_seed(g)                     # e.g. for splatdd.augment.dsa(x, seed=seed)
+    """
+    return int(torch.randint(0, int(high), (1,), generator=generator).item())
+
+
+def check_regime(regime: Any, *, what: str = "regime") -> str:
+    """``regime`` if it is one of :data:`REGIMES`, else ``ValueError`` naming it and the valid ones::
+
+        check_regime("distribution")            # -> "distribution"
+    """
+    if not isinstance(regime, str) or regime not in REGIMES:
+        raise ValueError(f"{what} must be one of {', '.join(REGIMES)}; got {regime!r}")
+    return regime
+
+
+def regime_setting(table: Mapping[str, _T], regime: str, plugin: str) -> _T:
+    """``table[regime]`` for a parameterization's per-regime settings; ``ValueError`` naming the
+    plugin, the regime and the regimes it supports when the regime is unknown or not covered::
+
+        lr = regime_setting({"distribution": 1.0, "gradient": 0.1}, "gradient", "pixel")  # 0.1
+    """
+    if regime not in table:
+        known = ", ".join(r for r in REGIMES if r in table)
+        what = "unknown regime" if regime not in REGIMES else "no optimiser setting for regime"
+        raise ValueError(f"{plugin}: {what} {regime!r}; it has settings for: {known} "
+                         f"(valid regimes: {', '.join(REGIMES)}); pass lr= to choose one")
+    return table[regime]
 
 
 @dataclass(frozen=True)
@@ -52,15 +116,21 @@ class DatasetSpec:
 
 @dataclass
 class OptimizerSpec:
-    """A parameterization's choice of optimiser for its tensors, for a given algorithm."""
+    """A parameterization's choice of optimiser for its tensors, for a given regime::
+
+        OptimizerSpec([{"params": [x], "lr": 0.25}], kind="adam", betas=(0.5, 0.9)).build()
+    """
 
     params: list[dict[str, Any]]          # torch param groups, each with its own "lr"
     kind: str = "adam"                    # "adam" or "sgd"
     momentum: float = 0.5                 # SGD only
+    betas: tuple[float, float] | None = None   # Adam only; None: torch's (0.9, 0.999)
 
     def build(self) -> torch.optim.Optimizer:
         if self.kind == "adam":
-            return torch.optim.Adam(self.params)
+            if self.betas is None:
+                return torch.optim.Adam(self.params)
+            return torch.optim.Adam(self.params, betas=tuple(self.betas))
         if self.kind == "sgd":
             return torch.optim.SGD(self.params, momentum=self.momentum)
         raise ValueError(f"OptimizerSpec.kind must be 'adam' or 'sgd', got {self.kind!r}")
@@ -111,11 +181,29 @@ class Parameterization(torch.nn.Module, abc.ABC):
         """Indices of the decoded images of class ``c``."""
         return torch.nonzero(self.labels == c, as_tuple=False).flatten()
 
+    @classmethod
+    def storage_options(cls, spec: DatasetSpec, items_per_class: int,
+                        bytes_per_item: float) -> dict[str, Any] | None:
+        """Build options giving ``items_per_class`` decoded images per class of at most
+        ``bytes_per_item`` stored bytes each (``splatdd fit`` compares parameterizations this way at
+        equal storage, far below one image's pixels). ``None`` (the default): not supported, the
+        user passes the options by hand."""
+        return None
+
+    @classmethod
+    def quick_options(cls, spec: DatasetSpec, ipc: int) -> dict[str, Any]:
+        """Build options for a quick smoke run at ``spec``/``ipc`` that fit its storage budget (tiny
+        sizes, few init steps). Other plugins' tests and :mod:`splatdd.testing` build every installed
+        parameterization with these, never with options keyed on its name. Default ``{}``."""
+        return {}
+
     # ---- optimisation hooks ---------------------------------------------------------------------
     @abc.abstractmethod
-    def optimizer_spec(self, algorithm: str, lr: float | None = None) -> OptimizerSpec:
-        """Optimiser for this parameterization's tensors under ``algorithm`` (``"dm"``, ``"dc"``,
-        ``"tm"``, ...), using the papers' defaults; ``lr`` overrides the default learning rate."""
+    def optimizer_spec(self, regime: str, lr: float | None = None) -> OptimizerSpec:
+        """Optimiser for this parameterization's tensors under the optimisation ``regime`` (one of
+        :data:`REGIMES`: the running algorithm's :attr:`Algorithm.regime`), with the learning rate
+        and optimiser of the paper that tuned it; ``lr`` overrides the learning rate. A regime the
+        plugin has no setting for raises ``ValueError`` naming it (see :func:`regime_setting`)."""
 
     def regularization(self) -> torch.Tensor | None:
         """Extra loss added to the algorithm's loss (e.g. gaussian's boundary loss), or ``None``."""
@@ -185,14 +273,22 @@ class RealData:
 class Algorithm(abc.ABC):
     """A distillation objective: one loss per step over a parameterization and real data.
 
-    The core's loop (:func:`splatdd.distill.distill`) does, per step::
+    The core's loop (:func:`splatdd.distill.run_step`) does, per step::
 
         loss = algo.loss(param, step)            # + param.regularization()
-        loss.backward(); param_opt.step(); algo.after_step(); param.post_step()
+        loss.backward(); param_opt.step(); algo.after_step(param); param.post_step()
+
+    where ``param_opt = param.optimizer_spec(algo.regime, lr).build()``.
     """
 
     name: ClassVar[str] = ""
     api_version: ClassVar[int] = PLUGIN_API_VERSION
+    #: The optimisation regime (one of :data:`REGIMES`); decides the parameterization's optimiser.
+    #: Required: registration refuses an algorithm without a valid one.
+    regime: ClassVar[str] = ""
+    #: Learning-rate schedule of the parameterization's optimiser over the run (one of
+    #: :data:`LR_SCHEDULES`; the core loop applies it).
+    lr_schedule: ClassVar[str] = "constant"
     #: Paper default number of outer iterations (used when the CLI gets no --iterations).
     default_iterations: ClassVar[int] = 1000
 
@@ -206,12 +302,9 @@ class Algorithm(abc.ABC):
     def loss(self, param: Parameterization, step: int) -> torch.Tensor:
         """The differentiable loss of one outer step (a scalar)."""
 
-    def after_step(self) -> None:
-        """Called after the parameterization's optimiser step (e.g. TM steps its lr optimiser)."""
-
-    def learned_lr(self) -> float | None:
-        """The learned evaluation learning rate (TM), stored in the distilled file; else ``None``."""
-        return None
+    def after_step(self, param: Parameterization) -> None:
+        """Called after the parameterization's optimiser step, with the parameterization (e.g. TM
+        steps its lr optimiser, DC trains its network on ``param.decode()``)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Algorithm state for resumable checkpoints (optimisers, learned lr, ...)."""
@@ -225,9 +318,43 @@ class Algorithm(abc.ABC):
         return {}
 
 
+@runtime_checkable
+class LearnsEvalLR(Protocol):
+    """An algorithm that learns the learning rate evaluation should train with (TM's learnable
+    ``syn_lr``). It implements one method; the core stores its value in the distilled file::
+
+        class MyTM(Algorithm):
+            regime = "trajectory"
+            def learned_lr(self) -> float:
+                return float(self.syn_lr)
+    """
+
+    def learned_lr(self) -> float:
+        """The learned evaluation learning rate, as a float."""
+        ...
+
+
+def learned_eval_lr(algo: Any) -> float | None:
+    """The evaluation learning rate ``algo`` learned (:class:`LearnsEvalLR`), else ``None``. The one
+    function the core calls for it::
+
+        learned_eval_lr(tm_algo)       # e.g. 0.0123
+        learned_eval_lr(dm_algo)       # None
+    """
+    if isinstance(algo, LearnsEvalLR):
+        value = algo.learned_lr()
+        return None if value is None else float(value)
+    return None
+
+
 def check_plugin_class(obj: Any, kind: str) -> None:
     """Raise ``TypeError``/``ValueError`` if ``obj`` is not a valid plugin class of ``kind``
-    (``"parameterization"`` or ``"algorithm"``)."""
+    (``"parameterization"`` or ``"algorithm"``): not a subclass of the base, no ``name``, another
+    plugin-API version, abstract methods left unimplemented (named), or, for an algorithm, a
+    ``regime`` not in :data:`REGIMES` or an ``lr_schedule`` not in :data:`LR_SCHEDULES`::
+
+        check_plugin_class(MyAlgorithm, "algorithm")
+    """
     base = Parameterization if kind == "parameterization" else Algorithm
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise TypeError(f"{kind} plugin must be a subclass of splatdd.plugin_api.{base.__name__}, "
@@ -237,6 +364,16 @@ def check_plugin_class(obj: Any, kind: str) -> None:
     if obj.api_version != PLUGIN_API_VERSION:
         raise ValueError(f"{kind} plugin {obj.name!r} was written for plugin API "
                          f"v{obj.api_version}; this splatdd provides v{PLUGIN_API_VERSION}")
+    missing = sorted(getattr(obj, "__abstractmethods__", ()) or ())
+    if missing:
+        raise TypeError(f"{kind} plugin {obj.name!r} ({obj.__module__}.{obj.__qualname__}) is "
+                        f"abstract: it does not implement {', '.join(missing)} (required by "
+                        f"splatdd.plugin_api.{base.__name__})")
+    if base is Algorithm:
+        check_regime(obj.regime, what=f"algorithm plugin {obj.name!r}: `regime`")
+        if obj.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"algorithm plugin {obj.name!r}: `lr_schedule` must be one of "
+                             f"{', '.join(LR_SCHEDULES)}; got {obj.lr_schedule!r}")
 
 
 def reject_unknown_options(plugin: str, given: Iterable[str], known: Iterable[str]) -> None:
@@ -252,6 +389,7 @@ def reject_unknown_options(plugin: str, given: Iterable[str], known: Iterable[st
                         f"known: {', '.join(known) or 'none'}")
 
 
-__all__: Sequence[str] = ["PLUGIN_API_VERSION", "DatasetSpec", "OptimizerSpec",
-                          "Parameterization", "RealData", "Algorithm", "check_plugin_class",
-                          "reject_unknown_options"]
+__all__: Sequence[str] = ["PLUGIN_API_VERSION", "REGIMES", "LR_SCHEDULES", "SEED_HIGH",
+                          "DatasetSpec", "OptimizerSpec", "Parameterization", "RealData",
+                          "Algorithm", "LearnsEvalLR", "learned_eval_lr", "check_plugin_class",
+                          "check_regime", "regime_setting", "draw_seed", "reject_unknown_options"]

@@ -25,11 +25,12 @@ import torch
 import torch.nn as nn
 
 from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, DatasetSpec, OptimizerSpec,
-                                Parameterization, RealData)
+                                Parameterization, RealData, check_regime)
 
-__all__ = ["TINY_SPEC", "TinyDistillation", "TinyPixels", "algorithm_class",
-           "init_from_real_samples", "make_tiny_real", "parameterization_class",
-           "run_steps", "run_tiny_distillation", "single_thread"]
+__all__ = ["TINY_SPEC", "TinyDistillation", "TinyPixels", "algorithm_class", "build_quick",
+           "init_from_real_samples", "installed_algorithms", "installed_parameterizations",
+           "make_tiny_real", "parameterization_class", "run_steps", "run_tiny_distillation",
+           "single_thread"]
 
 #: A 1-channel 8x8 dataset with 3 classes, already normalised (mean 0, std 1).
 TINY_SPEC = DatasetSpec(name="tiny", channels=1, height=8, width=8, num_classes=3,
@@ -54,7 +55,8 @@ def make_tiny_real(n_per_class: int = 20, seed: int = 0, spec: DatasetSpec = TIN
 
 class TinyPixels(Parameterization):
     """Minimal pixel parameterization (a stand-in for the ``pixel`` plugin in algorithms' unit
-    tests): one learnable image per synthetic sample, SGD with momentum 0.5, lr 0.1 by default."""
+    tests): one learnable image per synthetic sample, SGD with momentum 0.5, lr 0.1 by default
+    under every regime."""
 
     name = "tinypixels"
     api_version = PLUGIN_API_VERSION
@@ -85,7 +87,8 @@ class TinyPixels(Parameterization):
     def decode(self, indices=None, *, resolution=None):
         return self.images if indices is None else self.images[indices]
 
-    def optimizer_spec(self, algorithm, lr=None):
+    def optimizer_spec(self, regime, lr=None):
+        check_regime(regime, what="tinypixels: regime")
         return OptimizerSpec([{"params": [self.images], "lr": lr if lr is not None else 0.1}],
                              kind="sgd", momentum=0.5)
 
@@ -147,23 +150,44 @@ def algorithm_class(name: str) -> type[Algorithm]:
 
 
 def init_from_real_samples(param: Parameterization, real: RealData, *, steps: int | None = 5,
-                           seed: int = 0, per_label: bool = False) -> Mapping[str, Any]:
+                           seed: int = 0) -> Mapping[str, Any]:
     """Initialise ``param`` from real images of its labels' classes, drawn with a generator seeded
-    by ``seed``; returns the parameterization's ``init_from_real`` diagnostics.
+    by ``seed`` through the core's :func:`splatdd.initialise.init_from_real` (one
+    :meth:`RealData.sample` call per class, in class order); returns the diagnostics::
 
-    By default one :meth:`RealData.sample` call per class, in class order (distinct images within a
-    class); ``per_label=True`` draws one image per label instead, in label order (a class's images
-    may repeat)."""
-    labels = param.labels.cpu()
-    g = torch.Generator().manual_seed(seed)
-    if per_label:
-        images = torch.stack([real.sample(int(c), 1, g)[0] for c in labels])
-    else:
-        images = torch.empty((len(labels), real.spec.channels, real.spec.height, real.spec.width))
-        for c in range(real.spec.num_classes):
-            idx = torch.nonzero(labels == c).flatten()
-            images[idx] = real.sample(c, len(idx), g)
-    return param.init_from_real(images, labels, steps=steps)
+        init_from_real_samples(param, make_tiny_real(), steps=5)
+    """
+    from splatdd.initialise import init_from_real
+    return init_from_real(param, real, torch.Generator().manual_seed(seed), steps=steps)
+
+
+def installed_parameterizations() -> list[str]:
+    """Names of the installed parameterization plugins (from the registry, without importing
+    them), for tests that run an algorithm with every parameterization::
+
+        @pytest.mark.parametrize("name", installed_parameterizations())
+        def test_with_every_parameterization(name): ...
+    """
+    from splatdd import registry
+    return registry.default_registry().names("parameterization")
+
+
+def installed_algorithms() -> list[str]:
+    """Names of the installed algorithm plugins (from the registry, without importing them)."""
+    from splatdd import registry
+    return registry.default_registry().names("algorithm")
+
+
+def build_quick(param_cls: type[Parameterization], spec: DatasetSpec, ipc: int, *,
+                seed: int = 0, **options: Any) -> Parameterization:
+    """``param_cls`` built for a quick test run: its own
+    :meth:`~splatdd.plugin_api.Parameterization.quick_options` for ``spec``/``ipc`` (small, within
+    the budget), updated with ``options``; randomness from a generator seeded by ``seed``::
+
+        param = build_quick(parameterization_class("siren"), TINY_SPEC, 2)
+    """
+    opts = {**param_cls.quick_options(spec, ipc), **options}
+    return param_cls.build(spec, ipc, generator=torch.Generator().manual_seed(seed), **opts)
 
 
 @dataclass
@@ -228,20 +252,12 @@ def run_tiny_distillation(param_cls: type[Parameterization], algo_name: str,
 
 def run_steps(algo: Algorithm, param: Parameterization, optimizer: torch.optim.Optimizer,
               steps: int, start: int = 0) -> list[float]:
-    """``steps`` plain distillation steps (zero_grad, ``algo.loss``, backward, optimizer step,
-    ``algo.after_step``) numbered from ``start``; returns the losses. The loop of
-    :func:`splatdd.distill.distill` without its files, for resume tests that stop and restart an
-    algorithm by hand::
+    """``steps`` distillation steps numbered from ``start``, each the core's
+    :func:`splatdd.distill.run_step` (the step :func:`splatdd.distill.distill` runs, without its
+    files); returns the losses. For resume tests that stop and restart an algorithm by hand::
 
-        opt = param.optimizer_spec("dm").build()
+        opt = param.optimizer_spec(algo.regime).build()
         losses = run_steps(algo, param, opt, 3)
     """
-    out = []
-    for step in range(start, start + steps):
-        optimizer.zero_grad()
-        loss = algo.loss(param, step)
-        loss.backward()
-        optimizer.step()
-        algo.after_step()
-        out.append(loss.item())
-    return out
+    from splatdd.distill import run_step
+    return [run_step(param, algo, optimizer, step) for step in range(start, start + steps)]

@@ -48,12 +48,13 @@ def main() -> None:
         for step in range(args.steps):
             t0 = time.perf_counter()
             opt.zero_grad()
-            loss = algo.loss(P(), step)
+            param = P()
+            loss = algo.loss(param, step)
             t_loss = time.perf_counter() - t0
             loss.backward()
             opt.step()
             t1 = time.perf_counter()
-            algo.after_step()
+            algo.after_step(param)
             times.append((t_loss, t1 - t0, time.perf_counter() - t1))
         print(json.dumps({"ipc": ipc, "outer_loop": algo.outer_loop,
                           "inner_loop": algo.inner_loop, "device": args.device,

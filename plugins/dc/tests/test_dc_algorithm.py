@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from splatdd.plugin_api import learned_eval_lr
 from splatdd.testing import run_steps
 
 from splatdd_dc import GradientMatching
@@ -53,7 +54,7 @@ def test_loss_is_differentiable_in_the_decoded_images(real, tiny_pixels):
 def test_fresh_network_every_outer_loop_and_inner_training(real, tiny_pixels):
     algo = _algo(real, outer_loop=3, inner_loop=2)
     param = _param(tiny_pixels, real)
-    opt = param.optimizer_spec("dc").build()
+    opt = param.optimizer_spec("gradient").build()
     nets, before_after = [], []
     for step in range(7):
         opt.zero_grad()
@@ -61,7 +62,7 @@ def test_fresh_network_every_outer_loop_and_inner_training(real, tiny_pixels):
         opt.step()
         nets.append(algo._net)
         w0 = [p.detach().clone() for p in algo._net.parameters()]
-        algo.after_step()
+        algo.after_step(param)
         if algo._net is not None:
             w1 = list(algo._net.parameters())
             before_after.append(any(not torch.equal(a, b) for a, b in zip(w0, w1)))
@@ -75,13 +76,27 @@ def test_fresh_network_every_outer_loop_and_inner_training(real, tiny_pixels):
     assert not torch.equal(next(nets[0].parameters()), next(nets[3].parameters()))
 
 
+def test_inner_training_uses_the_parameterization_given_to_after_step(real, tiny_pixels):
+    """after_step trains on the images of the parameterization it receives (not on one kept from
+    loss()): the same network trained on two different image sets ends in different weights."""
+    nets = []
+    for seed in (1, 2):
+        algo = _algo(real, outer_loop=3, inner_loop=2, seed=7)
+        algo.loss(_param(tiny_pixels, real, seed=1), 0)
+        before = [p.detach().clone() for p in algo._net.parameters()]
+        algo.after_step(_param(tiny_pixels, real, seed=seed))
+        nets.append([p.detach().clone() for p in algo._net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(before, before))
+    assert any(not torch.equal(a, b) for a, b in zip(nets[0], nets[1]))
+
+
 def test_ipc1_uses_a_new_network_every_step(real, tiny_pixels):
     algo = _algo(real, ipc=1)
     assert (algo.outer_loop, algo.inner_loop) == (1, 1)
     param = _param(tiny_pixels, real, ipc=1)
     algo.loss(param, 0).backward()
     n0 = algo._net
-    algo.after_step()
+    algo.after_step(param)
     algo.loss(param, 1)
     assert algo._net is not n0
 
@@ -89,19 +104,19 @@ def test_ipc1_uses_a_new_network_every_step(real, tiny_pixels):
 def test_checkpoint_resume_reproduces_therun_steps(real, tiny_pixels):
     ref_algo = _algo(real, outer_loop=3, inner_loop=2, seed=5)
     ref_param = _param(tiny_pixels, real)
-    ref_opt = ref_param.optimizer_spec("dc").build()
+    ref_opt = ref_param.optimizer_spec("gradient").build()
     ref = run_steps(ref_algo, ref_param, ref_opt, 5)
 
     algo = _algo(real, outer_loop=3, inner_loop=2, seed=5)
     param = _param(tiny_pixels, real)
-    opt = param.optimizer_spec("dc").build()
+    opt = param.optimizer_spec("gradient").build()
     first = run_steps(algo, param, opt, 2)           # stop inside an outer loop (pos == 2)
     ckpt = copy.deepcopy({"algo": algo.state_dict(), "param": param.state_dict(),
                           "opt": opt.state_dict()})
     algo2 = _algo(real, outer_loop=3, inner_loop=2, seed=123)   # different seed: state wins
     param2 = _param(tiny_pixels, real, seed=9)
     param2.load_state_dict(ckpt["param"])
-    opt2 = param2.optimizer_spec("dc").build()
+    opt2 = param2.optimizer_spec("gradient").build()
     opt2.load_state_dict(ckpt["opt"])
     algo2.load_state_dict(ckpt["algo"])
     rest = run_steps(algo2, param2, opt2, 3, start=2)
@@ -115,4 +130,4 @@ def test_unknown_option_and_config(real):
     assert cfg["outer_loop"] == 10 and cfg["inner_loop"] == 50 and cfg["lr_net"] == 0.01
     assert cfg["momentum_net"] == 0.5 and cfg["batch_real"] == 256 and cfg["dsa"] is True
     assert GradientMatching.default_iterations == 1000
-    assert _algo(real).learned_lr() is None
+    assert learned_eval_lr(_algo(real)) is None and GradientMatching.regime == "gradient"

@@ -72,7 +72,7 @@ def test_zero_loss_with_real_network_and_siamese_dsa():
     """syn == the whole real class and the same DSA seed on both: identical embedding means."""
     real = toy_real(per_class=4)
     algo = DistributionMatching(real, ipc=4, generator=torch.Generator().manual_seed(0),
-                                batch_real=4, dsa=True, width=8, depth=2)
+                                batch_real=4, dsa=True, net_width=8, net_depth=2)
     p = pixel.PixelImages.build(real.spec, 4)
     p.init_from_real(real.images.clone(), real.labels)
     for step in range(3):
@@ -85,7 +85,7 @@ def test_same_generator_state_same_loss():
     losses = []
     for _ in range(2):
         algo = DistributionMatching(real, ipc=1, generator=torch.Generator().manual_seed(5),
-                                    batch_real=8, width=8, depth=2)
+                                    batch_real=8, net_width=8, net_depth=2)
         losses.append([algo.loss(p, s).item() for s in range(2)])
     assert losses[0] == losses[1]
 
@@ -95,9 +95,9 @@ def test_tiny_run_decreases_loss():
     real = toy_real()
     g = torch.Generator().manual_seed(0)
     p = pixel.PixelImages.build(real.spec, 1, generator=g)
-    algo = DistributionMatching(real, ipc=1, generator=g, batch_real=12, width=16, depth=2,
+    algo = DistributionMatching(real, ipc=1, generator=g, batch_real=12, net_width=16, net_depth=2,
                                 dsa=True)
-    opt = p.optimizer_spec("dm").build()          # the paper's SGD lr 1.0, momentum 0.5
+    opt = p.optimizer_spec(algo.regime).build()   # pixels: the paper's SGD lr 1.0, momentum 0.5
     losses = []
     for step in range(30):
         loss = algo.loss(p, step)

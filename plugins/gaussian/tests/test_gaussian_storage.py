@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from splatdd.budget import budget_bytes, gaussian_points
-from splatdd.plugin_api import DatasetSpec, check_plugin_class
+from splatdd.plugin_api import REGIMES, DatasetSpec, check_plugin_class
 from splatdd_gaussian import GaussianImages, default_gpc, points_for_budget
 
 CIFAR = DatasetSpec("cifar10", 3, 32, 32, 10)
@@ -86,10 +86,13 @@ def test_points_for_budget_matches_core_formula():
 
 
 def test_optimizer_spec_adam_1e2():
+    """GSDD appendix A.4: Adam lr 1e-2 under every regime; an unknown regime is refused."""
     g = GaussianImages.build(FMNIST, 1, gpc=1, points=3)
-    for algo in ("dm", "dc", "tm"):
-        spec = g.optimizer_spec(algo)
-        assert spec.kind == "adam" and spec.params[0]["lr"] == 1e-2
+    for regime in REGIMES:
+        spec = g.optimizer_spec(regime)
+        assert spec.kind == "adam" and spec.params[0]["lr"] == 1e-2 and spec.betas is None
         assert spec.params[0]["params"][0] is g.params
-    assert g.optimizer_spec("dm", lr=0.5).params[0]["lr"] == 0.5
-    assert isinstance(g.optimizer_spec("dm").build(), torch.optim.Adam)
+    assert g.optimizer_spec("gradient", lr=0.5).params[0]["lr"] == 0.5
+    assert isinstance(g.optimizer_spec("distribution").build(), torch.optim.Adam)
+    with pytest.raises(ValueError, match="regime must be one of distribution.*got 'dm'"):
+        g.optimizer_spec("dm")

@@ -62,7 +62,7 @@ def test_dm_end_to_end_with_distilled_file(tiny_dir, tmp_path):
     param = _param(tiny_dir, real)
     before = param.latents.detach().clone()
     algo = _algo("dm")(real, ipc=1, generator=torch.Generator().manual_seed(2), batch_real=4, dsa=False,
-                       width=8)
+                       net_width=8)
     losses = []
     distill(param, algo, iterations=2, out_dir=tmp_path, checkpoint_every=1, progress=False,
             on_step=lambda step, loss, p, a: losses.append(loss))
@@ -99,7 +99,7 @@ def test_tm_end_to_end(tiny_dir, tmp_path, checkpointing):
     from splatdd_tm.buffer import train_experts
 
     real = _real()
-    train_experts(real, tmp_path / "buffer", experts=1, model="ConvNet", width=4, depth=2, epochs=2,
+    train_experts(real, tmp_path / "buffer", experts=1, model="ConvNet", net_width=4, net_depth=2, epochs=2,
                   lr=0.01, batch_size=8, dsa=False, seed=0, progress=False)
     param = _param(tiny_dir, real, checkpointing=checkpointing)
     before = param.latents.detach().clone()
@@ -116,7 +116,7 @@ def test_cli_distill_and_convert(tiny_dir, tmp_path):
     out = tmp_path / "run"
     rc = cli.main(["distill", "--param", "ld3m", "--algo", "dm", "--ipc", "1", "--iterations", "1",
                    "--param-opt", f"model_path={tiny_dir}", "--param-opt", "steps=2",
-                   "--algo-opt", "batch_real=2", "--algo-opt", "dsa=false", "--algo-opt", "width=8",
+                   "--algo-opt", "batch_real=2", "--algo-opt", "dsa=false", "--algo-opt", "net_width=8",
                    "--eval-runs", "0", "--out", str(out), "--no-progress", "--checkpoint-every", "0"])
     assert rc == 0 and (out / "distilled.safetensors").is_file()
     png = tmp_path / "grid.png"

@@ -141,23 +141,26 @@ def test_init_from_real_encodes_images(spec_gray, tiny_dir):
 
 def test_optimizer_spec(spec_gray, tiny_dir):
     p = _build(spec_gray, tiny_dir)
-    for algo, lr in (("dm", 1e-2), ("dc", 1e-3), ("tm", 10.0), ("mystery", 1e-2)):
-        os_ = p.optimizer_spec(algo)
+    for regime, lr in (("distribution", 1e-2), ("gradient", 1e-3), ("trajectory", 10.0), ("recover", 1e-2)):
+        os_ = p.optimizer_spec(regime)
         assert os_.kind == "sgd" and os_.momentum == 0.5
         assert [g["lr"] for g in os_.params] == [lr, lr]
         assert os_.params[0]["params"][0] is p.latents and os_.params[1]["params"][0] is p.class_embeddings
-    assert p.optimizer_spec("dm", lr=0.5).params[0]["lr"] == 0.5
-    opt = p.optimizer_spec("dm").build()
+    assert p.optimizer_spec("distribution", lr=0.5).params[0]["lr"] == 0.5
+    opt = p.optimizer_spec("distribution").build()
     assert isinstance(opt, torch.optim.SGD)
+    with pytest.raises(ValueError, match="unknown regime 'dm'"):
+        p.optimizer_spec("dm")
     q = _build(spec_gray, tiny_dir, optimizer="adam")
-    assert isinstance(q.optimizer_spec("tm").build(), torch.optim.Adam)
+    assert isinstance(q.optimizer_spec("trajectory").build(), torch.optim.Adam)
+    assert q.optimizer_spec("recover").build().param_groups[0]["betas"] == (0.5, 0.9)
 
 
 def test_one_optimisation_step_changes_the_images(spec_two, tiny_dir):
     # quantize=False: with the tiny model's coarse random codebook a small step rarely changes the
     # nearest code, so the (straight-through) quantised decode would look unchanged
     p = _build(spec_two, tiny_dir, steps=3, noise="fixed", clamp=False, quantize=False)
-    opt = p.optimizer_spec("dm", lr=100.0).build()
+    opt = p.optimizer_spec("distribution", lr=100.0).build()
     x0 = p.decode()
     loss = ((x0 - 1.0) ** 2).mean()
     loss.backward()

@@ -60,15 +60,29 @@ def test_resolution_bilinear_and_differentiable():
 
 
 def test_optimizer_spec_lrs():
+    """The papers' settings per regime (DM, DC, MTT: SGD momentum 0.5; SRe2L: Adam (0.5, 0.9))."""
     p = PixelImages.build(SPEC, 1)
-    for algo, lr in [("dm", 1.0), ("dc", 0.1), ("tm", 100.0), ("other", 0.1)]:
-        spec = p.optimizer_spec(algo)
+    for regime, lr in [("distribution", 1.0), ("gradient", 0.1), ("trajectory", 100.0)]:
+        spec = p.optimizer_spec(regime)
         assert spec.kind == "sgd" and spec.momentum == 0.5 and spec.params[0]["lr"] == lr
-    assert p.optimizer_spec("dm", lr=3.0).params[0]["lr"] == 3.0
+    rec = p.optimizer_spec("recover")
+    assert rec.kind == "adam" and rec.betas == (0.5, 0.9) and rec.params[0]["lr"] == 0.25
+    opt = rec.build()
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["betas"] == (0.5, 0.9)
+    assert p.optimizer_spec("distribution", lr=3.0).params[0]["lr"] == 3.0
     zca = PixelImages.build(DatasetSpec("c", 3, 8, 6, 4, zca=True), 1)
-    assert zca.optimizer_spec("tm").params[0]["lr"] == 1000.0
-    opt = p.optimizer_spec("dm").build()
-    assert isinstance(opt, torch.optim.SGD)
+    assert zca.optimizer_spec("trajectory").params[0]["lr"] == 1000.0
+    assert zca.optimizer_spec("distribution").params[0]["lr"] == 1.0
+    opt = p.optimizer_spec("distribution").build()
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.5
+
+
+@pytest.mark.parametrize("regime", ["dm", "other", ""])
+def test_optimizer_spec_unknown_regime(regime):
+    """An algorithm name or unknown regime is refused, naming it and the valid regimes."""
+    p = PixelImages.build(SPEC, 1)
+    with pytest.raises(ValueError, match=f"unknown regime '{regime}'.*distribution"):
+        p.optimizer_spec(regime)
 
 
 def test_state_round_trip_and_validation():

@@ -9,7 +9,7 @@ from splatdd_siren import SirenImages  # noqa: E402
 
 def test_siren_with_dm_end_to_end(tmp_path):
     run = run_tiny_distillation(SirenImages, "dm", tmp_path, dpc=2, watch="w_out",
-                                algo_options=dict(batch_real=4, dsa=False, width=8))
+                                algo_options=dict(batch_real=4, dsa=False, net_width=8))
     assert run.init_diag["mse"] < run.init_diag["mse_start"]
     run.check_finished()
     out = run.param

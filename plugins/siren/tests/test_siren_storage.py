@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from splatdd.budget import budget_bytes
-from splatdd.plugin_api import DatasetSpec, check_plugin_class
+from splatdd.plugin_api import REGIMES, DatasetSpec, check_plugin_class
 from splatdd_siren import SirenImages, siren_param_count
 
 FMNIST = DatasetSpec("fashion_mnist", 1, 28, 28, 10)
@@ -51,8 +51,12 @@ def test_default_architecture():
 
 
 def test_optimizer_spec():
+    """DDiF: Adam lr 1e-4 on every field tensor under every regime; unknown regimes refused."""
     s = SirenImages.build(FMNIST, 1, dpc=1)
-    spec = s.optimizer_spec("dm")
-    assert spec.kind == "adam" and spec.params[0]["lr"] == 1e-4
-    assert len(spec.params[0]["params"]) == 6
-    assert s.optimizer_spec("tm", lr=1e-3).params[0]["lr"] == 1e-3
+    for regime in REGIMES:
+        spec = s.optimizer_spec(regime)
+        assert spec.kind == "adam" and spec.params[0]["lr"] == 1e-4
+        assert len(spec.params[0]["params"]) == 6
+    assert s.optimizer_spec("trajectory", lr=1e-3).params[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="got 'tm'"):
+        s.optimizer_spec("tm")

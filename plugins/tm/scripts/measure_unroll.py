@@ -48,7 +48,7 @@ class Pixels(Parameterization):
     def decode(self, indices=None, *, resolution=None):
         return self.x if indices is None else self.x[indices.to(self.x.device)]
 
-    def optimizer_spec(self, algorithm, lr=None):
+    def optimizer_spec(self, regime, lr=None):
         return OptimizerSpec([{"params": [self.x], "lr": lr or 100.0}], kind="sgd")
 
     def num_bytes(self):
@@ -81,7 +81,7 @@ def main() -> None:
     names, shapes = param_layout(net)
     P = sum(int(torch.Size(s).numel()) for s in shapes)
     with tempfile.TemporaryDirectory() as d:
-        cfg = buffer_config(SPEC, width=args.width, epochs=20)
+        cfg = buffer_config(SPEC, net_width=args.width, epochs=20)
         cfg.update(param_names=names, param_shapes=[list(s) for s in shapes], num_params=P)
         with open(f"{d}/buffer.json", "w") as f:
             json.dump(cfg, f)
@@ -100,7 +100,7 @@ def main() -> None:
             for i in range(args.iters):
                 loss = algo.loss(param, i)
                 loss.backward()
-                algo.after_step()
+                algo.after_step(param)
             sec = (time.perf_counter() - t0) / args.iters
             print(json.dumps({
                 "ipc": ipc, "syn_steps": algo.syn_steps, "batch_syn": rep["batch"],

@@ -18,7 +18,7 @@ def make_real_fixture():
 
 
 #: The tiny experts' settings: ConvNet width 4, depth 2 (8x8 -> 2x2), 4 epochs.
-BUFFER_KW = dict(model="ConvNet", width=4, depth=2, epochs=4, lr=0.01, batch_size=16, seed=3)
+BUFFER_KW = dict(model="ConvNet", net_width=4, net_depth=2, epochs=4, lr=0.01, batch_size=16, seed=3)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from splatdd.plugin_api import LearnsEvalLR, learned_eval_lr
 from splatdd.testing import run_steps
 
 from splatdd_tm import TrajectoryMatching
@@ -33,6 +34,8 @@ def test_defaults_follow_fred_fashion_mnist(make_real, tiny_buffer):
     assert a10.syn_steps == 60
     assert TrajectoryMatching.default_iterations == 5000
     assert a1.learned_lr() == pytest.approx(0.01)
+    assert isinstance(a1, LearnsEvalLR) and learned_eval_lr(a1) == pytest.approx(0.01)
+    assert TrajectoryMatching.regime == "trajectory"
     cfg = a1.config()
     assert cfg["lr_lr"] == 1e-5 and cfg["lr_init"] == 0.01 and cfg["batch_syn"] is None
 
@@ -60,13 +63,13 @@ def test_lr_is_learned_by_its_own_optimiser_and_clipped(make_real, tiny_buffer, 
     g = algo.syn_lr.grad.item()
     assert g != 0.0 and param.images.grad is not None
     lr0 = algo.learned_lr()
-    algo.after_step()
+    algo.after_step(param)
     assert algo.learned_lr() == pytest.approx(lr0 - 1e-3 * g, rel=1e-5)   # SGD, first step
     assert algo.syn_lr.grad is None
     # a huge lr step would make the lr negative: it is clipped at lr_min
     algo = _algo(real, tiny_buffer, lr_lr=1e6, lr_min=1e-4)
     algo.syn_lr.grad = torch.tensor(1.0)
-    algo.after_step()
+    algo.after_step(param)
     assert algo.learned_lr() == pytest.approx(1e-4)
 
 
@@ -74,14 +77,14 @@ def test_checkpoint_resume_reproduces_therun_steps(make_real, tiny_buffer, tiny_
     real = make_real()
     kw = dict(lr_lr=1e-3, batch_syn=2)
     ref_algo, ref_param = _algo(real, tiny_buffer, seed=4, **kw), _param(tiny_pixels, real)
-    ref = run_steps(ref_algo, ref_param, ref_param.optimizer_spec("tm").build(), 4)
+    ref = run_steps(ref_algo, ref_param, ref_param.optimizer_spec("trajectory").build(), 4)
     algo, param = _algo(real, tiny_buffer, seed=4, **kw), _param(tiny_pixels, real)
-    opt = param.optimizer_spec("tm").build()
+    opt = param.optimizer_spec("trajectory").build()
     first = run_steps(algo, param, opt, 2)
     ckpt = copy.deepcopy({"a": algo.state_dict(), "p": param.state_dict(), "o": opt.state_dict()})
     algo2, param2 = _algo(real, tiny_buffer, seed=99, **kw), _param(tiny_pixels, real, seed=7)
     param2.load_state_dict(ckpt["p"])
-    opt2 = param2.optimizer_spec("tm").build()
+    opt2 = param2.optimizer_spec("trajectory").build()
     opt2.load_state_dict(ckpt["o"])
     algo2.load_state_dict(ckpt["a"])
     assert algo2.learned_lr() == algo.learned_lr()

@@ -34,7 +34,7 @@ def test_tm_end_to_end(pname, make_real, tiny_buffer, tmp_path):
     acls = registry.get_algorithm("tm")
     param = pcls.build(real.spec, 1, generator=torch.Generator().manual_seed(0),
                        **TINY_OPTIONS.get(pname, {}))
-    init_from_real_samples(param, real, steps=5, per_label=True)
+    init_from_real_samples(param, real, steps=5)
     before = param.decode().detach().clone()
     algo = acls(real, ipc=1, generator=torch.Generator().manual_seed(0),
                 buffer_dir=str(tiny_buffer), syn_steps=3, max_start_epoch=2, lr_lr=1e-3)
@@ -70,7 +70,7 @@ def test_buffer_command(tmp_path, capsys):
         _write_idx(root / f"{split}-labels-idx1-ubyte.gz", y, 0x08)
     out = tmp_path / "buf"
     args = ["buffer", "--dataset", "mnist", "--data-root", str(root), "--experts", "2",
-            "--epochs", "2", "--width", "4", "--depth", "2", "--batch", "16", "--out", str(out),
+            "--epochs", "2", "--net-width", "4", "--net-depth", "2", "--batch", "16", "--out", str(out),
             "--no-progress"]
     assert main(args) == 0
     text = capsys.readouterr().out
@@ -82,6 +82,6 @@ def test_buffer_command(tmp_path, capsys):
     assert "2 of 2 experts already done" in capsys.readouterr().out
     # a missing buffer is a clean CLI error for distill, not a traceback
     assert main(["buffer", "--dataset", "mnist", "--data-root", str(root), "--experts", "1",
-                 "--epochs", "2", "--width", "4", "--depth", "2", "--lr", "0.5", "--out",
+                 "--epochs", "2", "--net-width", "4", "--net-depth", "2", "--lr", "0.5", "--out",
                  str(out), "--no-progress"]) == 2
     assert "other settings" in capsys.readouterr().err

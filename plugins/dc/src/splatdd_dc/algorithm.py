@@ -11,8 +11,8 @@ Mapping of the paper's loops onto :class:`splatdd.plugin_api.Algorithm`:
 * one :meth:`GradientMatching.loss` call is one *outer* step: the matching loss summed over classes;
 * a fresh randomly initialised network is drawn (from the algorithm's generator) every
   ``outer_loop`` calls, i.e. at the start of each of the paper's "iterations";
-* :meth:`GradientMatching.after_step` trains that network on the (detached, freshly decoded)
-  synthetic set for ``inner_loop`` epochs (SGD lr 0.01, momentum 0.5, batch 256, DSA), except after
+* :meth:`GradientMatching.after_step` (which receives the parameterization) trains that network on
+  the (detached, freshly decoded) synthetic set for ``inner_loop`` epochs (SGD lr 0.01, momentum 0.5, batch 256, DSA), except after
   the last outer step of a group, where the paper breaks out of the loop (the network is discarded).
 
 So the paper's ``Iteration = 1000`` is ``1000 * outer_loop`` calls of :meth:`loss` here; the class's
@@ -26,14 +26,12 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from splatdd.augment import dsa
+from splatdd.augment import DEFAULT_STRATEGY, dsa
 from splatdd.models import get_network
 from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, Parameterization, RealData,
-                                reject_unknown_options)
+                                draw_seed, reject_unknown_options)
 
-__all__ = ["GradientMatching", "layer_distance", "match_loss", "dc_loops", "DEFAULT_DSA_STRATEGY"]
-
-DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+__all__ = ["GradientMatching", "layer_distance", "match_loss", "dc_loops"]
 
 #: The DC code base's (outer_loop, inner_loop) by images per class (``utils.get_loops``).
 DC_LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20),
@@ -91,10 +89,6 @@ def match_loss(g_real: Sequence[torch.Tensor], g_syn: Sequence[torch.Tensor],
     return total
 
 
-def _draw_seed(generator: torch.Generator) -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
-
-
 def _is_batchnorm(m: torch.nn.Module) -> bool:
     return isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
 
@@ -102,25 +96,28 @@ def _is_batchnorm(m: torch.nn.Module) -> bool:
 class GradientMatching(Algorithm):
     """Gradient matching (DC) with DSA. Options (all keyword):
 
-    ``model`` ("ConvNet"), ``net_width`` (128), ``net_depth`` (None: by resolution) -- the matching
-    network, from :func:`splatdd.models.get_network`;
+    ``model`` ("ConvNet"), ``net_width`` (128), ``net_depth`` (None: by resolution), ``net_norm``
+    ("instancenorm") -- the matching network, from :func:`splatdd.models.get_network` (the same
+    ``net_*`` names as dm);
     ``batch_real`` (256) real images per class per outer step;
     ``outer_loop`` / ``inner_loop`` (None: :func:`dc_loops` of ``ipc``);
     ``lr_net`` (0.01), ``momentum_net`` (0.5), ``batch_train`` (256) -- the inner network's training;
-    ``dsa`` (True), ``dsa_strategy`` ("color_crop_cutout_flip_scale_rotate").
+    ``dsa`` (True), ``dsa_strategy`` (:data:`splatdd.augment.DEFAULT_STRATEGY`).
     """
 
     name = "dc"
     api_version = PLUGIN_API_VERSION
+    regime = "gradient"
     default_iterations = 1000
 
     def __init__(self, real: RealData, *, ipc: int, generator: torch.Generator,
                  model: str = "ConvNet", net_width: int = 128, net_depth: int | None = None,
-                 batch_real: int = 256, outer_loop: int | None = None,
+                 net_norm: str = "instancenorm", batch_real: int = 256, outer_loop: int | None = None,
                  inner_loop: int | None = None, lr_net: float = 0.01, momentum_net: float = 0.5,
                  batch_train: int = 256, dsa: bool = True,
-                 dsa_strategy: str = DEFAULT_DSA_STRATEGY, **unknown: Any) -> None:
-        reject_unknown_options("dc", unknown, ("model", "net_width", "net_depth", "batch_real",
+                 dsa_strategy: str = DEFAULT_STRATEGY, **unknown: Any) -> None:
+        reject_unknown_options("dc", unknown, ("model", "net_width", "net_depth", "net_norm",
+                                               "batch_real",
                                                "outer_loop", "inner_loop", "lr_net",
                                                "momentum_net", "batch_train", "dsa",
                                                "dsa_strategy"))
@@ -138,6 +135,7 @@ class GradientMatching(Algorithm):
         self.model = str(model)
         self.net_width = int(net_width)
         self.net_depth = None if net_depth is None else int(net_depth)
+        self.net_norm = str(net_norm)
         self.batch_real = int(batch_real)
         self.batch_train = int(batch_train)
         self.lr_net = float(lr_net)
@@ -150,16 +148,14 @@ class GradientMatching(Algorithm):
         self._net: torch.nn.Module | None = None
         self._net_opt: torch.optim.Optimizer | None = None
         self._pos = 0                     # outer step within the current group, 0..outer_loop-1
-        self._param: Parameterization | None = None
-        self._pending = False             # a loss() was computed and after_step() not yet run
         self.last_loss: float | None = None
 
     # ---- the network ----------------------------------------------------------------------------
     def _new_network(self) -> None:
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+        seed = draw_seed(self.generator, 2**62)
         net = get_network(self.model, self.spec.channels, self.spec.num_classes,
                           (self.spec.height, self.spec.width), width=self.net_width,
-                          depth=self.net_depth, seed=seed)
+                          depth=self.net_depth, norm=self.net_norm, seed=seed)
         self._net = net.to(self.device).train()
         self._net_opt = torch.optim.SGD(self._net.parameters(), lr=self.lr_net,
                                         momentum=self.momentum_net)
@@ -187,9 +183,7 @@ class GradientMatching(Algorithm):
     def loss(self, param: Parameterization, step: int) -> torch.Tensor:
         if self._net is None or self._pos == 0:
             self._new_network()
-        self._param = param
         total = self.matching_loss(param)
-        self._pending = True
         self.last_loss = float(total.detach())
         return total
 
@@ -213,7 +207,7 @@ class GradientMatching(Algorithm):
             img_real = self.real.sample(c, self.batch_real, self.generator).to(self.device)
             img_syn = images.index_select(0, idx).to(self.device)
             if self.dsa:
-                seed = _draw_seed(self.generator)      # siamese: one transform for both batches
+                seed = draw_seed(self.generator)       # siamese: one transform for both batches
                 img_real = dsa(img_real, self.dsa_strategy, seed=seed, per_sample=False)
                 img_syn = dsa(img_syn, self.dsa_strategy, seed=seed, per_sample=False)
             lab_real = torch.full((img_real.shape[0],), c, dtype=torch.long, device=self.device)
@@ -228,30 +222,30 @@ class GradientMatching(Algorithm):
             raise ValueError("dc: the parameterization has no images of any class")
         return total
 
-    def after_step(self) -> None:
-        if not self._pending:
+    def after_step(self, param: Parameterization) -> None:
+        """End of one outer step: train the network on ``param``'s updated images, or discard it
+        at the end of the paper's outer loop."""
+        if self._net is None:                # no loss() since the last network was discarded
             return
-        self._pending = False
         self._pos += 1
         if self._pos >= self.outer_loop:     # end of the paper's outer loop: no inner training,
             self._pos = 0                    # a fresh network at the next loss() call
             self._net = None
             self._net_opt = None
             return
-        self._train_inner()
+        self._train_inner(param)
 
     @torch.no_grad()
-    def _decode_detached(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self._param is not None
-        images = self._param.decode().detach().to(self.device)
-        labels = self._param.labels.to(self.device)
+    def _decode_detached(self, param: Parameterization) -> tuple[torch.Tensor, torch.Tensor]:
+        images = param.decode().detach().to(self.device)
+        labels = param.labels.to(self.device)
         return images, labels
 
-    def _train_inner(self) -> None:
+    def _train_inner(self, param: Parameterization) -> None:
         """``inner_loop`` epochs of SGD on the synthetic set (as DC's ``epoch('train', ...)``)."""
         net, opt = self._net, self._net_opt
         assert net is not None and opt is not None
-        images, labels = self._decode_detached()
+        images, labels = self._decode_detached(param)
         net.train()
         n = images.shape[0]
         for _ in range(self.inner_loop):
@@ -260,7 +254,7 @@ class GradientMatching(Algorithm):
                 b = perm[i:i + self.batch_train]
                 x, y = images[b], labels[b]
                 if self.dsa:
-                    x = dsa(x, self.dsa_strategy, seed=_draw_seed(self.generator), per_sample=True)
+                    x = dsa(x, self.dsa_strategy, seed=draw_seed(self.generator), per_sample=True)
                 loss = F.cross_entropy(net(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -281,7 +275,6 @@ class GradientMatching(Algorithm):
         if "generator" in state:
             self.generator.set_state(state["generator"])
         self._net, self._net_opt = None, None
-        self._pending = False
         if self._pos > 0:
             if "net" not in state:
                 raise ValueError("dc: checkpoint is inside an outer loop but has no network state")
@@ -295,7 +288,7 @@ class GradientMatching(Algorithm):
 
     def config(self) -> dict[str, Any]:
         return {"model": self.model, "net_width": self.net_width, "net_depth": self.net_depth,
-                "batch_real": self.batch_real, "outer_loop": self.outer_loop,
+                "net_norm": self.net_norm, "batch_real": self.batch_real, "outer_loop": self.outer_loop,
                 "inner_loop": self.inner_loop, "lr_net": self.lr_net,
                 "momentum_net": self.momentum_net, "batch_train": self.batch_train,
                 "dsa": self.dsa, "dsa_strategy": self.dsa_strategy}

@@ -10,9 +10,10 @@ class's synthetic images (siamese augmentation), and adds
 synthetic images (the real embeddings are computed without a graph).
 
 Options: ``batch_real`` (256), ``dsa`` (True), ``dsa_strategy``
-(``"color_crop_cutout_flip_scale_rotate"``), ``model`` (``"ConvNet"``), ``width`` (128),
-``depth`` (None: by resolution), ``norm`` (``"instancenorm"``). The paper runs 20,000 iterations
-with SGD lr 1.0, momentum 0.5 on pixels (the parameterization chooses its optimiser).
+(:data:`splatdd.augment.DEFAULT_STRATEGY`), ``model`` (``"ConvNet"``), ``net_width`` (128),
+``net_depth`` (None: by resolution), ``net_norm`` (``"instancenorm"``) -- the same ``net_*`` names as
+dc. The paper runs 20,000 iterations. The regime is ``"distribution"``: the parameterization
+chooses its optimiser for it (pixels: SGD lr 1.0, momentum 0.5, the paper's).
 
 All randomness (network seeds, real batches, DSA seeds) comes from ``self.generator``, which the
 core's loop saves in its checkpoints, so a resumed run is bit-identical to an uninterrupted one.
@@ -23,13 +24,12 @@ from typing import Any, Callable
 
 import torch
 
+from splatdd.augment import DEFAULT_STRATEGY
 from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, Parameterization, RealData,
-                                reject_unknown_options)
+                                draw_seed, reject_unknown_options)
 
 __all__ = ["DistributionMatching"]
 __version__ = "0.1.0"
-
-_SEED_HIGH = 2**31 - 1
 
 
 class DistributionMatching(Algorithm):
@@ -37,12 +37,12 @@ class DistributionMatching(Algorithm):
 
     name = "dm"
     api_version = PLUGIN_API_VERSION
+    regime = "distribution"
     default_iterations = 20000
 
-    OPTIONS: dict[str, Any] = {"batch_real": 256, "dsa": True,
-                               "dsa_strategy": "color_crop_cutout_flip_scale_rotate",
-                               "model": "ConvNet", "width": 128, "depth": None,
-                               "norm": "instancenorm"}
+    OPTIONS: dict[str, Any] = {"batch_real": 256, "dsa": True, "dsa_strategy": DEFAULT_STRATEGY,
+                               "model": "ConvNet", "net_width": 128, "net_depth": None,
+                               "net_norm": "instancenorm"}
 
     def __init__(self, real: RealData, *, ipc: int, generator: torch.Generator,
                  **options: Any) -> None:
@@ -55,17 +55,21 @@ class DistributionMatching(Algorithm):
         self.dsa = bool(opts["dsa"])
         self.dsa_strategy = str(opts["dsa_strategy"])
         self.model = str(opts["model"])
-        self.width = int(opts["width"])
-        self.depth = None if opts["depth"] is None else int(opts["depth"])
-        self.norm = str(opts["norm"])
+        self.net_width = int(opts["net_width"])
+        if self.net_width < 1:
+            raise ValueError(f"dm: net_width must be >= 1, got {self.net_width}")
+        self.net_depth = None if opts["net_depth"] is None else int(opts["net_depth"])
+        self.net_norm = str(opts["net_norm"])
 
     def config(self) -> dict[str, Any]:
         return {"batch_real": self.batch_real, "dsa": self.dsa, "dsa_strategy": self.dsa_strategy,
-                "model": self.model, "width": self.width, "depth": self.depth, "norm": self.norm}
+                "model": self.model, "net_width": self.net_width, "net_depth": self.net_depth,
+                "net_norm": self.net_norm}
 
     # ---- pieces (overridable in tests / subclasses) -------------------------------------------
     def draw_seed(self) -> int:
-        return int(torch.randint(0, _SEED_HIGH, (1,), generator=self.generator))
+        """A seed from the algorithm's generator (:func:`splatdd.plugin_api.draw_seed`)."""
+        return draw_seed(self.generator)
 
     def make_embedder(self, seed: int, device: torch.device) -> Callable[[torch.Tensor],
                                                                          torch.Tensor]:
@@ -74,7 +78,8 @@ class DistributionMatching(Algorithm):
 
         spec = self.real.spec
         net = get_network(self.model, spec.channels, spec.num_classes, (spec.height, spec.width),
-                          width=self.width, depth=self.depth, norm=self.norm, seed=seed)
+                          width=self.net_width, depth=self.net_depth, norm=self.net_norm,
+                          seed=seed)
         net = net.to(device)
         net.train()                      # as in DM's reference code (no-op for instance norm)
         net.requires_grad_(False)

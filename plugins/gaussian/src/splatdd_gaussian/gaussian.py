@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from splatdd.plugin_api import (PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization,
-                                reject_unknown_options)
+                                check_regime, reject_unknown_options)
 
 __all__ = ["GaussianImages", "default_gpc", "points_for_budget", "boundary_loss", "bf16_round_ste"]
 
@@ -305,8 +305,10 @@ class GaussianImages(Parameterization):
         return _render(x.contiguous(), H, W, ssaa=self.ssaa, prefilter=self.prefilter)
 
     # ---- optimisation hooks ---------------------------------------------------------------------
-    def optimizer_spec(self, algorithm: str, lr: float | None = None) -> OptimizerSpec:
-        """Adam, lr 1e-2 for every algorithm (GSDD appendix A.4)."""
+    def optimizer_spec(self, regime: str, lr: float | None = None) -> OptimizerSpec:
+        """Adam, lr ``self.lr`` (1e-2), for every regime of :data:`REGIMES` (GSDD appendix A.4
+        uses Adam 1e-2 with DM, DC, TM and SRe2L alike); an unknown regime raises ``ValueError``."""
+        check_regime(regime, what="gaussian: regime")
         return OptimizerSpec(params=[{"params": [self.params], "lr": self.lr if lr is None else lr}],
                              kind="adam")
 

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from splatdd.plugin_api import PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization
+from splatdd.plugin_api import (PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization,
+                                regime_setting)
 
 from .sampling import ddim_schedule, normalize_checkpointing, normalize_residual, reverse_process, run_checkpointed
 
@@ -29,13 +30,16 @@ from .sampling import ddim_schedule, normalize_checkpointing, normalize_residual
 #: check still applies).
 MODEL_ENV = "SPLATDD_LD3M_MODEL"
 
-#: Learning rates of the LD3M paper (appendix C), for SGD with momentum 0.5 (its Table 9 and the
-#: released code's ``torch.optim.SGD(..., momentum=0.5)``), shared by Z and c.
-PAPER_LR = {"dc": 1e-3, "dm": 1e-2, "tm": 10.0, "mtt": 10.0}
+#: Learning rates by optimisation regime (:data:`splatdd.plugin_api.REGIMES`) for SGD with momentum
+#: 0.5, shared by Z and c: the LD3M paper's (appendix C, its Table 9 and the released code's
+#: ``torch.optim.SGD(..., momentum=0.5)``) for ``gradient`` (DC, 1e-3), ``distribution`` (DM, 1e-2)
+#: and ``trajectory`` (MTT, 10). ``recover`` (SRe2L-style recovery; the paper has none) is our
+#: choice: DM's 1e-2, the regime closest to it (both match a network's feature statistics).
+PAPER_LR = {"gradient": 1e-3, "distribution": 1e-2, "trajectory": 10.0, "recover": 1e-2}
 #: Our defaults for Adam (not from the paper: Adam's step is bounded by its lr, so MTT's 10 is not
-#: usable there).
-ADAM_LR = {"dc": 1e-3, "dm": 1e-2, "tm": 1e-2, "mtt": 1e-2}
-DEFAULT_LR = 1e-2
+#: usable there); ``recover`` also takes SRe2L's betas (0.5, 0.9).
+ADAM_LR = {"gradient": 1e-3, "distribution": 1e-2, "trajectory": 1e-2, "recover": 1e-2}
+ADAM_BETAS = {"recover": (0.5, 0.9)}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LUMA = (0.299, 0.587, 0.114)
@@ -348,14 +352,16 @@ class LatentDiffusionImages(Parameterization):
     def _decode_latents(self, z0: torch.Tensor) -> torch.Tensor:
         return self.ldm.decode(z0, quantize=self.quantize)
 
-    def optimizer_spec(self, algorithm: str, lr: float | None = None) -> OptimizerSpec:
-        """SGD (momentum 0.5) with the paper's lr for ``algorithm`` (DC 1e-3, DM 1e-2, MTT/TM 10),
-        the same for Z and c; ``optimizer="adam"`` uses Adam with :data:`ADAM_LR`. Unknown algorithms
-        get 1e-2."""
+    def optimizer_spec(self, regime: str, lr: float | None = None) -> OptimizerSpec:
+        """SGD (momentum 0.5) with the paper's lr for ``regime`` (gradient 1e-3, distribution 1e-2,
+        trajectory 10; recover 1e-2, ours), the same for Z and c; ``optimizer="adam"`` uses Adam with
+        :data:`ADAM_LR` (and :data:`ADAM_BETAS`). An unknown regime raises ``ValueError``."""
         table = PAPER_LR if self.optimizer == "sgd" else ADAM_LR
-        lr = float(lr) if lr is not None else table.get(str(algorithm).lower(), DEFAULT_LR)
+        default = regime_setting(table, regime, "ld3m")
+        lr = float(lr) if lr is not None else default
         groups = [{"params": [self.latents], "lr": lr}, {"params": [self.class_embeddings], "lr": lr}]
-        return OptimizerSpec(params=groups, kind=self.optimizer, momentum=0.5)
+        betas = ADAM_BETAS.get(regime) if self.optimizer == "adam" else None
+        return OptimizerSpec(params=groups, kind=self.optimizer, momentum=0.5, betas=betas)
 
     # ---- storage --------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

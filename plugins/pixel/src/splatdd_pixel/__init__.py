@@ -7,13 +7,17 @@ learnable ``C x H x W`` fp32 tensor in the dataset's normalised space. Storage i
 Build options: ``init`` (``"noise"``: standard normal, the default before :meth:`init_from_real`;
 ``"zeros"``), ``noise_std`` (1.0).
 
-Optimiser (SGD, momentum 0.5, as in the papers), learning rate by algorithm:
+Optimiser by the running algorithm's regime (:data:`splatdd.plugin_api.REGIMES`), each the paper
+that tuned pixels for it:
 
-* ``dm``: 1.0 (DM, WACV 2023);
-* ``dc``: 0.1 (DC/DSA, ICLR 2021);
-* ``tm``: 1000 for ZCA-whitened data (MTT's CIFAR settings) and 100 otherwise (MTT uses 100-1000
-  for non-ZCA sets; 100 is the safer choice for FashionMNIST-like data); override with ``lr``.
-* anything else: 0.1.
+* ``distribution``: SGD lr 1.0, momentum 0.5 (DM, Zhao & Bilen, WACV 2023);
+* ``gradient``: SGD lr 0.1, momentum 0.5 (DC/DSA, Zhao et al., ICLR 2021);
+* ``trajectory``: SGD momentum 0.5, lr 1000 for ZCA-whitened data (MTT's CIFAR settings) and 100
+  otherwise (MTT uses 100-1000 for non-ZCA sets; 100 is the safer choice for FashionMNIST-like
+  data) (MTT, Cazenavette et al., CVPR 2022);
+* ``recover``: Adam lr 0.25, betas (0.5, 0.9) (SRe2L, Yin et al., NeurIPS 2023, its recover step).
+
+``lr`` overrides the learning rate; an unknown regime raises ``ValueError``.
 """
 from __future__ import annotations
 
@@ -23,15 +27,21 @@ import torch
 import torch.nn.functional as F
 
 from splatdd.plugin_api import (PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization,
-                                reject_unknown_options)
+                                regime_setting, reject_unknown_options)
 
-__all__ = ["PixelImages", "DEFAULT_LR"]
+__all__ = ["PixelImages", "REGIME_OPTIMIZERS"]
 __version__ = "0.1.0"
 
-#: SGD learning rate for the images, by algorithm (see the module docstring).
-DEFAULT_LR: dict[str, float] = {"dm": 1.0, "dc": 0.1, "tm": 100.0}
-TM_ZCA_LR = 1000.0
 MOMENTUM = 0.5
+#: Optimiser settings by regime (see the module docstring): ``kind``, ``lr`` and its extras.
+REGIME_OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "distribution": {"kind": "sgd", "lr": 1.0, "momentum": MOMENTUM},
+    "gradient": {"kind": "sgd", "lr": 0.1, "momentum": MOMENTUM},
+    "trajectory": {"kind": "sgd", "lr": 100.0, "momentum": MOMENTUM},
+    "recover": {"kind": "adam", "lr": 0.25, "betas": (0.5, 0.9)},
+}
+#: The trajectory regime's lr on ZCA-whitened data (MTT's CIFAR settings).
+TRAJECTORY_ZCA_LR = 1000.0
 
 
 def _class_major_labels(num_classes: int, ipc: int) -> torch.Tensor:
@@ -101,14 +111,15 @@ class PixelImages(Parameterization):
         return x
 
     # ---- optimisation ---------------------------------------------------------------------------
-    def optimizer_spec(self, algorithm: str, lr: float | None = None) -> OptimizerSpec:
+    def optimizer_spec(self, regime: str, lr: float | None = None) -> OptimizerSpec:
+        """The paper's optimiser for ``regime`` (module docstring); ``lr`` overrides its lr."""
+        setting = dict(regime_setting(REGIME_OPTIMIZERS, regime, "pixel"))
         if lr is None:
-            if algorithm == "tm" and self.spec.zca:
-                lr = TM_ZCA_LR
-            else:
-                lr = DEFAULT_LR.get(algorithm, 0.1)
-        return OptimizerSpec(params=[{"params": [self.images], "lr": float(lr)}], kind="sgd",
-                             momentum=MOMENTUM)
+            lr = setting["lr"]
+            if regime == "trajectory" and self.spec.zca:
+                lr = TRAJECTORY_ZCA_LR
+        setting.pop("lr")
+        return OptimizerSpec(params=[{"params": [self.images], "lr": float(lr)}], **setting)
 
     # ---- storage --------------------------------------------------------------------------------
     def num_bytes(self) -> int:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from splatdd.plugin_api import (PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization,
-                                reject_unknown_options)
+                                check_regime, reject_unknown_options)
 
 __all__ = ["SirenImages", "siren_param_count", "default_architecture", "coordinate_grid"]
 
@@ -198,8 +198,10 @@ class SirenImages(Parameterization):
                 "steps": float(steps), "seconds": time.perf_counter() - t0}
 
     # ---- optimisation ---------------------------------------------------------------------------
-    def optimizer_spec(self, algorithm: str, lr: float | None = None) -> OptimizerSpec:
-        """Adam, lr 1e-4 (DDiF's ``lr_nf``) for every algorithm."""
+    def optimizer_spec(self, regime: str, lr: float | None = None) -> OptimizerSpec:
+        """Adam, lr ``self.lr`` (1e-4, DDiF's ``lr_nf``), for every regime of :data:`REGIMES`
+        (DDiF uses one field lr with DM, DC and TM); an unknown regime raises ``ValueError``."""
+        check_regime(regime, what="siren: regime")
         return OptimizerSpec(params=[{"params": list(self.parameters()),
                                       "lr": self.lr if lr is None else lr}], kind="adam")
 

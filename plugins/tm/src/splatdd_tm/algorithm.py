@@ -11,8 +11,9 @@ differentiable in the decoded images (hence in any parameterization's tensors) a
 The learning rate is the algorithm's own tensor with its own optimiser (SGD, ``lr_lr`` 1e-5,
 momentum 0.5, as MTT), stepped in :meth:`after_step` and then clipped from below at ``lr_min``
 (1e-8 by default; MTT does not clip, later TM variants do: a negative lr would make the student
-climb the loss). :meth:`learned_lr` returns it; the core stores it in the distilled file and
-evaluation uses it.
+climb the loss). :meth:`learned_lr` returns it (the :class:`splatdd.plugin_api.LearnsEvalLR`
+protocol); the core reads it with :func:`splatdd.plugin_api.learned_eval_lr`, stores it in the
+distilled file and evaluation uses it.
 """
 from __future__ import annotations
 
@@ -23,19 +24,18 @@ from typing import Any, Mapping
 
 import torch
 
+from splatdd.augment import DEFAULT_STRATEGY
 from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, Parameterization, RealData,
-                                reject_unknown_options)
+                                draw_seed, reject_unknown_options)
 
 from . import _core
 from .buffer import BufferError, ExpertBuffer
 from .unroll import (activation_bytes, estimate_unroll_bytes, measure_peak_bytes, param_layout,
                      student_unroll, tm_loss)
 
-__all__ = ["TrajectoryMatching", "FMNIST_DEFAULTS", "DEFAULT_DSA_STRATEGY"]
+__all__ = ["TrajectoryMatching", "FMNIST_DEFAULTS"]
 
 log = logging.getLogger("splatdd.tm")
-
-DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 #: FreD's FashionMNIST settings by IPC: (syn_steps, expert_epochs, max_start_epoch). Used as the
 #: defaults (IPC 1 -> the first row, any other IPC -> the IPC 10 row).
@@ -56,10 +56,6 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def _draw_seed(generator: torch.Generator) -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
-
-
 class TrajectoryMatching(Algorithm):
     """Trajectory matching. Options (keyword):
 
@@ -73,6 +69,7 @@ class TrajectoryMatching(Algorithm):
 
     name = "tm"
     api_version = PLUGIN_API_VERSION
+    regime = "trajectory"
     default_iterations = 5000
 
     def __init__(self, real: RealData, *, ipc: int, generator: torch.Generator,
@@ -80,7 +77,7 @@ class TrajectoryMatching(Algorithm):
                  expert_epochs: int | None = None, max_start_epoch: int | None = None,
                  min_start_epoch: int = 0, batch_syn: int | None = None, lr_init: float = 0.01,
                  lr_lr: float = 1e-5, lr_momentum: float = 0.5, lr_min: float = 1e-8,
-                 dsa: bool = True, dsa_strategy: str = DEFAULT_DSA_STRATEGY,
+                 dsa: bool = True, dsa_strategy: str = DEFAULT_STRATEGY,
                  max_experts: int | None = None, **unknown: Any) -> None:
         reject_unknown_options("tm", unknown, (
             "buffer_dir", "syn_steps", "expert_epochs", "max_start_epoch", "min_start_epoch",
@@ -229,7 +226,7 @@ class TrajectoryMatching(Algorithm):
         images = param.decode(used.to(labels_all.device)).to(self.device)
         labels = labels_all.to(self.device).index_select(0, used.to(self.device))
         batches = [pos[b].to(self.device) for b in schedule]
-        seeds = [_draw_seed(g) for _ in batches] if self.dsa else []
+        seeds = [draw_seed(g) for _ in batches] if self.dsa else []
 
         def augment(x: torch.Tensor, i: int) -> torch.Tensor:
             return _core.dsa(x, self.dsa_strategy, seeds[i], per_sample=True)
@@ -243,7 +240,8 @@ class TrajectoryMatching(Algorithm):
         self.last_expert, self.last_start = expert, start
         return loss
 
-    def after_step(self) -> None:
+    def after_step(self, param: Parameterization) -> None:
+        """Step the learnable lr's own optimiser and clip it at ``lr_min``."""
         if self.syn_lr.grad is not None:
             self.lr_opt.step()
         self.lr_opt.zero_grad(set_to_none=True)
@@ -251,6 +249,7 @@ class TrajectoryMatching(Algorithm):
             self.syn_lr.clamp_(min=self.lr_min)
 
     def learned_lr(self) -> float:
+        """The learned student lr, the evaluation lr (:class:`splatdd.plugin_api.LearnsEvalLR`)."""
         return float(self.syn_lr.detach())
 
     # ---- checkpoints ----------------------------------------------------------------------------

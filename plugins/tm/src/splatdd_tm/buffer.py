@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from splatdd.plugin_api import DatasetSpec, RealData
+from splatdd.augment import DEFAULT_STRATEGY
+from splatdd.plugin_api import DatasetSpec, RealData, draw_seed
 
 from . import _core
 from .unroll import flatten_params, param_layout
@@ -41,7 +42,6 @@ BUFFER_FORMAT = "splatdd-expert-buffer"
 BUFFER_VERSION = 1
 CONFIG_NAME = "buffer.json"
 META_KEY = "splatdd_expert"
-DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 _EXPERT_RE = re.compile(r"^expert_(\d{5,})\.safetensors$")
 
 
@@ -66,13 +66,16 @@ def _spec_dict(spec: DatasetSpec) -> dict[str, Any]:
             "std": list(spec.std), "zca": bool(spec.zca)}
 
 
-def buffer_config(spec: DatasetSpec, *, model: str = "ConvNet", width: int = 128,
-                  depth: int | None = None, epochs: int = 50, lr: float = 0.01,
+def buffer_config(spec: DatasetSpec, *, model: str = "ConvNet", net_width: int = 128,
+                  net_depth: int | None = None, epochs: int = 50, lr: float = 0.01,
                   batch_size: int = 256, dsa: bool = True,
-                  dsa_strategy: str = DEFAULT_DSA_STRATEGY, seed: int = 0) -> dict[str, Any]:
-    """The settings recorded in ``buffer.json`` (plus the parameter layout, added on training)."""
+                  dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0) -> dict[str, Any]:
+    """The settings recorded in ``buffer.json`` (plus the parameter layout, added on training).
+    The file keeps its version-1 keys ``width``/``depth`` for the network's ``net_width``/
+    ``net_depth``, so buffers trained before the options were renamed still open."""
     return {"format": BUFFER_FORMAT, "version": BUFFER_VERSION, "dataset": _spec_dict(spec),
-            "model": model, "width": int(width), "depth": None if depth is None else int(depth),
+            "model": model, "width": int(net_width),
+            "depth": None if net_depth is None else int(net_depth),
             "epochs": int(epochs), "lr": float(lr), "momentum": 0.0, "weight_decay": 0.0,
             "batch_size": int(batch_size), "dsa": bool(dsa),
             "dsa_strategy": dsa_strategy if dsa else "none", "seed": int(seed)}
@@ -194,7 +197,7 @@ def _train_one_expert(train: RealData, cfg: Mapping[str, Any], seed: int, *,
                       ) -> tuple[torch.Tensor, torch.nn.Module, float]:
     g = torch.Generator().manual_seed(seed)
     spec = train.spec
-    net_seed = int(torch.randint(0, 2**62, (1,), generator=g).item())
+    net_seed = draw_seed(g, 2**62)
     net = _core.get_network(cfg["model"], spec.channels, spec.num_classes,
                             (spec.height, spec.width), width=cfg["width"], depth=cfg["depth"],
                             seed=net_seed).to(train.device)
@@ -206,7 +209,7 @@ def _train_one_expert(train: RealData, cfg: Mapping[str, Any], seed: int, *,
         total, count = 0.0, 0
         for x, y in train.batches(cfg["batch_size"], generator=g):
             if cfg["dsa"]:
-                s = int(torch.randint(0, 2**31 - 1, (1,), generator=g).item())
+                s = draw_seed(g)
                 x = _core.dsa(x, cfg["dsa_strategy"], s, per_sample=True)
             loss = F.cross_entropy(net(x), y)
             opt.zero_grad(set_to_none=True)
@@ -251,10 +254,10 @@ def _check_same_config(old: Mapping[str, Any], new: Mapping[str, Any], directory
 
 
 def train_experts(train: RealData, out_dir: str | os.PathLike, *, experts: int,
-                  test: RealData | None = None, model: str = "ConvNet", width: int = 128,
-                  depth: int | None = None, epochs: int = 50, lr: float = 0.01,
+                  test: RealData | None = None, model: str = "ConvNet", net_width: int = 128,
+                  net_depth: int | None = None, epochs: int = 50, lr: float = 0.01,
                   batch_size: int = 256, dsa: bool = True,
-                  dsa_strategy: str = DEFAULT_DSA_STRATEGY, seed: int = 0,
+                  dsa_strategy: str = DEFAULT_STRATEGY, seed: int = 0,
                   progress: bool = True,
                   on_epoch: Callable[[int, int, float], None] | None = None,
                   log: Callable[[str], None] | None = None) -> list[Path]:
@@ -269,10 +272,12 @@ def train_experts(train: RealData, out_dir: str | os.PathLike, *, experts: int,
         raise ValueError(f"lr must be > 0, got {lr}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = buffer_config(train.spec, model=model, width=width, depth=depth, epochs=epochs, lr=lr,
+    cfg = buffer_config(train.spec, model=model, net_width=net_width, net_depth=net_depth,
+                        epochs=epochs, lr=lr,
                         batch_size=batch_size, dsa=dsa, dsa_strategy=dsa_strategy, seed=seed)
     probe = _core.get_network(model, train.spec.channels, train.spec.num_classes,
-                              (train.spec.height, train.spec.width), width=width, depth=depth,
+                              (train.spec.height, train.spec.width), width=net_width,
+                              depth=net_depth,
                               seed=0)
     names, shapes = param_layout(probe)
     cfg["param_names"] = names

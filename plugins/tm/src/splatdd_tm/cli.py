@@ -13,10 +13,9 @@ import argparse
 import sys
 from typing import Any
 
+from splatdd.augment import DEFAULT_STRATEGY
 from splatdd.cli import positive_float as _positive_float
 from splatdd.cli import positive_int as _positive_int
-
-DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
 def register(subparsers: Any) -> None:
@@ -39,10 +38,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch", type=_positive_int, default=256, help="expert batch size")
     p.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True,
                    help="DSA augmentation while training experts")
-    p.add_argument("--dsa-strategy", default=DEFAULT_DSA_STRATEGY)
+    p.add_argument("--dsa-strategy", default=DEFAULT_STRATEGY)
     p.add_argument("--model", default="ConvNet", help="expert (and student) network")
-    p.add_argument("--width", type=_positive_int, default=128, help="ConvNet width")
-    p.add_argument("--depth", type=_positive_int, default=None,
+    p.add_argument("--net-width", type=_positive_int, default=128, help="ConvNet width")
+    p.add_argument("--net-depth", type=_positive_int, default=None,
                    help="ConvNet depth (default: by resolution)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
@@ -105,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
           f"{', ZCA' if spec.zca else ''}", flush=True)
     try:
         train_experts(train, args.out, experts=args.experts, test=None if args.no_eval else test,
-                      model=args.model, width=args.width, depth=args.depth, epochs=args.epochs,
+                      model=args.model, net_width=args.net_width, net_depth=args.net_depth,
+                      epochs=args.epochs,
                       lr=args.lr, batch_size=args.batch, dsa=args.dsa,
                       dsa_strategy=args.dsa_strategy, seed=args.seed, progress=progress,
                       log=lambda s: print(s, flush=True))
@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     # What a tm run on this buffer will hold in memory for its student unroll (the dominant cost).
     from . import _core
     net = _core.get_network(args.model, spec.channels, spec.num_classes,
-                            (spec.height, spec.width), width=args.width, depth=args.depth, seed=0)
+                            (spec.height, spec.width), width=args.net_width, depth=args.net_depth,
+                            seed=0)
     for ipc, steps in ((1, 50), (10, 60)):
         b = spec.num_classes * ipc
         act = activation_bytes(net, (b, spec.channels, spec.height, spec.width))
