@@ -29,9 +29,11 @@ import torch
 from splatdd.budget import check_budget
 from splatdd.io_utils import atomic_save_with, atomic_torch_save, atomic_write_json
 from splatdd.plugin_api import Algorithm, Parameterization, learned_eval_lr
+from splatdd.run_folder import translate_write_errors
 
 __all__ = ["distill", "run_step", "CHECKPOINT_NAME", "DISTILLED_NAME", "checkpoint_path", "has_checkpoint",
-           "load_checkpoint", "CheckpointMismatch", "plot_losses"]
+           "load_checkpoint", "CheckpointError", "CheckpointMismatch", "CorruptCheckpoint",
+           "check_resume", "RESUME_MAY_CHANGE", "plot_losses"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 DISTILLED_NAME = "distilled.safetensors"
@@ -40,8 +42,21 @@ LOSS_PLOT_NAME = "loss.png"
 CHECKPOINT_FORMAT = 1
 
 
-class CheckpointMismatch(ValueError):
-    """The checkpoint in ``out_dir`` belongs to a different run (other plugins, ipc, ...)."""
+#: Run settings that may differ between a run and its resumption (where the data lives).
+RESUME_MAY_CHANGE = frozenset({"dataset_root"})
+_CHECKPOINT_KEYS = ("step", "identity", "config", "param", "optimizer", "algo", "rng", "losses")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint in ``out_dir`` cannot be used to resume; the message says why."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint in ``out_dir`` belongs to a different run (other plugins, ipc, seed, lr...)."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """The checkpoint file is empty, truncated, garbage, not a file, or lacks required parts."""
 
 
 def checkpoint_path(out_dir: str | os.PathLike) -> Path:
@@ -49,18 +64,87 @@ def checkpoint_path(out_dir: str | os.PathLike) -> Path:
 
 
 def has_checkpoint(out_dir: str | os.PathLike) -> bool:
-    return checkpoint_path(out_dir).is_file()
+    """Whether ``out_dir`` has anything at the checkpoint's path (a directory or FIFO there counts:
+    :func:`load_checkpoint` then refuses it, rather than a resume silently starting afresh)."""
+    return os.path.lexists(checkpoint_path(out_dir))
 
 
 def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``out_dir/checkpoint.pt``; :class:`CorruptCheckpoint` says what is wrong and
+    what to do (an empty or truncated file is what a write killed mid-way by an older splatdd
+    left, since writes are atomic now)::
+
+        ckpt = load_checkpoint("runs/fmnist"); ckpt["step"]
+    """
+    import stat as _stat
+
     path = checkpoint_path(out_dir)
+    fix = f"delete {path} to start afresh (or restore it), or use another --out"
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CorruptCheckpoint(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if not _stat.S_ISREG(st.st_mode):
+        kind = "a directory" if _stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise CorruptCheckpoint(f"checkpoint {path} is {kind}; {fix}")
+    if st.st_size == 0:
+        raise CorruptCheckpoint(f"checkpoint {path} is empty (0 bytes); {fix}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - torch/pickle raise many types for a bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CorruptCheckpoint(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: "
+                                f"{first}); {fix}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a splatdd checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CorruptCheckpoint(f"{path} is not a splatdd checkpoint (format "
+                                f"{CHECKPOINT_FORMAT}); {fix}")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise CorruptCheckpoint(f"checkpoint {path} lacks {', '.join(missing)}; {fix}")
+    step = ckpt["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CorruptCheckpoint(f"checkpoint {path}: step must be an int >= 0, got {step!r}; {fix}")
+    losses = ckpt["losses"]
+    if not isinstance(losses, list) or len(losses) != step:
+        got = len(losses) if isinstance(losses, list) else "no"
+        raise CorruptCheckpoint(f"checkpoint {path}: {got} losses for step {step}; {fix}")
+    if not isinstance(ckpt["identity"], dict) or not isinstance(ckpt["config"], dict):
+        raise CorruptCheckpoint(f"checkpoint {path}: identity/config are not dicts; {fix}")
     return ckpt
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every differing (nested) key, sorted."""
+    out: list[str] = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {repr(a)[:40]} -> {repr(b)[:40]}")
+    return out
+
+
+def check_resume(ckpt: Mapping[str, Any], identity: Mapping[str, Any],
+                 run_config: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Refuse to resume ``ckpt`` with another run's identity or changed settings (seed, lr,
+    options...; keys in :data:`RESUME_MAY_CHANGE` excepted): :class:`CheckpointMismatch` names
+    each differing key with its old and new value::
+
+        check_resume(load_checkpoint(out), identity, run_config, checkpoint_path(out))
+    """
+    diff = _differences(ckpt["identity"], identity)
+    if diff:
+        raise CheckpointMismatch(
+            f"{path} is from a different run ({'; '.join(diff)}); use another --out directory or "
+            f"delete the checkpoint")
+    old = {k: v for k, v in ckpt["config"].items() if k not in RESUME_MAY_CHANGE}
+    new = {k: v for k, v in run_config.items() if k not in RESUME_MAY_CHANGE}
+    diff = _differences(old, new)
+    if diff:
+        raise CheckpointMismatch(
+            f"cannot resume {path} with changed settings ({'; '.join(diff)}): the checkpoint's "
+            f"tensors follow the old ones; rerun with the original settings, or use another --out")
 
 
 # ---- RNG state --------------------------------------------------------------------------------------
@@ -213,10 +297,7 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
     start = 0
     if resume and has_checkpoint(out_dir):
         ckpt = load_checkpoint(out_dir)
-        if ckpt["identity"] != identity:
-            raise CheckpointMismatch(
-                f"{checkpoint_path(out_dir)} is from a different run: {ckpt['identity']} vs "
-                f"{identity}; use another --out directory or delete the checkpoint")
+        check_resume(ckpt, identity, run_config, checkpoint_path(out_dir))
         param.load_state_dict(ckpt["param"])
         opt.load_state_dict(ckpt["optimizer"])
         algo.load_state_dict(ckpt["algo"])
@@ -227,13 +308,22 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
     elif seed is not None:
         _seed_everything(int(seed))
 
+    saved_step = [start if resume and start else None]
+
     def save_checkpoint(step: int) -> None:
-        atomic_torch_save({
-            "format": CHECKPOINT_FORMAT, "step": step, "identity": identity,
-            "config": run_config, "param": param.state_dict(), "optimizer": opt.state_dict(),
-            "algo": algo.state_dict(), "rng": _rng_state(algo), "losses": losses,
-            "evals": evals, "time": time.time(),
-        }, checkpoint_path(out_dir))
+        prev = saved_step[0]
+        kept = (f"the previous checkpoint {checkpoint_path(out_dir)} (step {prev})"
+                if prev is not None else "nothing (no earlier checkpoint of this run)")
+        with translate_write_errors(f"checkpoint {checkpoint_path(out_dir)} (step {step})",
+                                    kept=kept, hint="free space or fix the folder's permissions, "
+                                    "then rerun the same command with --resume"):
+            atomic_torch_save({
+                "format": CHECKPOINT_FORMAT, "step": step, "identity": identity,
+                "config": run_config, "param": param.state_dict(), "optimizer": opt.state_dict(),
+                "algo": algo.state_dict(), "rng": _rng_state(algo), "losses": losses,
+                "evals": evals, "time": time.time(),
+            }, checkpoint_path(out_dir))
+        saved_step[0] = step
 
     bar = None
     if progress and iterations > start:

@@ -43,6 +43,7 @@ import os
 import re
 import stat
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
@@ -719,7 +720,8 @@ def _rebuild(cls: Any, spec: DatasetSpec, state: dict[str, torch.Tensor], config
     """``cls.from_state`` once on the meta device (shapes checked by the plugin, allocation
     measured, nothing allocated), then for real."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")       # e.g. "copying ... to a meta parameter is a no-op"
             dry = cls.from_state(spec, {k: v.to("meta") for k, v in state.items()}, dict(config))
     except (ValueError, KeyError) as exc:
         raise InvalidTensorData(where, f"parameterization {pname}",
