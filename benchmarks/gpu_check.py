@@ -356,8 +356,8 @@ class Check:
         env = {"SPLATDD_CUDA": "ON", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 4),
                "PATH": f"{Path(nvcc).parent}:{os.environ.get('PATH', '')}"}
         cmd = [self.python, "-m", "pip", "install", "--no-index", "--no-build-isolation", "--no-deps",
-               "-v", "-e", ".", "-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=native",
-               "-Ccmake.define.SPLATDD_PTXAS_VERBOSE=ON"]
+               "-v", "-e", ".", "--config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=native",
+               "--config-settings=cmake.define.SPLATDD_PTXAS_VERBOSE=ON"]
         res, rc = self.run("build", cmd, timeout_s - 15, env)
         res.command = command_text(cmd, {k: v for k, v in env.items() if k != "PATH"})
         check = [self.python, "-c", "import json, splatdd; from splatdd import _C; "
@@ -615,6 +615,10 @@ def summary(rep: dict[str, Any]) -> list[str]:
     out.append(f"missing: {', '.join(info.get('missing') or []) or 'nothing'}")
     for s in rep["steps"]:
         out.append(f"  {s['name']:<17} {s['status']:<20} {s['seconds']:7.1f} s  {s['detail'][:110]}")
+    fails = rep["tests"].get("failures") or []
+    out += [f"    FAILED {f[:120]}" for f in fails[:6]]
+    if len(fails) > 6:
+        out.append(f"    ... and {len(fails) - 6} more (render_cuda.md lists them all)")
     rb = rep["render_benchmark"]
     for r in rb.get("cuda_vs_cpu", []) if rb else []:
         out.append(f"  render {r['workload']}: CUDA/CPU fwd {r['fwd']:,.1f}x, fwd+bwd {r['fwd_bwd']:,.1f}x")

@@ -96,8 +96,10 @@ def read_idx_images(path: Path, n: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(n, 1, h, w)
 
 
-def procedural_images(n: int, resolution: int, *, seed: int = 0) -> torch.Tensor:
-    """``(n, 3, R, R)`` images in [0, 1]: a colour gradient plus six soft ellipses each, seeded.
+def procedural_images(n: int, resolution: int, *, seed: int = 0,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(n, 3, R, R)`` images in [0, 1]: a colour gradient plus six soft ellipses each, seeded
+    (the random numbers are drawn on the CPU, the pixels computed on ``device``).
 
     >>> procedural_images(2, 16).shape
     torch.Size([2, 3, 16, 16])
@@ -105,22 +107,25 @@ def procedural_images(n: int, resolution: int, *, seed: int = 0) -> torch.Tensor
     if n < 1 or resolution < 1:
         raise ValueError(f"n and resolution must be >= 1, got n={n}, resolution={resolution}")
     gen = torch.Generator().manual_seed(seed)
-    t = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 - 1
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=gen).to(device)
+
+    t = ((torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 - 1).to(device)
     yy, xx = torch.meshgrid(t, t, indexing="ij")
-    c0, c1 = torch.rand(n, 3, 1, 1, generator=gen), torch.rand(n, 3, 1, 1, generator=gen)
-    ang = torch.rand(n, 1, 1, generator=gen) * 2 * math.pi
+    c0, c1 = rand(n, 3, 1, 1), rand(n, 3, 1, 1)
+    ang = rand(n, 1, 1) * 2 * math.pi
     ramp = (xx * torch.cos(ang) + yy * torch.sin(ang)).unsqueeze(1) * 0.5 + 0.5   # (n, 1, R, R)
     img = c0 + (c1 - c0) * ramp
     for _ in range(6):
-        cx, cy = (torch.rand(n, 1, 1, generator=gen) * 1.6 - 0.8 for _ in range(2))
-        ax, ay = (0.08 + torch.rand(n, 1, 1, generator=gen) * 0.45 for _ in range(2))
-        th = torch.rand(n, 1, 1, generator=gen) * math.pi
+        cx, cy = (rand(n, 1, 1) * 1.6 - 0.8 for _ in range(2))
+        ax, ay = (0.08 + rand(n, 1, 1) * 0.45 for _ in range(2))
+        th = rand(n, 1, 1) * math.pi
         dx, dy = xx - cx, yy - cy
         u = (dx * torch.cos(th) + dy * torch.sin(th)) / ax
         v = (-dx * torch.sin(th) + dy * torch.cos(th)) / ay
         mask = torch.sigmoid((1 - (u * u + v * v)) * 12).unsqueeze(1)
-        col = torch.rand(n, 3, 1, 1, generator=gen)
-        img = img * (1 - mask) + col * mask
+        img = img * (1 - mask) + rand(n, 3, 1, 1) * mask
     return img.clamp(0, 1)
 
 
@@ -138,19 +143,20 @@ def find_fmnist(explicit: str | None = None) -> Path | None:
 
 
 def load_task_images(n: int, resolution: int, *, fmnist: str | None = None,
-                     procedural: bool = False, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """``(images (n, 3, R, R) in [0, 1], description)``: upsampled FashionMNIST when found (and
-    ``procedural`` is False), else :func:`procedural_images`."""
+                     procedural: bool = False, seed: int = 0,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, str]:
+    """``(images (n, 3, R, R) in [0, 1] on device, description)``: upsampled FashionMNIST when
+    found (and ``procedural`` is False), else :func:`procedural_images`."""
     root = None if procedural else find_fmnist(fmnist)
     if root is not None:
         name = next(f for f in FMNIST_FILES if (root / f).is_file())
-        x = read_idx_images(root / name, n).float() / 255.0
+        x = read_idx_images(root / name, n).to(device).float() / 255.0
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
         return x.clamp(0, 1).expand(n, 3, resolution, resolution).contiguous(), (
             f"first {n} FashionMNIST images of {root / name} (28 px grey), bilinearly upsampled "
             f"to {resolution} px, grey copied to 3 channels (ImageNet is not available here)")
     why = "requested" if procedural else "no FashionMNIST directory found"
-    return procedural_images(n, resolution, seed=seed), (
+    return procedural_images(n, resolution, seed=seed, device=device), (
         f"{n} procedurally generated {resolution} px RGB images (gradient + 6 soft ellipses, seed "
         f"{seed}; {why}; ImageNet is not available here)")
 
@@ -355,8 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     t_load = time.perf_counter()
     images, desc = load_task_images(args.images, args.resolution, fmnist=args.fmnist,
-                                    procedural=args.procedural)
-    images = images.to(device)
+                                    procedural=args.procedural, device=device)
     t_load = time.perf_counter() - t_load
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"table20: {args.images} images x {args.resolution} px, {args.steps} Adam steps, sizes "

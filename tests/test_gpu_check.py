@@ -246,6 +246,8 @@ def test_report_with_figures_renders_them(tmp_path):
                 "rows": rows, "table_md": table}
     steps = [gc.StepResult(n, "ok", 1.0, 10, "cmd", f"logs/{n}.log") for n, *_ in gc.STEPS]
     steps[-1].data = t20_data
+    names = [n for n, *_ in gc.STEPS]
+    steps[names.index("tests")].data = {"failures": [f"test_render_cuda.py::test_{i}: boom" for i in range(8)]}
     rep = gc.build_report(steps, {"gpu": "NVIDIA H200", "missing": []}, dry_run=False,
                           invocation="bash scripts/gpu_check.sh x", budget_s=420, wall_s=300)
     md = gc.render_markdown(rep)
@@ -253,6 +255,8 @@ def test_report_with_figures_renders_them(tmp_path):
     assert "2730: 400/1000" in md and "extrapolated" in md
     text = "\n".join(gc.summary(rep))
     assert "50.00*" in text and "1000 images x 1000 steps" in text and len(text.splitlines()) < 45
+    assert "FAILED test_render_cuda.py::test_5: boom" in text and "... and 2 more" in text
+    assert "test_render_cuda.py::test_7: boom" in md
     written = gc.write_outputs(tmp_path, rep, None)
     assert json.loads(written[1].read_text())["table20"]["rows"][1]["steps_run"] == 400
 
