@@ -131,3 +131,63 @@ def test_progress_bar_runs(toy_test, capsys):
     x, y = _toy(1, seed=0)
     evaluate(x, y, toy_test, runs=1, epochs=2, progress=True, **SMALL)
     assert "eval ConvNet" in capsys.readouterr().err
+
+
+# ---- chunked passes (issue 15): same maths as one pass per batch --------------------------------
+def test_chunked_training_matches_one_pass():
+    """Accumulating the batch-mean gradient over passes of ``chunk`` images trains the same net
+    (float rounding only) as one pass per batch, the pre-chunking code path."""
+    x, y = _toy(7, seed=3, noise=1.0)                      # 14 images, batch 10 -> 10 + 4
+    nets = {}
+    for chunk in (None, 3, 1):
+        net = get_network("ConvNet", 1, 2, 16, seed=4, **SMALL)
+        E.train_network(net, x, y, epochs=3, lr=0.05, batch_size=10, seed=2, chunk=chunk)
+        nets[chunk] = net
+    moved = [float((p - q).detach().abs().max()) for p, q in
+             zip(nets[None].parameters(), get_network("ConvNet", 1, 2, 16, seed=4,
+                                                      **SMALL).parameters())]
+    assert max(moved) > 1e-3                               # training really changed the weights
+    for chunk in (3, 1):
+        for p, q in zip(nets[None].parameters(), nets[chunk].parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+def test_default_chunk_and_batch_norm():
+    cpu = torch.device("cpu")
+    inorm = get_network("ConvNet", 1, 2, 16, **SMALL)
+    bnorm = get_network("ConvNet", 1, 2, 16, norm="batchnorm", **SMALL)
+    assert E.default_chunk(inorm, cpu, training=True) == E.CPU_TRAIN_CHUNK
+    assert E.default_chunk(inorm, cpu, training=False) == E.CPU_TEST_CHUNK
+    assert E.default_chunk(bnorm, cpu, training=True) is None     # batch statistics: one pass
+    assert E.default_chunk(bnorm, cpu, training=False) == E.CPU_TEST_CHUNK  # eval: running stats
+    assert E.default_chunk(inorm, torch.device("meta"), training=True) is None
+    x, y = _toy(3, seed=0)
+    E.train_network(bnorm, x, y, epochs=1, seed=0)          # auto: no chunking, runs
+    with pytest.raises(ValueError, match="batch norm"):
+        E.train_network(bnorm, x, y, epochs=1, seed=0, chunk=2)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "16"])
+def test_bad_chunk(toy_test, bad):
+    x, y = _toy(2, seed=0)
+    net = get_network("ConvNet", 1, 2, 16, **SMALL)
+    with pytest.raises(ValueError, match="chunk"):
+        E.train_network(net, x, y, epochs=1, chunk=bad)
+    with pytest.raises(ValueError, match="chunk"):
+        test_accuracy(net, toy_test, chunk=bad)
+    with pytest.raises(ValueError, match="batch_size"):
+        test_accuracy(net, toy_test, batch_size=0)
+
+
+def test_chunked_test_pass_matches_direct_argmax(toy_test):
+    """Oracle: argmax of one eval-mode forward over the whole test set, computed here."""
+    x, y = _toy(3, seed=5, noise=1.0)
+    net = get_network("ConvNet", 1, 2, 16, seed=1, **SMALL)
+    E.train_network(net, x, y, epochs=2, lr=0.05, seed=0)
+    net.eval()
+    with torch.no_grad():
+        expect = 100.0 * float((net(toy_test.images).argmax(1) == toy_test.labels).float().mean())
+    net.train()
+    for bs, chunk in ((1000, None), (1000, 1), (7, 3), (30, "auto")):
+        assert test_accuracy(net, toy_test, batch_size=bs, chunk=chunk) == pytest.approx(expect)
+    assert net.training                                   # mode restored

@@ -25,7 +25,14 @@ from .augment import DEFAULT_STRATEGY, DSAParams, dsa as dsa_fn
 from .models import get_network
 from .plugin_api import DatasetSpec, RealData
 
-__all__ = ["evaluate", "train_and_test", "train_network", "test_accuracy", "EvalResult", "run_seed"]
+__all__ = ["evaluate", "train_and_test", "train_network", "test_accuracy", "EvalResult", "run_seed",
+           "default_chunk", "CPU_TRAIN_CHUNK", "CPU_TEST_CHUNK"]
+
+#: Images per forward+backward pass when training on the CPU (gradients accumulate over the
+#: passes of one SGD step; benchmarks/speed.py measured the choice).
+CPU_TRAIN_CHUNK = 16
+#: Images per forward pass of the CPU test pass.
+CPU_TEST_CHUNK = 32
 
 
 @dataclass
@@ -49,19 +56,67 @@ def run_seed(seed: int, run: int) -> int:
     return (int(seed) + int(run)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-@torch.no_grad()
+def _has_batch_statistics(net: nn.Module) -> bool:
+    """True when ``net`` normalises with batch statistics (its outputs couple the samples)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def default_chunk(net: nn.Module, device: torch.device, *, training: bool) -> int | None:
+    """Images per forward (and backward) pass: :data:`CPU_TRAIN_CHUNK` / :data:`CPU_TEST_CHUNK`
+    on the CPU, ``None`` (the whole batch) on accelerators and, in training, for nets with batch
+    statistics, whose output for one image depends on the others in its batch.
+
+    >>> from splatdd.models import get_network
+    >>> default_chunk(get_network("ConvNet", 1, 10, 28), torch.device("cpu"), training=True)
+    16
+    """
+    if device.type != "cpu":
+        return None
+    if training:
+        return None if _has_batch_statistics(net) else CPU_TRAIN_CHUNK
+    return CPU_TEST_CHUNK
+
+
+def _check_chunk(chunk: int | None) -> None:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+
+
 def test_accuracy(net: nn.Module, test: RealData, *, batch_size: int = 1000,
-                  device: torch.device | str | None = None) -> float:
-    """Accuracy (%) of ``net`` on every image of ``test`` (batched, no grad, eval mode)."""
+                  device: torch.device | str | None = None,
+                  chunk: int | None | str = "auto") -> float:
+    """Accuracy (%) of ``net`` on every image of ``test`` (batched, no grad, eval mode).
+
+    ``batch_size`` images are moved to ``device`` at a time and run through ``net`` in passes
+    of ``chunk`` images (``"auto"``: :func:`default_chunk`; ``None``: the whole batch). In eval
+    mode every net here is per-sample, so the chunking changes no prediction beyond float
+    rounding; on the CPU small passes keep the activations in cache instead of mapping and
+    unmapping ~100 MB buffers per batch.
+
+    >>> from splatdd.testing import make_tiny_real
+    >>> from splatdd.models import get_network
+    >>> real = make_tiny_real()
+    >>> net = get_network("ConvNet", 1, 3, 8, width=8, seed=0)
+    >>> 0.0 <= test_accuracy(net, real) <= 100.0
+    True
+    """
     device = torch.device(device) if device is not None else test.device
+    if chunk == "auto":
+        chunk = default_chunk(net, device, training=False)
+    _check_chunk(chunk)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     was_training = net.training
     net.eval()
     correct, n = 0, len(test.labels)
     try:
-        for i in range(0, n, batch_size):
-            x = test.images[i:i + batch_size].to(device, non_blocking=True)
-            y = test.labels[i:i + batch_size].to(device, non_blocking=True)
-            correct += int((net(x).argmax(1) == y).sum())
+        with torch.inference_mode():
+            for i in range(0, n, batch_size):
+                x = test.images[i:i + batch_size].to(device, non_blocking=True)
+                y = test.labels[i:i + batch_size].to(device, non_blocking=True)
+                step = x.shape[0] if chunk is None else chunk
+                for j in range(0, x.shape[0], step):
+                    correct += int((net(x[j:j + step]).argmax(1) == y[j:j + step]).sum())
     finally:
         net.train(was_training)
     return 100.0 * correct / max(n, 1)
@@ -76,13 +131,24 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                   seed: int = 0, momentum: float = 0.9, weight_decay: float = 5e-4,
                   device: torch.device | str = "cpu", progress: bool = False,
                   desc: str = "train", optimizer: str = "sgd",
-                  schedule: str = "step") -> nn.Module:
+                  schedule: str = "step", chunk: int | None | str = "auto") -> nn.Module:
     """Train ``net`` in place on ``(images, labels)`` with the protocol above; returns ``net``.
 
     ``seed`` drives the shuffling and the DSA parameters (not the net's init: build ``net``
     seeded). ``labels`` are int class indices ``(n,)``. ``optimizer`` ``"sgd"`` (momentum,
     weight decay) or ``"adam"`` (weight decay); ``schedule`` ``"step"`` (x0.1 at half, new
     optimiser, as DSA) or ``"cosine"`` (annealed per epoch to 0, GSDD appendix B.2).
+
+    Each SGD step runs forward and backward in passes of ``chunk`` images and accumulates the
+    gradient of the batch-mean loss (``"auto"``: :func:`default_chunk`; ``None``: one pass). For
+    per-sample nets (no batch statistics) this is the same gradient up to float rounding; the
+    random stream (shuffling, DSA seeds and parameters) does not depend on ``chunk``.
+
+    >>> from splatdd.models import get_network
+    >>> x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    >>> net = get_network("ConvNet", 1, 3, 8, width=8, seed=0)
+    >>> train_network(net, x, y, epochs=2, seed=0) is net
+    True
     """
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
@@ -90,6 +156,12 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
         raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
     device = torch.device(device)
     net = net.to(device)
+    if chunk == "auto":
+        chunk = default_chunk(net, device, training=True)
+    _check_chunk(chunk)
+    if chunk is not None and _has_batch_statistics(net):
+        raise ValueError(f"chunk={chunk} would split each batch of a net with batch norm (its "
+                         "statistics couple the samples); use chunk=None")
     x_all = images.detach().to(device=device, dtype=torch.float32)
     y_all = labels.detach().to(device=device, dtype=torch.long)
     if x_all.shape[0] != y_all.shape[0] or x_all.shape[0] == 0:
@@ -129,9 +201,8 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                     step_seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
                     xb = dsa_fn(xb, dsa_strategy, seed=step_seed, params=dsa_params,
                                 per_sample=True)
-                loss = F.cross_entropy(net(xb), yb)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                _loss_backward(net, xb, yb, chunk)
                 opt.step()
             if bar is not None:
                 bar.update(1)
@@ -139,6 +210,18 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
         if bar is not None:
             bar.close()
     return net
+
+
+def _loss_backward(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
+                   chunk: int | None) -> None:
+    """Backpropagate the batch-mean cross-entropy, in passes of ``chunk`` images."""
+    b = xb.shape[0]
+    if chunk is None or b <= chunk:
+        F.cross_entropy(net(xb), yb).backward()
+        return
+    for j in range(0, b, chunk):
+        part = F.cross_entropy(net(xb[j:j + chunk]), yb[j:j + chunk], reduction="sum")
+        (part / b).backward()
 
 
 def train_and_test(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, test: RealData, *,
