@@ -2,6 +2,7 @@
 # Builds splatdd and every plugin under plugins/*/ into one wheelhouse folder (docs/install.md).
 #
 #   bash scripts/build_wheels.sh [WHEELHOUSE]        # default WHEELHOUSE: wheels/ in the checkout
+#   bash scripts/build_wheels.sh --deps-only         # steps 1-2 only (scripts/install.sh uses it)
 #   pip install --find-links WHEELHOUSE "splatdd[diffusion]"    # or "splatdd[all]", or one plugin
 #
 # 1. Reads build-system.requires of ./pyproject.toml and of every plugins/*/pyproject.toml (new
@@ -22,6 +23,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+DEPS_ONLY=""
+if [ "${1:-}" = "--deps-only" ]; then DEPS_ONLY=1; shift; fi
+case "${1:-}" in -*) echo "usage: build_wheels.sh [WHEELHOUSE | --deps-only]" >&2; exit 2;; esac
 WHEELHOUSE=${1:-wheels}
 die() { echo "build_wheels.sh: error: $*" >&2; exit 2; }
 
@@ -60,6 +64,8 @@ print("\n".join(reqs))
 EOF
 ) || exit 2
 mapfile -t REQ_ARRAY <<<"$REQS"
+# scikit-build-core needs cmake; without one on PATH, the PyPI package provides it
+if ! command -v cmake >/dev/null 2>&1 && ! "$PY" -c "import cmake" 2>/dev/null; then REQ_ARRAY+=("cmake>=3.18"); fi
 echo "build_wheels.sh: projects: ${PROJECTS[*]}"
 echo "build_wheels.sh: build requirements: ${REQ_ARRAY[*]}"
 
@@ -96,6 +102,8 @@ if missing:
              + f"\ninstall them with: {sys.executable} -m pip install "
              + " ".join(repr(m.split(' (')[0]) for m in missing))
 EOF
+
+[ -z "$DEPS_ONLY" ] || { echo "build_wheels.sh: build requirements satisfied"; exit 0; }
 
 # --- 3. the wheels ------------------------------------------------------------------------------------
 mkdir -p "$WHEELHOUSE"

@@ -1,0 +1,297 @@
+"""Fresh-venv install transcript (issue 18): every documented install path (docs/install.md), run
+as a new user would, with its wall time and outcome, written to benchmarks/results/install.md and
+install.json.
+
+    heavy python benchmarks/install_transcript.py               # the install paths
+    heavy python benchmarks/install_transcript.py --main-job    # + README command 1's main job
+
+Everything happens in a work folder (``--work``; default a new temporary folder, removed at the end
+unless ``--keep``): a fresh ``git clone`` of this checkout's HEAD (the committed state), and new
+virtual environments made with ``python -m venv`` (no system site-packages). The paths:
+
+1. README command 1, install part: ``bash scripts/install.sh`` in the clone, in venv ``readme``;
+2. ``bash scripts/build_wheels.sh WHEELHOUSE`` (with the ``readme`` venv's python);
+3. ``pip install torch==2.13.0`` then ``pip install --find-links WHEELHOUSE "splatdd[diffusion]"``
+   in venv ``wheels``; 4. ``pip install --find-links WHEELHOUSE "splatdd[all]"`` on top;
+5. one plugin alone: venv ``one``, torch, the core from the wheelhouse, then
+   ``pip install plugins/ld3m`` (build isolation, as a user types it);
+6. with ``--main-job``: the ``splatdd distill ...`` part of README command 1, read from the
+   README.md of this working tree at run time, run in the clone with the ``readme`` venv.
+
+Each outcome is checked (``splatdd plugins --strict``: which plugins, all loading) and every venv's
+torch must still be 2.13.0 afterwards (pip never resolved another). The C++ module is built with
+``SPLATDD_CUDA=OFF`` unless ``--cuda`` (then the CUDA backend's compile time is included). Wall
+times include pip's work on this machine's local package mirror; the load average is recorded
+before and after each step (the machine is shared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from splatdd.io_utils import atomic_write_json, atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TORCH = "2.13.0"
+
+
+@dataclass
+class Step:
+    """One timed command of the transcript."""
+
+    name: str
+    command: str
+    seconds: float
+    returncode: int
+    ok: bool
+    outcome: str
+    load_before: str
+    load_after: str
+    tail: list[str] = field(default_factory=list)
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def machine() -> dict[str, str]:
+    """CPU, cores, memory, OS, Python and the checkout's commit."""
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    os_name = platform.platform()
+    if Path("/etc/os-release").is_file():
+        m = re.search(r'^PRETTY_NAME="?([^"\n]+)', Path("/etc/os-release").read_text(), re.M)
+        os_name = m.group(1) if m else os_name
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory_gib": f"{mem_kb / 2**20:.1f}",
+            "os": os_name, "python": platform.python_version(), "commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+class Transcript:
+    """Runs the steps and keeps their records."""
+
+    def __init__(self, work: Path, cuda: str) -> None:
+        self.work = work
+        self.steps: list[Step] = []
+        self.env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1",
+                        PIP_ROOT_USER_ACTION="ignore", SPLATDD_CUDA=cuda, SPLATDD_SKIP_APT="1")
+        for var in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHON"):
+            self.env.pop(var, None)
+
+    def venv_env(self, venv: Path) -> dict[str, str]:
+        """The environment of an activated ``venv``."""
+        return dict(self.env, VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}:{self.env['PATH']}")
+
+    def run(self, name: str, command: str, *, cwd: Path, env: dict[str, str], check=None,
+            record: bool = True) -> Step:
+        """Run ``command`` in bash; ``check(stdout) -> (ok, outcome)`` judges a zero exit."""
+        print(f"[install_transcript] {name}: {command}", file=sys.stderr, flush=True)
+        before = loadavg()
+        t0 = time.perf_counter()
+        r = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        out = r.stdout + r.stderr
+        if r.returncode != 0:
+            ok, outcome = False, f"failed (exit {r.returncode})"
+        elif check is None:
+            ok, outcome = True, "ok"
+        else:
+            ok, outcome = check(r.stdout)
+        step = Step(name, command, round(seconds, 1), r.returncode, ok, outcome, before, loadavg(),
+                    [line for line in out.splitlines() if line.strip()][-12:])
+        print(f"[install_transcript]   {seconds:.1f} s, {outcome}", file=sys.stderr, flush=True)
+        if record:
+            self.steps.append(step)
+        return step
+
+
+def plugins_check(expected_distributions: set[str]):
+    """A check of ``splatdd plugins --json --strict`` output: exactly these plugin distributions
+    (besides the core's own entry points), every entry point loading."""
+    def check(stdout: str) -> tuple[bool, str]:
+        rows = json.loads(stdout[stdout.index("["):])
+        dists = {r["distribution"] for r in rows} - {"splatdd"}
+        bad = [f"{r['name']}: {r['status']}" for r in rows if r["status"] != "ok"]
+        ok = not bad and dists == expected_distributions
+        names = ", ".join(sorted(d.removeprefix("splatdd-") for d in dists)) or "none"
+        return ok, (f"{len(rows)} entry points load ({names})" if ok else
+                    f"WRONG: plugins {sorted(dists)}, expected {sorted(expected_distributions)}; {bad}")
+    return check
+
+
+def wheels_check(expected: int):
+    """A check of build_wheels.sh's output: ``expected`` wheels built."""
+    def check(stdout: str) -> tuple[bool, str]:
+        wheels = re.findall(r"^splatdd\S*\.whl$", stdout, re.M)
+        return len(wheels) == expected, f"{len(wheels)} wheels (expected {expected})"
+    return check
+
+
+def readme_main_job(readme: Path) -> str:
+    """The ``splatdd distill ...`` part of README command 1 (the line with scripts/install.sh)."""
+    for line in readme.read_text().splitlines():
+        if line.startswith("bash scripts/install.sh && splatdd distill"):
+            return line.split("&&", 1)[1].strip()
+    raise SystemExit(f"install_transcript: no 'bash scripts/install.sh && splatdd distill' line in {readme}")
+
+
+def accuracy_check(stdout: str) -> tuple[bool, str]:
+    lines = [line.strip() for line in stdout.splitlines() if "accuracy" in line.lower()]
+    return (True, lines[-1]) if lines else (False, "no accuracy printed")
+
+
+def plugin_distributions(clone: Path) -> set[str]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        from pip._vendor import tomli as tomllib
+    out = set()
+    for p in (clone / "plugins").glob("*/pyproject.toml"):
+        with open(p, "rb") as f:
+            out.add(tomllib.load(f)["project"]["name"])
+    return out
+
+
+def transcript(work: Path, *, cuda: str, main_job: bool) -> tuple[list[Step], dict]:
+    t = Transcript(work, cuda)
+    clone = work / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    everything = plugin_distributions(clone)
+    strict = "splatdd plugins --json --strict"
+    torch_check = (f'python -c "import torch; assert torch.__version__.split(\'+\')[0] == \'{TORCH}\', '
+                   f'torch.__version__; print(torch.__version__)"')
+    venvs = {name: work / f"venv-{name}" for name in ("readme", "wheels", "one")}
+    for venv in venvs.values():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    wh = work / "wheelhouse"
+
+    # 1. README command 1, install part
+    e = t.venv_env(venvs["readme"])
+    t.run("README command 1: install", "bash scripts/install.sh", cwd=clone, env=e,
+          check=lambda out: (True, "installed; `splatdd plugins --strict` passes"))
+    t.run("  plugins", strict, cwd=clone, env=e, check=plugins_check(everything))
+    # 2. the wheelhouse
+    t.run("wheelhouse: build", f"bash scripts/build_wheels.sh {shlex.quote(str(wh))}", cwd=clone, env=e,
+          check=wheels_check(len(everything) + 1))
+    # 3. splatdd[diffusion] from the wheelhouse, torch first
+    e = t.venv_env(venvs["wheels"])
+    t.run("splatdd[diffusion]: torch first", f"pip install -q torch=={TORCH}", cwd=work, env=e)
+    t.run("splatdd[diffusion]", f'pip install -q --find-links {shlex.quote(str(wh))} "splatdd[diffusion]"',
+          cwd=work, env=e)
+    t.run("  plugins", strict, cwd=work, env=e, check=plugins_check({"splatdd-ld3m"}))
+    # 4. splatdd[all] on top
+    t.run("splatdd[all]", f'pip install -q --find-links {shlex.quote(str(wh))} "splatdd[all]"', cwd=work, env=e)
+    t.run("  plugins", strict, cwd=work, env=e, check=plugins_check(everything))
+    # 5. one plugin alone, next to the core
+    e = t.venv_env(venvs["one"])
+    t.run("one plugin: torch + core", f"pip install -q torch=={TORCH} && "
+          f"pip install -q --find-links {shlex.quote(str(wh))} splatdd", cwd=clone, env=e)
+    t.run("one plugin: pip install plugins/ld3m", "pip install -q plugins/ld3m", cwd=clone, env=e)
+    t.run("  plugins", strict, cwd=clone, env=e, check=plugins_check({"splatdd-ld3m"}))
+    # 6. the main job
+    info: dict = {"clone_commit": commit, "splatdd_cuda": cuda}
+    if main_job:
+        e = t.venv_env(venvs["readme"])
+        threads = subprocess.run(["python", "-c", "import torch; print(torch.get_num_threads())"],
+                                 env=e, capture_output=True, text=True).stdout.strip()
+        job = readme_main_job(ROOT / "README.md")
+        info.update(main_job_command=job, main_job_torch_threads=threads)
+        t.run("README command 1: main job", job, cwd=clone, env=e, check=accuracy_check)
+    # every venv kept its torch
+    for name, venv in venvs.items():
+        t.run(f"torch in venv {name}", torch_check, cwd=work, env=t.venv_env(venv),
+              check=lambda out: (out.strip().split("+")[0] == TORCH, f"torch {out.strip()} (unchanged)"))
+    return t.steps, info
+
+
+def write_results(steps: list[Step], info: dict, mach: dict, out: Path) -> None:
+    install = next((s for s in steps if s.name == "README command 1: install"), None)
+    job = next((s for s in steps if s.name == "README command 1: main job"), None)
+    data = {"machine": mach, **info, "steps": [asdict(s) for s in steps]}
+    if install and job:
+        data["readme_command_1_seconds"] = round(install.seconds + job.seconds, 1)
+    atomic_write_json(out.with_suffix(".json"), data)
+    lines = [
+        "# Install transcript (fresh virtual environments)",
+        "",
+        f"Generated by `benchmarks/install_transcript.py` on {mach['date']}. Machine: {mach['cpu']}, "
+        f"{mach['cores']} cores (shared with other jobs: see the load averages), {mach['memory_gib']} GiB, "
+        f"{mach['os']}, Python {mach['python']}. A fresh `git clone` of commit {info['clone_commit']}; "
+        f"every venv made with `python -m venv` (no system site-packages); C++ module built with "
+        f"`SPLATDD_CUDA={info['splatdd_cuda']}`. pip reads this machine's local package mirror and its "
+        f"local torch {TORCH} CPU wheel (`PIP_FIND_LINKS`), so the times contain no download time.",
+        "",
+        "| step | command | wall time | load before / after | outcome |",
+        "|---|---|---|---|---|",
+    ]
+    for s in steps:
+        cmd = s.command if len(s.command) < 90 else s.command[:87] + "..."
+        lines.append(f"| {s.name} | `{cmd}` | {s.seconds:.1f} s | {s.load_before} / {s.load_after} | "
+                     f"{'ok' if s.ok else 'FAILED'}: {s.outcome} |")
+    if job:
+        lines += ["", "## README command 1, main job", "",
+                  f"`{info['main_job_command']}` (read from README.md at run time), torch threads: "
+                  f"{info['main_job_torch_threads']}.", "",
+                  f"- wall time: {job.seconds / 60:.1f} min ({job.seconds:.0f} s), load average "
+                  f"{job.load_before} before, {job.load_after} after",
+                  f"- printed: `{job.outcome}`",
+                  f"- README command 1 in total (install + main job): "
+                  f"{data['readme_command_1_seconds'] / 60:.1f} min"]
+    failed = [s for s in steps if not s.ok]
+    if failed:
+        lines += ["", "## Failures", ""]
+        for s in failed:
+            lines += [f"### {s.name}", "", "```", *s.tail, "```", ""]
+    lines += ["", "Commands per path: docs/install.md. Tail of every step's output: install.json."]
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--main-job", action="store_true", help="also run README command 1's main job")
+    ap.add_argument("--cuda", default="OFF", choices=["OFF", "AUTO", "ON"], help="SPLATDD_CUDA for the builds")
+    ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--out", type=Path, default=RESULTS / "install", help="results path without suffix")
+    args = ap.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="splatdd-install-"))
+    if args.work is not None:
+        if work.exists() and any(work.iterdir()):
+            ap.error(f"--work {work} is not empty")
+        work.mkdir(parents=True, exist_ok=True)
+    mach = machine()
+    try:
+        steps, info = transcript(work.resolve(), cuda=args.cuda, main_job=args.main_job)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    write_results(steps, info, mach, args.out)
+    print(args.out.with_suffix(".md").read_text())
+    return 0 if all(s.ok for s in steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
