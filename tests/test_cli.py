@@ -60,10 +60,12 @@ def test_distill_resume_eval_render_export(env, tmp_path, capsys):
                    "--ipc", "1", "--iterations", "2", "--out", str(out), *TINY])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "test accuracy:" in text and "+-" in text
+    assert "ConvNet: test accuracy" in text and "+-" in text and "protocol paper" in text
     res = json.loads((out / "results.json").read_text())
-    assert res["iterations"] == 2 and res["eval"]["runs"] == 1 and len(res["eval"]["accs"]) == 1
-    assert res["algo_opts"] == {"batch_real": 8, "net_width": 8}
+    row, = res["after"]
+    assert res["iterations"] == 2 and row["runs"] == 1 and len(row["accs"]) == 1
+    assert row["protocol"] == "paper" and row["settings"]["epochs"] == 2
+    assert res["config"]["algo_options"] == {"batch_real": 8, "net_width": 8}
     for name in ("distilled.safetensors", "checkpoint.pt", "loss.png", "history.json"):
         assert (out / name).is_file()
 
@@ -81,8 +83,8 @@ def test_distill_resume_eval_render_export(env, tmp_path, capsys):
     f = str(out / "distilled.safetensors")
     assert cli.main(["eval", f, "--runs", "1", "--epochs", "1", "--no-progress",
                      "--json", str(tmp_path / "e.json")]) == 0
-    assert "test accuracy:" in capsys.readouterr().out
-    assert json.loads((tmp_path / "e.json").read_text())["lr"] == 0.01
+    assert "ConvNet: test accuracy" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["rows"][0]["lr"] == 0.01
     assert cli.main(["render", f, "--out", str(tmp_path / "g.png"), "--resolution", "56"]) == 0
     from PIL import Image
     assert Image.open(tmp_path / "g.png").size == (10 * 58 + 2, 58 + 2)
@@ -109,6 +111,14 @@ def test_plugins_command(capsys):
     (["distill", "--ipc", "1", "--dataset", "nodata", "--iterations", "1"], "nodata"),
     (["eval", "/nonexistent/file.safetensors"], "no such file"),
     (["distill", "--ipc", "1", "--device", "cuda:0"], "CUDA"),
+    (["distill"], "--ipc is required without --config"),
+    (["distill", "--config", "no-such-preset"], "no preset named 'no-such-preset'"),
+    (["distill", "--config", "fmnist-main", "--set", "eval.runz=1"], "unknown key(s) runz"),
+    (["distill", "--config", "fmnist-main", "--set", "ipc=0"], "ipc must be an integer >= 1"),
+    (["distill", "--ipc", "1", "--eval-protocol", "nope"], "no protocol plugin named 'nope'"),
+    (["distill", "--ipc", "1", "--threads", "100000"], "threads must be between 1 and"),
+    (["eval", "/nonexistent/file.safetensors", "--protocol", "nope"], "no protocol plugin"),
+    (["eval", "/nonexistent/file.safetensors", "--protocol-opt", "bogus=1"], "bogus"),
 ])
 def test_clear_errors(env, tmp_path, capsys, argv, needle):
     if "cuda" in needle.lower() and torch.cuda.is_available():
@@ -121,7 +131,6 @@ def test_clear_errors(env, tmp_path, capsys, argv, needle):
 @pytest.mark.parametrize("argv,needles", [
     (["distill", "--ipc", "0"], ["--ipc", "expected a positive integer, got '0'"]),
     (["distill", "--ipc", "x"], ["--ipc", "expected a positive integer, got 'x'"]),
-    (["distill"], ["--ipc"]),
     (["distill", "--ipc", "1", "--lr", "-1"], ["--lr", "expected a positive number, got '-1'"]),
     (["distill", "--ipc", "1", "--lr", "nan"], ["--lr", "expected a positive number, got 'nan'"]),
     (["render", "f"], ["--out"])])
