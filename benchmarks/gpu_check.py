@@ -451,9 +451,11 @@ class Check:
         if out.exists():
             res.data = json.loads(out.read_text())
             rows = res.data.get("rows", [])
-            ext = [r["gaussians"] for r in rows if r["extrapolated"]]
+            ext = [r["gaussians"] for r in rows if r.get("extrapolated")]
+            err = [r["gaussians"] for r in rows if "error" in r]
             res.detail = (f"{len(rows)} sizes; " + ("full task for every size" if not ext else
-                          f"extrapolated from fewer steps for {ext} (time budget)"))
+                          f"extrapolated from fewer steps for {ext} (time budget)")
+                          + (f"; FAILED for {err}" if err else ""))
         return res
 
     def skipped(self, name: str, why: str = SKIP_NO_GPU) -> StepResult:
@@ -593,10 +595,14 @@ def render_markdown(rep: dict[str, Any]) -> str:
                f"(lr {task['lr']}, C = {task['channels']}, ssaa {task['ssaa']}), one renderer call per "
                f"step for the whole set. Timed: {task['timed']}. Images: {task['image_source']}.", ""]
         md += t["table_md"]
-        if any(r["extrapolated"] for r in t["rows"]):
+        errors = [f"{r['gaussians']}: {r['error']}" for r in t["rows"] if "error" in r]
+        if errors:
+            md += ["", "Failed sizes:"] + [f"- {e}" for e in errors]
+        if any(r.get("extrapolated") for r in t["rows"]):
             md += ["", "\\* extrapolated: the fit stopped early to keep the time budget; seconds = "
                        "measured seconds per step x the task's steps. Steps run: "
-                   + ", ".join(f"{r['gaussians']}: {r['steps_run']}/{r['steps']}" for r in t["rows"])]
+                   + ", ".join(f"{r['gaussians']}: {r['steps_run']}/{r['steps']}" for r in t["rows"]
+                               if "error" not in r)]
     else:
         md += t20.comparison_table([], "this GPU") + ["", "Our rows: not run (see the steps)."]
     md += ["", f"Paper rows: {t20.PAPER_SOURCE} (1,000 ImageNet images, three runs averaged, "
@@ -627,7 +633,7 @@ def summary(rep: dict[str, Any]) -> list[str]:
     out.append(f"Table 20 (seconds; {t20.PAPER_SOURCE} rows beside ours"
                + (f"; ours: {t['task']['images']} images x {t['task']['steps']} steps" if t else "") + "):")
     out += ["  " + ln for ln in (t["table_md"] if t else t20.comparison_table([], "this GPU"))]
-    if t and any(r["extrapolated"] for r in t["rows"]):
+    if t and any(r.get("extrapolated") for r in t["rows"]):
         out.append("  * extrapolated from the measured seconds per step (time budget)")
     return out
 

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -259,21 +259,33 @@ def fit_images(images: torch.Tensor, n_gaussians: int, *, steps: int, lr: float 
 
 
 def run_task(images: torch.Tensor, sizes: Sequence[int], *, steps: int, lr: float = 1e-2,
-             ssaa: int = 2, budget_s: float | None = None, log=print) -> list[FitRow]:
-    """:func:`fit_images` for each size; the budget left is shared equally by the sizes left."""
-    rows = []
+             ssaa: int = 2, budget_s: float | None = None, log=print,
+             on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """:func:`fit_images` for each size (as dicts); the budget left is shared equally by the sizes
+    left. A size that raises (e.g. out of memory) gives ``{"gaussians": n, "error": ...}`` and the
+    next size still runs. ``on_row`` gets the rows so far after each size."""
+    rows: list[dict] = []
     start = time.perf_counter()
     for i, n in enumerate(sizes):
         share = None
         if budget_s is not None:
             share = max(0.0, budget_s - (time.perf_counter() - start)) / (len(sizes) - i)
-        row = fit_images(images, n, steps=steps, lr=lr, ssaa=ssaa, budget_s=share)
-        rows.append(row)
-        log(f"  {n:5d} Gaussians: {row.steps_run}/{row.steps} steps in {row.seconds_measured:.2f} s"
-            f" ({row.seconds_per_step * 1e3:.2f} ms/step) -> {row.seconds:.2f} s"
-            f"{' (extrapolated)' if row.extrapolated else ''}, PSNR {row.psnr_init:.2f} -> "
-            f"{row.psnr:.2f} dB" + ("" if row.peak_memory_gb is None else
-                                    f", peak {row.peak_memory_gb:.2f} GB"))
+        try:
+            row = fit_images(images, n, steps=steps, lr=lr, ssaa=ssaa, budget_s=share)
+        except (RuntimeError, ValueError) as err:      # torch.cuda.OutOfMemoryError is a RuntimeError
+            rows.append({"gaussians": n, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            log(f"  {n:5d} Gaussians: FAILED {rows[-1]['error']}")
+            if images.device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            rows.append(row.as_dict())
+            log(f"  {n:5d} Gaussians: {row.steps_run}/{row.steps} steps in {row.seconds_measured:.2f} s"
+                f" ({row.seconds_per_step * 1e3:.2f} ms/step) -> {row.seconds:.2f} s"
+                f"{' (extrapolated)' if row.extrapolated else ''}, PSNR {row.psnr_init:.2f} -> "
+                f"{row.psnr:.2f} dB" + ("" if row.peak_memory_gb is None else
+                                        f", peak {row.peak_memory_gb:.2f} GB"))
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -304,6 +316,8 @@ def comparison_table(rows: Sequence[dict], gpu_name: str, sizes: Sequence[int] =
         r = by.get(s)
         if r is None:
             return "not run"
+        if "error" in r:
+            return "error"
         if r.get(key) is None:
             return "n/a"
         mark = "*" if key == "seconds" and r.get("extrapolated") else ""
@@ -368,23 +382,30 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.sizes}, ssaa {args.ssaa}, on {gpu}; budget "
           f"{'none' if args.budget_s is None else f'{args.budget_s:.0f} s'}\n  images: {desc}", flush=True)
     budget = None if args.budget_s is None else max(1.0, args.budget_s - t_load)
-    rows = run_task(images, args.sizes, steps=args.steps, lr=args.lr, ssaa=args.ssaa, budget_s=budget)
-    dicts = [r.as_dict() for r in rows]
-    table = comparison_table(dicts, gpu, sorted(set(PAPER_SIZES) | set(args.sizes)))
-    print("\n".join(table))
-    if any(r.extrapolated for r in rows):
-        print("* extrapolated from the measured seconds per step (budget reached)")
-    result = {"task": {"images": args.images, "resolution": args.resolution, "steps": args.steps,
-                       "sizes": args.sizes, "ssaa": args.ssaa, "lr": args.lr, "channels": 3,
-                       "budget_s": args.budget_s, "image_source": desc, "device": gpu,
-                       "timed": "Adam steps only (render, MSE, backward, step), after "
-                                f"{WARMUP_STEPS} warm-up steps; no loading or initialisation"},
-              "rows": dicts, "paper": paper_rows(), "table_md": table}
-    if args.json is not None:
+    task = {"images": args.images, "resolution": args.resolution, "steps": args.steps,
+            "sizes": args.sizes, "ssaa": args.ssaa, "lr": args.lr, "channels": 3,
+            "budget_s": args.budget_s, "image_source": desc, "device": gpu,
+            "timed": "Adam steps only (render, MSE, backward, step), after "
+                     f"{WARMUP_STEPS} warm-up steps; no loading or initialisation"}
+    all_sizes = sorted(set(PAPER_SIZES) | set(args.sizes))
+
+    def write(rows: list[dict]) -> None:
+        """The JSON after every size, so a run stopped by its time box keeps what it measured."""
+        if args.json is None:
+            return
         from splatdd.io_utils import atomic_write_json
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.json, result)
+        atomic_write_json(args.json, {"task": task, "rows": rows, "paper": paper_rows(),
+                                      "table_md": comparison_table(rows, gpu, all_sizes)})
+
+    rows = run_task(images, args.sizes, steps=args.steps, lr=args.lr, ssaa=args.ssaa,
+                    budget_s=budget, on_row=write)
+    print("\n".join(comparison_table(rows, gpu, all_sizes)))
+    if any(r.get("extrapolated") for r in rows):
+        print("* extrapolated from the measured seconds per step (budget reached)")
+    if any("error" in r for r in rows):
+        return 1
     return 0
 
 

@@ -299,6 +299,17 @@ def test_fit_improves_and_budget_extrapolates():
         t20.fit_images(images, 4, steps=0)
 
 
+def test_run_task_goes_on_after_a_failing_size():
+    images = t20.procedural_images(2, 16, seed=2)
+    seen = []
+    rows = t20.run_task(images, [0, 4], steps=2, ssaa=1, log=lambda s: None,
+                        on_row=lambda r: seen.append(len(r)))
+    assert rows[0]["gaussians"] == 0 and "n_gaussians must be >= 1" in rows[0]["error"]
+    assert rows[1]["steps_run"] == 2 and "error" not in rows[1] and seen == [1, 2]
+    table = "\n".join(t20.comparison_table(rows, "X", [0, 4]))
+    assert "| ours, X (s) | error | " in table
+
+
 def test_task_images(tmp_path):
     a = t20.procedural_images(4, 16, seed=3)
     assert torch.equal(a, t20.procedural_images(4, 16, seed=3))
