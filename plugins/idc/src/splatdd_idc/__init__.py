@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from splatdd.plugin_api import (PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization,
-                                reject_unknown_options)
+                                regime_setting, reject_unknown_options)
 
 __all__ = ["IDCImages", "DEFAULT_OPTIMIZER", "sub_image_size"]
 __version__ = "0.1.0"
@@ -186,17 +186,13 @@ class IDCImages(Parameterization):
     def optimizer_spec(self, regime: str, lr: float | None = None) -> OptimizerSpec:
         """The optimiser of :data:`DEFAULT_OPTIMIZER` for ``regime``; ``lr`` overrides its lr.
         Raises ``ValueError`` for an unknown regime."""
-        if regime not in DEFAULT_OPTIMIZER:
-            raise ValueError(f"idc: unknown regime {regime!r}; expected one of "
-                             f"{', '.join(DEFAULT_OPTIMIZER)}")
-        kind, default_lr, extra = DEFAULT_OPTIMIZER[regime]
+        kind, default_lr, extra = regime_setting(DEFAULT_OPTIMIZER, regime, "idc")
         if lr is None:
             lr = TRAJECTORY_ZCA_LR if regime == "trajectory" and self.spec.zca else default_lr
-        group: dict[str, Any] = {"params": [self.images], "lr": float(lr)}
+        params = [{"params": [self.images], "lr": float(lr)}]
         if kind == "adam":
-            group["betas"] = tuple(extra["betas"])
-            return OptimizerSpec(params=[group], kind="adam")
-        return OptimizerSpec(params=[group], kind="sgd", momentum=float(extra["momentum"]))
+            return OptimizerSpec(params=params, kind="adam", betas=tuple(extra["betas"]))
+        return OptimizerSpec(params=params, kind="sgd", momentum=float(extra["momentum"]))
 
     # ---- storage --------------------------------------------------------------------------------
     def num_bytes(self) -> int:
