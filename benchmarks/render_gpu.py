@@ -144,20 +144,22 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
           + f", CPU backend with {threads} torch threads; C = {bench.C}, ssaa = {bench.SSAA}, fp32")
     print("\n".join(TABLE_HEAD), flush=True)
-    rows = benchmark(configs, args.device, args.repeats, bench)
-    ratios = cuda_vs_cpu(rows)
-    for r in ratios:
-        print(f"- {r['workload']}: CUDA / CPU backend: fwd {r['fwd']:,.1f}x, fwd+bwd {r['fwd_bwd']:,.1f}x")
-    if args.json is not None:
-        from splatdd.io_utils import atomic_write_json
+    rows: list[dict] = []
+    for cfg in configs:         # the JSON after every workload: a time-boxed run keeps its rows
+        rows += benchmark([cfg], args.device, args.repeats, bench)
+        ratios = cuda_vs_cpu(rows)
+        if args.json is not None:
+            from splatdd.io_utils import atomic_write_json
 
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.json, {
-            "device": args.device, "cpu_threads": threads, "channels": bench.C, "ssaa": bench.SSAA,
-            "configs": [list(c) for c in configs],
-            "configs_source": "benchmarks/render.py CONFIGS" if getattr(bench, "CONFIGS", None)
-            else "copied from benchmarks/render.py main() (FALLBACK_CONFIGS)",
-            "repeats": args.repeats, "rows": rows, "cuda_vs_cpu": ratios})
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(args.json, {
+                "device": args.device, "cpu_threads": threads, "channels": bench.C, "ssaa": bench.SSAA,
+                "configs": [list(c) for c in configs],
+                "configs_source": "benchmarks/render.py CONFIGS" if getattr(bench, "CONFIGS", None)
+                else "copied from benchmarks/render.py main() (FALLBACK_CONFIGS)",
+                "repeats": args.repeats, "rows": rows, "cuda_vs_cpu": ratios})
+    for r in cuda_vs_cpu(rows):
+        print(f"- {r['workload']}: CUDA / CPU backend: fwd {r['fwd']:,.1f}x, fwd+bwd {r['fwd_bwd']:,.1f}x")
     return 0
 
 

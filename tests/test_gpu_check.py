@@ -379,6 +379,16 @@ def test_render_gpu_rows_on_cpu():
             rg.parse_configs(bad)
 
 
+def test_render_gpu_cli_writes_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert rg.main(["--device", "cpu", "--configs", "2,8,16", "--repeats", "1", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert [r["renderer"] for r in d["rows"]] == ["splatdd cpu", "dense reference (cpu)"]
+    assert d["configs"] == [[2, 8, 16]] and d["cpu_threads"] == torch.get_num_threads()
+    if "cuda" not in splatdd.backends():
+        assert rg.main([]) == 2 and "CUDA backend is not usable" in capsys.readouterr().err
+
+
 def test_sanitize_case_runs_on_cpu(capsys):
     """The case's inputs are valid and its comparison runs (CPU against CPU: exact)."""
     res = case.run_cases("cpu")
