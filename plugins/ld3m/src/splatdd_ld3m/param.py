@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from splatdd.plugin_api import (PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization,
                                 regime_setting)
 
-from .sampling import ddim_schedule, normalize_checkpointing, normalize_residual, reverse_process, run_checkpointed
+from .sampling import (ddim_schedule, normalize_checkpointing, normalize_noise_term, normalize_residual,
+                       reverse_process, run_checkpointed)
 
 #: Environment variable that overrides the model path recorded in a distilled file (the config-hash
 #: check still applies).
@@ -42,6 +43,10 @@ ADAM_LR = {"gradient": 1e-3, "distribution": 1e-2, "trajectory": 1e-2, "recover"
 ADAM_BETAS = {"recover": (0.5, 0.9)}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: What is learned: both Z and c (the paper's LD3M), or only c with Z frozen (Table 7's first row).
+LEARN_MODES = ("both", "c")
+#: How class embeddings start: the embedder's row of the class, or N(0, 1) noise (Table 8's noise row).
+INIT_C_MODES = ("class", "noise")
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -67,6 +72,16 @@ def _resolve_model(model_path: str | os.PathLike | None, spec: DatasetSpec, tiny
         t = dict(tiny) if tiny else tiny_spec_for(spec.channels, spec.height, spec.width, spec.num_classes)
         return "tiny", t, default_tiny_path(**t)
     return str(model_path), None, Path(model_path).expanduser()
+
+
+def default_steps(spec: DatasetSpec) -> int:
+    """T from the resolution, as LD3M appendix C: 10 up to 128 px, 20 above (the paper's 256 px).
+
+    >>> from splatdd.plugin_api import DatasetSpec
+    >>> default_steps(DatasetSpec("x", 3, 128, 128, 10, (0.5,) * 3, (0.5,) * 3))
+    10
+    """
+    return 10 if max(int(spec.height), int(spec.width)) <= 128 else 20
 
 
 def _load(path: Path):
@@ -98,6 +113,15 @@ class LatentDiffusionImages(Parameterization):
         self.guidance = float(s["guidance"])
         self.residual = normalize_residual(s["residual"])
         self.eta = float(s["eta"])
+        self.noise_term = normalize_noise_term(s.get("noise_term", "sigma"))
+        self.diffusion = bool(s.get("diffusion", True))
+        self.learn = str(s.get("learn", "both"))
+        if self.learn not in LEARN_MODES:
+            raise ValueError(f"learn must be one of {LEARN_MODES}, got {self.learn!r}")
+        self.init_c = str(s.get("init_c", "class"))
+        if self.init_c not in INIT_C_MODES:
+            raise ValueError(f"init_c must be one of {INIT_C_MODES}, got {self.init_c!r}")
+        self.budget_override = bool(s.get("budget_override", False))
         self.checkpointing = normalize_checkpointing(s["checkpointing"])
         self.quantize = bool(s["quantize"])
         self.clamp = bool(s["clamp"])
@@ -137,6 +161,8 @@ class LatentDiffusionImages(Parameterization):
         C, h = ldm.latent_channels, self.latent_size
         self.latents = torch.nn.Parameter(torch.zeros(n, C, h, h))
         self.class_embeddings = torch.nn.Parameter(torch.zeros(n, ldm.class_embedder.embed_dim))
+        if self.learn == "c":
+            self.latents.requires_grad_(False)          # Table 7, "c only": Z frozen
         sched = ldm.make_scheduler()
         self._schedule = ddim_schedule(sched, self.steps, eta=self.eta)
         self._prediction_type = ldm.scheduler_config.get("prediction_type", "epsilon")
@@ -147,19 +173,24 @@ class LatentDiffusionImages(Parameterization):
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def build(cls, spec: DatasetSpec, ipc: int, *, generator: torch.Generator | None = None,
-              model_path: str | os.PathLike | None = "tiny", steps: int = 10, guidance: float = 3.0,
-              residual: bool | str = True, eta: float = 0.0, checkpointing: bool | str = True,
+              model_path: str | os.PathLike | None = "tiny", steps: int | None = None,
+              guidance: float = 3.0, residual: bool | str = True, eta: float = 0.0,
+              noise_term: str = "sigma", checkpointing: bool | str = True,
               quantize: bool = True, clamp: bool = True, noise: str = "per_pass",
               noise_seed: int | None = None, storage_dtype: str = "float32", optimizer: str = "sgd",
-              class_map: list[int] | None = None, latent_size: int | None = None
-              ) -> "LatentDiffusionImages":
+              class_map: list[int] | None = None, latent_size: int | None = None,
+              diffusion: bool = True, learn: str = "both", init_c: str = "class",
+              budget_override: bool = False) -> "LatentDiffusionImages":
         """``ipc`` latents (+ class embeddings) per class. Options:
 
         - ``model_path``: diffusers-format LDM directory (see :mod:`splatdd_ld3m.ldm`); ``"tiny"``
           (default) auto-builds a tiny RANDOM-weight model for demos and tests.
-        - ``steps`` T (paper: 10 at 128 px, 20 at 256 px), ``guidance`` (CFG scale, paper 3),
+        - ``steps`` T (default from the dataset resolution: 10 up to 128 px, 20 above, as the
+          paper's appendix C), ``guidance`` (CFG scale, paper 3),
           ``residual`` (True = Eq. 7, False = plain DDIM, ``"x0"`` = the released code's variant),
-          ``eta`` (DDIM noise, 0), ``checkpointing`` (per UNet call and VAE decode: True =
+          ``eta`` (DDIM noise; 0 = deterministic, as the released code; > 0 = the paper's stochastic
+          Algorithm 1), ``noise_term`` (``"sigma"``: DDIM's ``sigma_t eps_t``; ``"sigma_squared"``:
+          the paper's literal ``sigma_t^2 eps_t``), ``checkpointing`` (per UNet call and VAE decode: True =
           ``"nonreentrant"``, ``"reentrant"`` (flat memory in T, ``.backward()`` only), False).
         - ``quantize`` (VQ decode quantises, as CompVis), ``clamp`` (decoded images clamped to the
           valid range, as the released code; gradients stop at clamped pixels).
@@ -168,6 +199,11 @@ class LatentDiffusionImages(Parameterization):
         - ``storage_dtype`` of the saved tensors; ``optimizer`` ``"sgd"`` (paper) or ``"adam"``;
           ``class_map`` (LDM class of each dataset class; default identity); ``latent_size``
           (default: the LDM's).
+        - Ablations: ``diffusion=False`` decodes Z directly through the autoencoder (Table 6, "w/o
+          diffusion"; c is then neither used nor stored); ``learn="c"`` freezes Z (Table 7, "c
+          only"); ``init_c="noise"`` starts c from N(0, 1) instead of the class row (with ``--init
+          noise``: Table 8's noise initialisation of both Z and c); ``budget_override=True`` lets a
+          run exceed the pixel budget (the paper's CIFAR-10 runs), recorded in :meth:`config`.
 
         Latents start as N(0, 1) noise (from ``generator``) and class embeddings as the embedder's
         row of each image's class; :meth:`init_from_real` encodes real images instead (paper 4.2)."""
@@ -181,15 +217,21 @@ class LatentDiffusionImages(Parameterization):
         ldm = _load(path)
         if noise_seed is None:
             noise_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen).item())
+        if steps is None:
+            steps = default_steps(spec)
         settings = dict(model_path=recorded, tiny=tiny, steps=steps, guidance=guidance, residual=residual,
-                        eta=eta, checkpointing=checkpointing, quantize=quantize, clamp=clamp, noise=noise,
-                        noise_seed=noise_seed, storage_dtype=storage_dtype, optimizer=optimizer,
-                        class_map=class_map, latent_size=latent_size)
+                        eta=eta, noise_term=noise_term, checkpointing=checkpointing, quantize=quantize,
+                        clamp=clamp, noise=noise, noise_seed=noise_seed, storage_dtype=storage_dtype,
+                        optimizer=optimizer, class_map=class_map, latent_size=latent_size,
+                        diffusion=diffusion, learn=learn, init_c=init_c, budget_override=budget_override)
         self = cls(spec, ipc, ldm, settings=settings)
         with torch.no_grad():
             z = torch.randn(self.latents.shape, generator=gen, device="cpu")
             self.latents.copy_(z)
-            self.class_embeddings.copy_(self._class_init(self._labels))
+            if self.init_c == "noise":
+                self.class_embeddings.copy_(torch.randn(self.class_embeddings.shape, generator=gen))
+            else:
+                self.class_embeddings.copy_(self._class_init(self._labels))
         return self
 
     @property
@@ -265,7 +307,8 @@ class LatentDiffusionImages(Parameterization):
     @torch.no_grad()
     def init_from_real(self, images: torch.Tensor, labels: torch.Tensor, *, steps: int | None = None,
                        progress: bool = False) -> dict[str, float]:
-        """Z = E(x) for one real image per stored item (paper 4.2); c = the embedder's row of its class.
+        """Z = E(x) for one real image per stored item (paper 4.2); c = the embedder's row of its class
+        (left as built when ``init_c="noise"``).
 
         ``steps`` is unused (encoding needs no fitting). Returns the autoencoder's reconstruction MSE
         in the dataset's normalised space and the latents' mean/std."""
@@ -288,7 +331,8 @@ class LatentDiffusionImages(Parameterization):
             raise ValueError(f"encoded latents have shape {tuple(z.shape[1:])}, expected "
                              f"{tuple(self.latents.shape[1:])}")
         self.latents.copy_(z)
-        self.class_embeddings.copy_(self._class_init(self._labels.to(dev)))
+        if self.init_c == "class":
+            self.class_embeddings.copy_(self._class_init(self._labels.to(dev)))
         self._fixed_noise = None
         return {"ae_mse": mse / images.numel(), "latent_mean": float(z.mean()), "latent_std": float(z.std())}
 
@@ -319,8 +363,11 @@ class LatentDiffusionImages(Parameterization):
         return eps, st
 
     def latents_to_z0(self, idx: torch.Tensor) -> torch.Tensor:
-        """Z[idx], c[idx] -> z_0 through the (modified) reverse process."""
+        """Z[idx], c[idx] -> z_0 through the (modified) reverse process; Z[idx] itself when
+        ``diffusion=False`` (Table 6's "w/o diffusion": no noise, no denoiser, c unused)."""
         Z = self.latents[idx]
+        if not self.diffusion:
+            return Z
         c = self.class_embeddings[idx]
         eps, st = self._noises(idx)
         a_T = self._schedule[0].alpha
@@ -330,7 +377,7 @@ class LatentDiffusionImages(Parameterization):
                                prediction_type=self._prediction_type,
                                step_noise=(lambda k: st[k]) if st is not None else None,
                                z_ref=z_ref, clip_sample=self._clip,
-                               checkpointing=self.checkpointing)
+                               checkpointing=self.checkpointing, noise_term=self.noise_term)
 
     def decode(self, indices: torch.Tensor | None = None, *,
                resolution: tuple[int, int] | None = None) -> torch.Tensor:
@@ -365,19 +412,33 @@ class LatentDiffusionImages(Parameterization):
 
     # ---- storage --------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Z and c in ``storage_dtype``; only Z when ``diffusion=False`` (c plays no part)."""
         dt = _DTYPES[self.storage_dtype]
-        return {"latents": self.latents.detach().to("cpu", dt).contiguous(),
-                "class_embeddings": self.class_embeddings.detach().to("cpu", dt).contiguous()}
+        out = {"latents": self.latents.detach().to("cpu", dt).contiguous()}
+        if self.diffusion:
+            out["class_embeddings"] = self.class_embeddings.detach().to("cpu", dt).contiguous()
+        return out
 
     def num_bytes(self) -> int:
-        """Bytes of the stored latents and class embeddings (the LDM itself is not counted)."""
+        """Bytes of the stored latents and class embeddings (the LDM itself is not counted; without
+        diffusion only the latents)."""
         item = torch.empty((), dtype=_DTYPES[self.storage_dtype]).element_size()
-        return (self.latents.numel() + self.class_embeddings.numel()) * item
+        n = self.latents.numel() + (self.class_embeddings.numel() if self.diffusion else 0)
+        return n * item
+
+    def pixel_budget_ratio(self) -> float:
+        """``num_bytes()`` over the pixel budget of ``ipc`` fp32 images per class (> 1: over budget)."""
+        from splatdd.budget import budget_bytes
+
+        return self.num_bytes() / budget_bytes(self.spec, self.ipc)
 
     def config(self) -> dict[str, Any]:
         return {"model_path": self.model_path, "model_config_hash": self.ldm.config_hash,
                 "tiny": self.tiny, "ipc": self.ipc, "num_classes": self.spec.num_classes,
                 "steps": self.steps, "guidance": self.guidance, "residual": self.residual, "eta": self.eta,
+                "noise_term": self.noise_term, "diffusion": self.diffusion, "learn": self.learn,
+                "init_c": self.init_c, "budget_override": self.budget_override,
+                "pixel_budget_ratio": self.pixel_budget_ratio(),
                 "checkpointing": self.checkpointing, "quantize": self.quantize, "clamp": self.clamp,
                 "noise": self.noise, "noise_seed": self.noise_seed, "storage_dtype": self.storage_dtype,
                 "optimizer": self.optimizer, "class_map": list(self.class_map),
@@ -393,7 +454,8 @@ class LatentDiffusionImages(Parameterization):
                     "embed_dim"):
             if key not in config:
                 raise ValueError(f"ld3m config lacks {key!r}")
-        for key in ("latents", "class_embeddings"):
+        diffusion = bool(config.get("diffusion", True))
+        for key in ("latents", "class_embeddings") if diffusion else ("latents",):
             if key not in tensors:
                 raise ValueError(f"ld3m state lacks tensor {key!r}")
         override = os.environ.get(MODEL_ENV)
@@ -408,12 +470,14 @@ class LatentDiffusionImages(Parameterization):
                              f"dataset was distilled with (hash {str(want)[:12]}, model_path "
                              f"{config['model_path']!r}); point ${MODEL_ENV} at the right model directory")
         settings = {k: config.get(k, d) for k, d in dict(
-            steps=10, guidance=3.0, residual="eq7", eta=0.0, checkpointing=True, quantize=True, clamp=True,
-            noise="per_pass", storage_dtype="float32", optimizer="sgd", class_map=None,
-            latent_size=None).items()}
+            steps=10, guidance=3.0, residual="eq7", eta=0.0, noise_term="sigma", checkpointing=True,
+            quantize=True, clamp=True, noise="per_pass", storage_dtype="float32", optimizer="sgd",
+            class_map=None, latent_size=None, diffusion=True, learn="both", init_c="class",
+            budget_override=False).items()}
         settings.update(model_path=recorded, tiny=tiny, noise_seed=int(config["noise_seed"]))
         self = cls(spec, int(config["ipc"]), ldm, settings=settings)
-        lat, emb = tensors["latents"], tensors["class_embeddings"]
+        lat = tensors["latents"]
+        emb = tensors["class_embeddings"] if diffusion else self.class_embeddings.detach()
         if tuple(lat.shape) != tuple(self.latents.shape):
             raise ValueError(f"tensor 'latents' has shape {tuple(lat.shape)}, expected "
                              f"{tuple(self.latents.shape)} (ipc {self.ipc} x {spec.num_classes} classes, "
@@ -429,5 +493,6 @@ class LatentDiffusionImages(Parameterization):
     def extra_repr(self) -> str:
         return (f"n={self.latents.shape[0]}, latent={tuple(self.latents.shape[1:])}, "
                 f"embed={self.class_embeddings.shape[1]}, T={self.steps}, guidance={self.guidance}, "
-                f"residual={self.residual}, model={self.model_path!r}")
+                f"residual={self.residual}, eta={self.eta}, diffusion={self.diffusion}, learn={self.learn}, "
+                f"model={self.model_path!r}")
 

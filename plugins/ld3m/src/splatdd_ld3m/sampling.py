@@ -14,8 +14,13 @@ and LD3M's modified step (Eq. 7) replaces the mean by a weighted average with th
 
     z_t-1 = (1 - t/T) mu + (t/T) z_T + sigma noise.
 
-The paper writes the noise term as ``sigma_t^2 eps_t``; we use DDIM's ``sigma_t eps_t`` (with the
-default ``eta = 0`` both vanish). At ``t = T`` the weight of z_T is 1, so the first step's mean is
+The paper (Eq. 5, Eq. 7, Algorithm 1) writes a stochastic sampler whose noise term is
+``sigma_t^2 eps_t`` with a fresh ``eps_t ~ N(0, I)`` per step and ``z_T`` fixed within one pass;
+``eta > 0`` gives it. The coefficient is DDIM's ``sigma_t`` by default (``noise_term="sigma"``: the
+standard deviation of the step, which is what the variance-preserving process needs) and the
+paper's literal ``sigma_t^2`` with ``noise_term="sigma_squared"``. The authors' released code calls
+the CompVis DDIM sampler with ``eta=0.0`` (``src/glad_utils.py`` of Brian-Moser/prune_and_distill), so
+it runs the deterministic sampler, where both forms vanish. At ``t = T`` the weight of z_T is 1, so the first step's mean is
 exactly ``z_T`` and its denoiser call cannot influence anything: it is skipped (T - 1 denoiser calls).
 
 ``residual="x0"`` is the variant of the authors' released code (``p_sample_ddim`` in
@@ -33,6 +38,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 RESIDUAL_MODES = ("eq7", "x0", "none")
+NOISE_TERMS = ("sigma", "sigma_squared")
 CHECKPOINT_MODES = ("nonreentrant", "reentrant", "off")
 
 
@@ -72,6 +78,19 @@ def normalize_residual(residual: bool | str | None) -> str:
     if isinstance(residual, str) and residual.lower() in ("false", "off", "no", "0"):
         return "none"
     raise ValueError(f"residual must be True/False or one of {RESIDUAL_MODES}, got {residual!r}")
+
+
+def normalize_noise_term(value: str) -> str:
+    """``"sigma"`` (DDIM: ``sigma_t eps_t``) or ``"sigma_squared"`` (the paper's literal ``sigma_t^2 eps_t``)."""
+    v = str(value).lower()
+    if v not in NOISE_TERMS:
+        raise ValueError(f"noise_term must be one of {NOISE_TERMS}, got {value!r}")
+    return v
+
+
+def noise_coefficient(sigma: float, noise_term: str = "sigma") -> float:
+    """The factor of the per-step noise: ``sigma`` or ``sigma ** 2``."""
+    return sigma * sigma if noise_term == "sigma_squared" else sigma
 
 
 @dataclass(frozen=True)
@@ -142,11 +161,12 @@ def residual_weight(step: DDIMStep, steps: int, residual: str) -> float:
 def ld3m_step(z_t: torch.Tensor, model_out: torch.Tensor, z_T: torch.Tensor, step: DDIMStep,
               steps: int, *, residual: str = "eq7", prediction_type: str = "epsilon",
               noise: torch.Tensor | None = None, z_ref: torch.Tensor | None = None,
-              clip_sample: float | None = None) -> torch.Tensor:
+              clip_sample: float | None = None, noise_term: str = "sigma") -> torch.Tensor:
     """One reverse step z_t -> z_{t-1}: Eq. 7 (``residual="eq7"``), the released code's x0 variant
     (``"x0"``, residual ``z_ref``), or the plain DDIM step (``"none"``).
 
-    ``noise`` is the standard-normal draw for ``sigma > 0`` (ignored when ``sigma == 0``)."""
+    ``noise`` is the standard-normal draw for ``sigma > 0`` (ignored when ``sigma == 0``), added
+    with the factor ``sigma`` (``noise_term="sigma"``) or ``sigma ** 2`` (``"sigma_squared"``)."""
     x0, eps = split_model_output(model_out, z_t, step.alpha, prediction_type)
     if clip_sample is not None:
         x0 = x0.clamp(-clip_sample, clip_sample)
@@ -161,7 +181,7 @@ def ld3m_step(z_t: torch.Tensor, model_out: torch.Tensor, z_T: torch.Tensor, ste
     if step.sigma > 0:
         if noise is None:
             raise ValueError("eta > 0 needs a noise tensor for every step")
-        mean = mean + step.sigma * noise
+        mean = mean + noise_coefficient(step.sigma, noise_term) * noise
     return mean
 
 
@@ -182,7 +202,7 @@ def reverse_process(ldm, z_T: torch.Tensor, cond: torch.Tensor, schedule: list[D
                     guidance: float = 3.0, residual: str = "eq7", prediction_type: str = "epsilon",
                     step_noise: Callable[[int], torch.Tensor] | None = None,
                     z_ref: torch.Tensor | None = None, clip_sample: float | None = None,
-                    checkpointing: bool | str = "nonreentrant") -> torch.Tensor:
+                    checkpointing: bool | str = "nonreentrant", noise_term: str = "sigma") -> torch.Tensor:
     """Run the T reverse steps from ``z_T`` with class embeddings ``cond`` and return z_0.
 
     With ``checkpointing`` (and grad enabled) each denoiser call is wrapped in
@@ -204,9 +224,9 @@ def reverse_process(ldm, z_T: torch.Tensor, cond: torch.Tensor, schedule: list[D
         noise = step_noise(st.k) if (st.sigma > 0 and step_noise is not None) else None
         if residual == "eq7" and w == 1.0:
             # Eq. 7 at t = T: the mean is z_T itself; the denoiser's output has weight 0.
-            z = z_T if noise is None else z_T + st.sigma * noise
+            z = z_T if noise is None else z_T + noise_coefficient(st.sigma, noise_term) * noise
             continue
         out = run_checkpointed(guided_output, ldm, z, cond, st.timestep, guidance, null, mode=mode)
         z = ld3m_step(z, out, z_T, st, steps, residual=residual, prediction_type=prediction_type,
-                      noise=noise, z_ref=z_ref, clip_sample=clip_sample)
+                      noise=noise, z_ref=z_ref, clip_sample=clip_sample, noise_term=noise_term)
     return z
