@@ -26,7 +26,7 @@ import torch
 
 from splatdd.plugin_api import DatasetSpec
 from splatdd_gaussian import GaussianImages
-from splatdd_gaussian.fitting import PeakMemory, machine_description
+from splatdd.fit import PeakMemory, machine_description
 from splatdd_siren import SirenImages
 
 HERE = Path(__file__).resolve().parent

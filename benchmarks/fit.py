@@ -13,7 +13,7 @@ and peak memory:
 * gaussian-107 -- the paper's apparent accounting (963 *values*, i.e. 107 Gaussians = 1,926 bytes:
                 half the bytes), for reference
 
-A short learning-rate sweep (rates spaced by 10x, as in the paper's appendix A.5) on a few images
+Runs through the core's ``splatdd.fit`` (the same code as ``splatdd fit``). A short learning-rate sweep (rates spaced by 10x, as in the paper's appendix A.5) on a few images
 picks each optimised method's learning rate first.
 
     python benchmarks/fit.py                 # writes benchmarks/results/fit.{md,png,json}
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from splatdd_gaussian.fitting import (FitResult, fit_method, format_table, load_images,
-                                      machine_description, psnr)
+from splatdd.fit import (FitResult, fit_method, format_table, load_images, machine_description,
+                         psnr)
 
 HERE = Path(__file__).resolve().parent
 SWEEP = {"pixel-fit": (1e-3, 1e-2, 1e-1), "siren": (1e-4, 1e-3, 1e-2),
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         f"{g.psnr - s.psnr:+.2f} dB PSNR, {s.peak_memory_mb / max(g.peak_memory_mb, 1e-9):.1f}x "
         f"less peak memory; gaussian vs pixel downsampling {g.psnr - by['pixel'].psnr:+.2f} dB.",
         "",
-        "Compared with: ANCHORS.md, 'Image fitting at equal storage (GSDD paper, Table 5)': "
+        "Compared with the GSDD paper's Table 5 (image fitting at equal storage): "
         "DDiF (SIREN) 23.23 dB, 1078.8 MB, 1088.4 s; GSDD 23.22 dB, 150.2 MB, 24.5 s "
         "(1,000 ImageNette images, 1,000 steps, GPU). The paper counts 963 *values* per image for "
         "GSDD (107 Gaussians); at equal *bytes* (bf16 vs fp32) GSDD gets 214 Gaussians, our "

@@ -1,12 +1,14 @@
-"""Storage budgets: what a distilled dataset may cost, and how many Gaussians that buys.
+"""Storage budgets: what a distilled dataset may cost, and the check that it does not cost more.
 
 The field's convention (and GSDD's) is that a distilled set with ``ipc`` images per class may use as
 many bytes as ``ipc`` fp32 pixel images per class: ``ipc * C * H * W * 4`` bytes per class, so
 ``num_classes * ipc * C * H * W * 4`` bytes for the whole set. Fixed labels are not counted (they
 are implied by the layout), nor is a learned evaluation learning rate.
 
-A Gaussian costs ``6 + C`` bf16 values (2 bytes each), so with ``gpc`` Gaussian images per class each
-image gets ``floor(H * W * C * ipc * 2 / (gpc * (6 + C)))`` points (GSDD's formula, for any C).
+How a parameterization spends its budget is the plugin's own business; the core only computes the
+budget and checks ``num_bytes()`` against it::
+
+    check_budget(param, spec, ipc)        # BudgetError when param.num_bytes() > budget_bytes(...)
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from splatdd.plugin_api import DatasetSpec, Parameterization
 
 __all__ = ["BudgetError", "BudgetReport", "FP32_BYTES", "BF16_BYTES", "budget_bytes",
-           "budget_bytes_per_class", "gaussian_points", "gaussian_bytes", "check_budget"]
+           "budget_bytes_per_class", "check_budget"]
 
 FP32_BYTES = 4
 BF16_BYTES = 2
@@ -40,24 +42,6 @@ def budget_bytes_per_class(spec: DatasetSpec, ipc: int) -> int:
 def budget_bytes(spec: DatasetSpec, ipc: int) -> int:
     """Bytes the whole distilled set may use: ``num_classes * ipc * C * H * W * 4``."""
     return spec.num_classes * budget_bytes_per_class(spec, ipc)
-
-
-def gaussian_points(ipc: int, gpc: int, channels: int, height: int, width: int) -> int:
-    """Gaussians per image when a class's budget of ``ipc`` fp32 images is spread over ``gpc``
-    Gaussian images of bf16 ``(6 + C)``-vectors: ``floor(H*W*C*ipc*2 / (gpc*(6+C)))``.
-
-    >>> gaussian_points(1, 30, 3, 32, 32), gaussian_points(10, 160, 3, 32, 32)
-    (22, 42)
-    """
-    ipc, gpc = _positive("ipc", ipc), _positive("gpc", gpc)
-    channels, height, width = (_positive("channels", channels), _positive("height", height),
-                               _positive("width", width))
-    return (height * width * channels * ipc * 2) // (gpc * (6 + channels))
-
-
-def gaussian_bytes(num_gaussians: int, channels: int) -> int:
-    """Storage of ``num_gaussians`` bf16 Gaussians with ``channels`` colour channels."""
-    return int(num_gaussians) * (6 + int(channels)) * BF16_BYTES
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from splatdd.budget import budget_bytes, gaussian_points
+from splatdd.budget import budget_bytes
 from splatdd.plugin_api import REGIMES, DatasetSpec, check_plugin_class
-from splatdd_gaussian import GaussianImages, default_gpc, points_for_budget
+from splatdd_gaussian import (GaussianImages, default_gpc, gaussian_bytes, gaussian_points,
+                              points_for_budget)
 
 CIFAR = DatasetSpec("cifar10", 3, 32, 32, 10)
 FMNIST = DatasetSpec("fashion_mnist", 1, 28, 28, 10)
@@ -96,3 +97,42 @@ def test_optimizer_spec_adam_1e2():
     assert isinstance(g.optimizer_spec("distribution").build(), torch.optim.Adam)
     with pytest.raises(ValueError, match="regime must be one of distribution.*got 'dm'"):
         g.optimizer_spec("dm")
+
+
+@pytest.mark.parametrize("ipc,gpc,c,h,w,expected", [
+    (1, 30, 3, 32, 32, 22),        # GSDD CIFAR-10 IPC 1
+    (10, 160, 3, 32, 32, 42),      # IPC 10
+    (50, 250, 3, 32, 32, 136),     # IPC 50
+    (1, 64, 3, 128, 128, 170),     # ImageNet subsets, 128 px, IPC 1
+    (1, 200, 3, 128, 128, 54),     # DM 128 px
+])
+def test_gaussian_points_paper_numbers(ipc, gpc, c, h, w, expected):
+    assert gaussian_points(ipc, gpc, c, h, w) == expected
+
+
+def test_gaussian_points_fit_in_budget_and_are_maximal():
+    """Independent check: n Gaussians fit the class's fp32 bytes and n + 1 do not."""
+    for c, h, w in [(1, 28, 28), (3, 32, 32), (3, 64, 64), (4, 16, 16)]:
+        for ipc in (1, 10, 50):
+            for gpc in (1, 7, 30, 160):
+                n = gaussian_points(ipc, gpc, c, h, w)
+                per_class = ipc * c * h * w * 4
+                assert gpc * gaussian_bytes(n, c) <= per_class
+                assert gpc * gaussian_bytes(n + 1, c) > per_class
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_gaussian_points_bad_input(bad):
+    with pytest.raises(ValueError, match="ipc"):
+        gaussian_points(bad, 10, 3, 32, 32)
+    with pytest.raises(ValueError, match="gpc"):
+        gaussian_points(1, bad, 3, 32, 32)
+
+
+def test_storage_options_fill_the_per_item_bytes():
+    """splatdd fit's sizing: gpc items of the most bf16 (6 + C)-value Gaussians within the bytes."""
+    spec = DatasetSpec("fit", 3, 128, 128, 1)
+    assert GaussianImages.storage_options(spec, 5, 963 * 4) == {"gpc": 5, "points": 214}
+    assert gaussian_bytes(214, 3) <= 963 * 4 < gaussian_bytes(215, 3)
+    g = GaussianImages.build(spec, 1, **GaussianImages.storage_options(spec, 2, 100.0))
+    assert len(g.labels) == 2 and g.num_bytes() / 2 <= 100.0 < g.num_bytes() / 2 + 18

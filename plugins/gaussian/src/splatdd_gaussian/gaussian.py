@@ -33,16 +33,17 @@ What the paper leaves open and we chose (see docs/gaussian.md):
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from splatdd.budget import budget_bytes_per_class
 from splatdd.plugin_api import (PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization,
                                 check_regime, reject_unknown_options)
 
-__all__ = ["GaussianImages", "default_gpc", "points_for_budget", "boundary_loss", "bf16_round_ste"]
+__all__ = ["GaussianImages", "default_gpc", "points_for_budget", "gaussian_points", "gaussian_bytes",
+           "boundary_loss", "bf16_round_ste"]
 
 #: GPC the paper used with TM (appendix A, tables 7 and 9), keyed by (resolution, channels, ipc).
 _PAPER_GPC = {(32, 3, 1): 30, (32, 3, 10): 160, (32, 3, 50): 250, (128, 3, 1): 64, (128, 3, 10): 640}
@@ -75,18 +76,42 @@ def default_gpc(spec: DatasetSpec, ipc: int) -> int:
     return max(1, int(per_class // max(target, 1.0)))
 
 
+BF16_BYTES = 2
+
+
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def gaussian_points(ipc: int, gpc: int, channels: int, height: int, width: int) -> int:
+    """Gaussians per image when a class's budget of ``ipc`` fp32 images is spread over ``gpc``
+    Gaussian images of bf16 ``(6 + C)``-vectors: ``floor(H*W*C*ipc*2 / (gpc*(6+C)))`` (GSDD's
+    formula, for any C).
+
+    >>> gaussian_points(1, 30, 3, 32, 32), gaussian_points(10, 160, 3, 32, 32)
+    (22, 42)
+    """
+    ipc, gpc = _positive("ipc", ipc), _positive("gpc", gpc)
+    channels, height, width = (_positive("channels", channels), _positive("height", height),
+                               _positive("width", width))
+    return (height * width * channels * ipc * 2) // (gpc * (6 + channels))
+
+
+def gaussian_bytes(num_gaussians: int, channels: int) -> int:
+    """Storage of ``num_gaussians`` bf16 Gaussians with ``channels`` colour channels."""
+    return int(num_gaussians) * (6 + int(channels)) * BF16_BYTES
+
+
 def points_for_budget(spec: DatasetSpec, ipc: int, gpc: int, *, values_per_gaussian: int,
                       bytes_per_value: int) -> int:
     """Gaussians per image that fit a class budget of ``ipc`` fp32 images spread over ``gpc``
     Gaussian images: ``floor(ipc*C*H*W*4 / (gpc * values_per_gaussian * bytes_per_value))``.
 
-    With ``6 + C`` bf16 values this is the paper's ``floor(H*W*C*IPC*2 / (GPC*(6+C)))``
-    (:func:`splatdd.budget.gaussian_points`)."""
-    if values_per_gaussian == 6 + spec.channels and bytes_per_value == 2:
-        from splatdd.budget import gaussian_points
-        return gaussian_points(ipc, gpc, spec.channels, spec.height, spec.width)
-    budget = ipc * spec.channels * spec.height * spec.width * 4
-    return budget // (gpc * values_per_gaussian * bytes_per_value)
+    With ``6 + C`` bf16 values this is the paper's :func:`gaussian_points`."""
+    budget = budget_bytes_per_class(spec, ipc)
+    return budget // (_positive("gpc", gpc) * values_per_gaussian * bytes_per_value)
 
 
 def _render(params: torch.Tensor, H: int, W: int, *, ssaa: int, prefilter: bool) -> torch.Tensor:
@@ -161,6 +186,14 @@ class GaussianImages(Parameterization):
                 raise ValueError(f"gaussian: gpc={gpc} leaves less than one Gaussian per image "
                                  f"within the budget of ipc={ipc}; lower gpc")
         return cls(spec, gpc, int(points), generator=generator, **options)
+
+    @classmethod
+    def storage_options(cls, spec: DatasetSpec, items_per_class: int,
+                        bytes_per_item: float) -> dict[str, Any]:
+        """``gpc = items_per_class`` images of as many bf16 ``(6 + C)``-value Gaussians as
+        ``bytes_per_item`` holds (``splatdd fit``'s equal-storage sizing)."""
+        return {"gpc": int(items_per_class),
+                "points": int(bytes_per_item // ((6 + spec.channels) * BF16_BYTES))}
 
     @property
     def num_images(self) -> int:
@@ -251,34 +284,19 @@ class GaussianImages(Parameterization):
     def fit(self, target: torch.Tensor, *, steps: int, lr: float | None = None,
             progress: bool = False, history: list | None = None,
             history_every: int = 0, regularize: bool = False) -> dict[str, float]:
-        """Minimise ``MSE(decode(), target)`` with Adam for ``steps`` full-batch steps (clipping
-        after each step as in distillation; ``regularize`` adds :meth:`regularization`, the
-        boundary loss). ``history`` (a list) collects centre snapshots ``(n, P, 2)`` every
-        ``history_every`` steps (for :func:`plot_centres`)."""
-        opt = torch.optim.Adam([self.params], lr=self.init_lr if lr is None else lr)
-        mse0 = None
-        loss = torch.zeros(())
-        t0 = time.perf_counter()
-        for it in range(int(steps)):
-            opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(self.decode(), target)
-            if mse0 is None:
-                mse0 = float(loss.detach())
-            if regularize:
-                reg = self.regularization()
-                if reg is not None:
-                    loss = loss + reg
-            loss.backward()
-            opt.step()
-            self.post_step()
+        """Minimise ``MSE(decode(), target)`` with Adam for ``steps`` full-batch steps, through the
+        core's loop :func:`splatdd.fit.fit_images` (clipping after each step as in distillation;
+        ``regularize`` adds :meth:`regularization`, the boundary loss). ``history`` (a list)
+        collects centre snapshots ``(n, P, 2)`` every ``history_every`` steps (for
+        :func:`plot_centres`)."""
+        from splatdd.fit import fit_images
+
+        def snapshot(it: int, loss: float) -> None:
             if history is not None and history_every and it % history_every == 0:
                 history.append(self.params[..., :2].detach().cpu().clone())
-            if progress and (it % 100 == 0 or it == steps - 1):
-                print(f"  fit step {it + 1}/{steps}  mse {float(loss):.5f}", flush=True)
-        with torch.no_grad():
-            mse = float(F.mse_loss(self.decode(), target)) if steps else float("nan")
-        return {"mse": mse, "mse_start": float("nan") if mse0 is None else mse0,
-                "steps": float(steps), "seconds": time.perf_counter() - t0}
+
+        return fit_images(self, target, steps=steps, lr=self.init_lr if lr is None else lr,
+                          regularize=regularize, on_step=snapshot, progress=progress)
 
     # ---- decoding -------------------------------------------------------------------------------
     @property

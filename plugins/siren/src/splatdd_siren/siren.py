@@ -26,7 +26,6 @@ biases drawn like the weights of their layer.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -44,6 +43,14 @@ _TENSORS = ("w_in", "b_in", "w_hidden", "b_hidden", "w_out", "b_out")
 def siren_param_count(layers: int, width: int, channels: int, dim_in: int = 2) -> int:
     """Parameters of one field: ``layers`` sine layers of ``width`` and a linear output."""
     return ((dim_in + 1) * width + (layers - 1) * (width + 1) * width + (width + 1) * channels)
+
+
+def _widest(layers: int, channels: int, floats: float) -> int:
+    """The largest width (at least 1) whose field of ``layers`` has at most ``floats`` parameters."""
+    width = 1
+    while siren_param_count(layers, width + 1, channels) <= floats:
+        width += 1
+    return width
 
 
 def default_architecture(spec: DatasetSpec, ipc: int) -> tuple[int, int, float]:
@@ -123,6 +130,23 @@ class SirenImages(Parameterization):
                                  f"choose a smaller width")
         return cls(spec, int(dpc), layers=layers, width=width, generator=generator, **options)
 
+    @classmethod
+    def storage_options(cls, spec: DatasetSpec, items_per_class: int,
+                        bytes_per_item: float) -> dict[str, Any]:
+        """``dpc = items_per_class`` fields of DDiF's depth for the resolution (3 sine layers from
+        128 px, else 2) and the widest width whose fp32 parameters fit ``bytes_per_item``
+        (``splatdd fit``'s equal-storage sizing; 963 floats at 128 px RGB give 3 x 20, DDiF's)."""
+        layers = default_architecture(spec, 1)[0]
+        return {"dpc": int(items_per_class), "layers": layers,
+                "width": _widest(layers, spec.channels, bytes_per_item / 4)}
+
+    @classmethod
+    def quick_options(cls, spec: DatasetSpec, ipc: int) -> dict[str, Any]:
+        """2 sine layers, at most width 6 and within one image's floats per field, 20 init steps."""
+        per_image = spec.channels * spec.height * spec.width
+        return {"layers": 2, "width": min(6, _widest(2, spec.channels, per_image)),
+                "init_steps": 20}
+
     @property
     def num_images(self) -> int:
         return self.w_in.shape[0]
@@ -177,25 +201,13 @@ class SirenImages(Parameterization):
 
     def fit(self, target: torch.Tensor, *, steps: int, lr: float | None = None,
             progress: bool = False) -> dict[str, float]:
-        """Minimise ``MSE(decode(), target)`` with Adam for ``steps`` full-batch steps."""
+        """Minimise ``MSE(decode(), target)`` with Adam for ``steps`` full-batch steps (the core's
+        loop :func:`splatdd.fit.fit_images`)."""
         # DDiF sums per-field MSE losses (one optimiser per field); with Adam's per-element
         # normalisation one joint optimiser on the mean MSE takes the same steps.
-        opt = torch.optim.Adam(self.parameters(), lr=self.init_lr if lr is None else lr)
-        mse0 = None
-        t0 = time.perf_counter()
-        for it in range(int(steps)):
-            opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(self.decode(), target)
-            if mse0 is None:
-                mse0 = float(loss.detach())
-            loss.backward()
-            opt.step()
-            if progress and (it % 500 == 0 or it == steps - 1):
-                print(f"  fit step {it + 1}/{steps}  mse {float(loss.detach()):.5f}", flush=True)
-        with torch.no_grad():
-            mse = float(F.mse_loss(self.decode(), target)) if steps else float("nan")
-        return {"mse": mse, "mse_start": float("nan") if mse0 is None else mse0,
-                "steps": float(steps), "seconds": time.perf_counter() - t0}
+        from splatdd.fit import fit_images
+        return fit_images(self, target, steps=steps, lr=self.init_lr if lr is None else lr,
+                          progress=progress, progress_every=500)
 
     # ---- optimisation ---------------------------------------------------------------------------
     def optimizer_spec(self, regime: str, lr: float | None = None) -> OptimizerSpec:
