@@ -14,7 +14,9 @@
 # Exit status: 0 when every step that ran passed (skipped steps included), 1 otherwise, 2 on bad
 # arguments.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+# Paths given on the command line are relative to the caller's directory; the steps run at the
+# repository root.
+HERE=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
   echo "usage: bash scripts/gpu_check.sh RESULTS_DIR [--dry-run] [--export DIR] [--budget-s S]" \
@@ -26,4 +28,4 @@ if ! command -v "$PY" >/dev/null 2>&1; then
   exit 2
 fi
 export PYTHONUNBUFFERED=1
-exec "$PY" benchmarks/gpu_check.py "$@"
+exec "$PY" "$HERE/benchmarks/gpu_check.py" "$@"
