@@ -240,3 +240,18 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("crash")
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_save_on_a_full_disk_keeps_the_previous_file(saved, reg, monkeypatch):
+    import errno
+
+    from splatdd.run_folder import WriteFailed
+    p, path = saved
+    before = path.read_bytes()
+
+    def full(data_path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(F, "atomic_write_bytes", full)
+    with pytest.raises(WriteFailed, match=f"no space left on device.*kept: the previous {path}"):
+        F.save(path, p, spec=SPEC, ipc=3, registry=reg)
+    assert path.read_bytes() == before

@@ -54,6 +54,7 @@ import torch
 from splatdd.budget import budget_bytes
 from splatdd.io_utils import atomic_save_with, atomic_torch_save, atomic_write_bytes, tensor_sha256
 from splatdd.plugin_api import DatasetSpec, Parameterization
+from splatdd.run_folder import translate_write_errors
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "Distilled", "save", "load",
            "read_metadata", "export_png", "export_tensor", "denormalize", "make_grid",
@@ -276,7 +277,8 @@ def save(path: str | os.PathLike, param: Parameterization, *, spec: DatasetSpec,
     record the plugins' distribution names and versions. The metadata is validated exactly as
     :func:`load` validates it, so a file this writes always loads (a NaN parameter, a negative
     ``learned_lr`` or ``ipc=0`` raise :class:`DistilledFileError` here). Non-finite numbers in
-    ``extra_meta`` are stored as null. Example::
+    ``extra_meta`` are stored as null. A failed write (disk full, read-only folder) raises
+    :class:`splatdd.run_folder.WriteFailed` and leaves any previous file untouched. Example::
 
         save("out/distilled.safetensors", param, spec=train.spec, ipc=1, algorithm="dm")
     """
@@ -355,7 +357,11 @@ def save(path: str | os.PathLike, param: Parameterization, *, spec: DatasetSpec,
     text = json.dumps(meta, allow_nan=False)
     data = st_save(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
                                       "splatdd": text, "splatdd_sha256": metadata_digest(text)})
-    atomic_write_bytes(path, data)
+    kept = f"the previous {path}" if path.exists() else "nothing (no earlier file)"
+    with translate_write_errors(f"distilled file {path}", kept=kept,
+                                hint="free space or fix the folder's permissions and save again "
+                                     "(a distillation run: rerun it with --resume)"):
+        atomic_write_bytes(path, data)
     return path
 
 
