@@ -21,6 +21,14 @@
 //     untruncated mixture is at most 3.354e-4 * sum_k |alpha_k| |c_k|.  Being continuous in the
 //     parameters, the cut-off never makes a finite-difference gradient check jump.
 //   * Pixel value = mean over its s*s samples of sum_k alpha_k k(d2_k) c_k.
+//   * d2 is evaluated as a sum of two squares (the Cholesky factorisation of the conic),
+//       d2 = A (dx + beta dy)^2 + gamma dy^2,   beta = B / A = -Sigma'_xy / Sigma'_yy,
+//                                                gamma = Cc - B^2 / A = 1 / Sigma'_yy,
+//     never as A dx^2 + 2 B dx dy + Cc dy^2: for a thin (near-singular) Gaussian the three terms of
+//     the latter are huge and cancel, so in fp32 it can come out negative and exp(-d2/2) explodes
+//     (issue 14). Both terms of the sum are >= 0, so 0 <= k < 1 whatever the rounding, and
+//     u = dx + beta dy is the offset from the row's centre line, which stays small where k > 0.
+//     The backward's moments are taken in the same variables (u, dy) -- see SplatGrad.
 #pragma once
 
 #include <cmath>
@@ -70,6 +78,8 @@ template <typename T>
 struct Splat {
   T mx, my;        // mean (sample units)
   T A, B, Cc;      // conic: inverse of Sigma' = [[A, B], [B, Cc]]
+  T beta, gamma;   // d2 = A (dx + beta dy)^2 + gamma dy^2:  beta = B / A, gamma = 1 / Sigma'_yy
+  T invA;          // 1 / A = det(Sigma') / Sigma'_yy (half-width^2 of a row span per unit d2)
   T sxx, syy;      // diagonal of Sigma' (for the bounding box)
   T alpha;
   // axis-aligned bounding box of the ellipse d2 <= kCutoffD2, in sample indices, inclusive.
@@ -110,6 +120,9 @@ SPLAT_HD Splat<T> make_splat(T u, T v, T l11, T l21, T l22, T alpha, int Ws, int
   s.A = cp * inv;
   s.B = -b * inv;
   s.Cc = ap * inv;
+  s.beta = -b / cp;
+  s.gamma = T(1) / cp;
+  s.invA = det / cp;
   s.sxx = ap;
   s.syy = cp;
   s.alpha = alpha;
@@ -128,10 +141,18 @@ SPLAT_HD Splat<T> make_splat(T u, T v, T l11, T l21, T l22, T alpha, int Ws, int
   return s;
 }
 
-// Squared Mahalanobis distance of offset (dx, dy) from the mean.
+// Offset of a sample from the centre line of its row: u = dx + beta dy (d2 = A u^2 + gamma dy^2).
+template <typename T>
+SPLAT_HD T row_offset(const Splat<T>& s, T dx, T dy) {
+  return dx + s.beta * dy;
+}
+
+// Squared Mahalanobis distance of offset (dx, dy) from the mean, as a sum of two non-negative
+// squares (never negative, fp32-accurate for near-singular conics; see the header comment).
 template <typename T>
 SPLAT_HD T mahalanobis2(const Splat<T>& s, T dx, T dy) {
-  return s.A * dx * dx + T(2) * s.B * dx * dy + s.Cc * dy * dy;
+  const T u = row_offset<T>(s, dx, dy);
+  return s.A * u * u + s.gamma * dy * dy;
 }
 
 // Cut-off kernel value k(d2) (0 outside the support).
@@ -146,16 +167,16 @@ SPLAT_HD T kernel_value(T d2, T& e) {
 }
 
 // The row interval of samples j (inclusive) where d2 <= r^2 for sample row with offset dy:
-// A dx^2 + 2 B dy dx + (Cc dy^2 - r^2) <= 0.  Returns false when the row misses the ellipse.
-// The interval is widened by one sample on each side to be robust to rounding; callers still test
-// d2 (kernel_value does), so the result is exact.
+// A u^2 <= r^2 - gamma dy^2 with u = x - xc, xc = mx - beta dy (the row's centre).  Returns false
+// when the row misses the ellipse. The interval is widened by one sample on each side to be robust
+// to rounding; callers still test d2 (kernel_value does), so the result is exact.
 template <typename T>
 SPLAT_HD bool row_span(const Splat<T>& s, T dy, int& j0, int& j1) {
-  const T bq = s.B * dy;
-  const T disc = bq * bq - s.A * (s.Cc * dy * dy - static_cast<T>(kCutoffD2));
-  if (!(disc >= T(0))) return false;
-  const T sq = sqrt(disc);
-  const T lo = s.mx + (-bq - sq) / s.A, hi = s.mx + (-bq + sq) / s.A;  // x range
+  const T rem = static_cast<T>(kCutoffD2) - s.gamma * dy * dy;
+  if (!(rem >= T(0))) return false;
+  const T h = sqrt(rem * s.invA);
+  const T xc = s.mx - s.beta * dy;
+  const T lo = xc - h, hi = xc + h;  // x range
   const T jl = floor(lo - T(0.5)), jh = ceil(hi - T(0.5));
   // Clamp to [x0, x1] before any int conversion (NaN or huge values fall back to the box).
   j0 = !(jl > T(s.x0)) ? s.x0 : (jl > T(s.x1) ? s.x1 + 1 : static_cast<int>(jl));
@@ -163,19 +184,20 @@ SPLAT_HD bool row_span(const Splat<T>& s, T dy, int& j0, int& j1) {
   return j0 <= j1;
 }
 
-// Per-Gaussian backward accumulators over the samples it covers.  With w = dL/d(d2) at a sample
-// (w = -0.5 * e * alpha * <g_out, c>), and offsets dx, dy:
-//   swx = sum w dx, swy = sum w dy, swxx = sum w dx^2, swxy = sum w dx dy, swyy = sum w dy^2,
+// Per-Gaussian backward accumulators over the samples it covers, in the variables of the sum of
+// squares (u = dx + beta dy, dy), which stay well conditioned for thin Gaussians. With
+// w = dL/d(d2) at a sample (w = -0.5 * e * alpha * <g_out, c>):
+//   swu = sum w u, swy = sum w dy, swuu = sum w u^2, swuy = sum w u dy, swyy = sum w dy^2,
 //   sa = sum k * <g_out, c>   (dL/dalpha),   sc[ch] = sum alpha * k * g_out[ch]   (dL/dc).
 template <typename T>
 struct SplatGrad {
-  T swx, swy, swxx, swxy, swyy, sa;
+  T swu, swy, swuu, swuy, swyy, sa;
   T sc[kMaxChannels];
 };
 
 template <typename T>
 SPLAT_HD void zero_grad(SplatGrad<T>& g, int C) {
-  g.swx = g.swy = g.swxx = g.swxy = g.swyy = g.sa = T(0);
+  g.swu = g.swy = g.swuu = g.swuy = g.swyy = g.sa = T(0);
   for (int ch = 0; ch < C; ++ch) g.sc[ch] = T(0);
 }
 
@@ -190,30 +212,34 @@ SPLAT_HD void accumulate_sample(SplatGrad<T>& g, const Splat<T>& s, T dx, T dy, 
   }
   g.sa += k * dot;
   const T w = T(-0.5) * e * s.alpha * dot;
-  g.swx += w * dx;
-  g.swy += w * dy;
-  g.swxx += w * dx * dx;
-  g.swxy += w * dx * dy;
-  g.swyy += w * dy * dy;
+  const T u = row_offset<T>(s, dx, dy);
+  const T wu = w * u, wy = w * dy;
+  g.swu += wu;
+  g.swy += wy;
+  g.swuu += wu * u;
+  g.swuy += wu * dy;
+  g.swyy += wy * dy;
 }
 
 // Finalise: chain the accumulators back to dL/d[u, v, l11, l21, l22] (colour and alpha gradients
-// are g.sc and g.sa directly).
+// are g.sc and g.sa directly).  d2 = A u^2 + gamma dy^2, u = dx + beta dy, dx = x - mx, dy = y - my:
+//   dd2/dmx = -2 A u,  dd2/dmy = -2 A beta u - 2 gamma dy,
+//   dd2/dA = u^2,      dd2/dbeta = 2 A u dy,   dd2/dgamma = dy^2;
+// then (A, beta, gamma) -> Sigma' = [[a', b], [b, c']] with D = det Sigma':
+//   A = c'/D:     dA/da' = -A^2,  dA/db = -2 A B,  dA/dc' = -B^2   (B = -b/D, the conic's off-diagonal)
+//   beta = -b/c': dbeta/db = -gamma,  dbeta/dc' = -beta gamma
+//   gamma = 1/c': dgamma/dc' = -gamma^2.
 template <typename T>
 SPLAT_HD void finish_grad(const SplatGrad<T>& g, const Splat<T>& s, T l11, T l21, T l22, int Ws,
                           int Hs, T out[5]) {
   T sx, sy;
   sample_scale<T>(Ws, Hs, sx, sy);
-  // d2 = A dx^2 + 2B dx dy + C dy^2 with dx = x - mx:  dd2/dmx = -2 (A dx + B dy).
-  const T gmx = T(-2) * (s.A * g.swx + s.B * g.swy);
-  const T gmy = T(-2) * (s.B * g.swx + s.Cc * g.swy);
-  // dL/dK for K = conic (symmetric): G = [[swxx, swxy], [swxy, swyy]];  dL/dSigma' = -K G K.
-  const T KG00 = s.A * g.swxx + s.B * g.swxy, KG01 = s.A * g.swxy + s.B * g.swyy;
-  const T KG10 = s.B * g.swxx + s.Cc * g.swxy, KG11 = s.B * g.swxy + s.Cc * g.swyy;
-  const T gS00 = -(KG00 * s.A + KG01 * s.B);
-  const T gS01 = -(KG00 * s.B + KG01 * s.Cc);
-  const T gS11 = -(KG10 * s.B + KG11 * s.Cc);
-  const T ga = gS00, gb = T(2) * gS01, gc = gS11;  // Sigma_xy appears twice in the matrix
+  const T gmx = T(-2) * s.A * g.swu;
+  const T gmy = T(-2) * (s.A * s.beta * g.swu + s.gamma * g.swy);
+  const T gA = g.swuu, gbeta = T(2) * s.A * g.swuy, ggamma = g.swyy;
+  const T ga = -s.A * s.A * gA;
+  const T gb = T(-2) * s.A * s.B * gA - s.gamma * gbeta;
+  const T gc = -s.B * s.B * gA - s.beta * s.gamma * gbeta - s.gamma * s.gamma * ggamma;
   out[0] = gmx * sx;
   out[1] = gmy * sy;
   out[2] = ga * T(2) * sx * sx * l11 + gb * sx * sy * l21;

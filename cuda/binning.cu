@@ -48,14 +48,17 @@ constexpr int kThreads1D = 256;
 // continuous at the cut-off).
 constexpr double kHitSlack = 1e-2;
 
-// Does the cut-off ellipse {d2 <= r^2} of (mx, my, A, B, Cc) reach the rectangle of sample CENTRES
-// [xa, xb] x [ya, yb]? Exact min of the convex quadratic form over the rectangle: 0 when the mean is
-// inside, else the min over the four edges (on an edge the 1D minimiser is clamped to the edge).
+// Does the cut-off ellipse {d2 <= r^2} of (mx, my, A, beta, gamma) reach the rectangle of sample
+// CENTRES [xa, xb] x [ya, yb]? d2 = A (dx + beta dy)^2 + gamma dy^2 (the raster kernels' form,
+// splat_math.h: mahalanobis2). Exact min of this convex quadratic over the rectangle: 0 when the
+// mean is inside, else the min over the four edges (on an edge the 1D minimiser is clamped to the
+// edge: dy = -A beta dx / (A beta^2 + gamma) on a vertical edge, dx = -beta dy on a horizontal one).
 // __noinline__ so that the counting pass (preprocess) and the emitting pass (emit) run the very
 // same machine code and always agree on the count; emit is still defensive about it.
 // (__host__ too, so that it can be unit-tested on a machine without a GPU.)
 template <typename T>
-__host__ __device__ __noinline__ bool tile_hit(T mx, T my, T A, T B, T Cc, T xa, T xb, T ya, T yb) {
+__host__ __device__ __noinline__ bool tile_hit(T mx, T my, T A, T beta, T gamma, T xa, T xb, T ya,
+                                               T yb) {
   const T x_lo = xa - mx, x_hi = xb - mx, y_lo = ya - my, y_hi = yb - my;
   if (x_lo <= T(0) && x_hi >= T(0) && y_lo <= T(0) && y_hi >= T(0)) return true;
   T best = static_cast<T>(kCutoffD2) * T(4);  // anything above the threshold
@@ -64,14 +67,16 @@ __host__ __device__ __noinline__ bool tile_hit(T mx, T my, T A, T B, T Cc, T xa,
                                  // which the host compiler would warn about)
     {  // vertical edge x = xs[e]: minimise over dy
       const T dx = xs[e];
-      const T dy = clamp_to<T>(-B * dx / Cc, y_lo, y_hi);
-      const T d2 = A * dx * dx + T(2) * B * dx * dy + Cc * dy * dy;
+      const T dy = clamp_to<T>(-A * beta * dx / (A * beta * beta + gamma), y_lo, y_hi);
+      const T uu = dx + beta * dy;
+      const T d2 = A * uu * uu + gamma * dy * dy;
       best = d2 < best ? d2 : best;
     }
     {  // horizontal edge y = ys[e]: minimise over dx
       const T dy = ys[e];
-      const T dx = clamp_to<T>(-B * dy / A, x_lo, x_hi);
-      const T d2 = A * dx * dx + T(2) * B * dx * dy + Cc * dy * dy;
+      const T dx = clamp_to<T>(-beta * dy, x_lo, x_hi);
+      const T uu = dx + beta * dy;
+      const T d2 = A * uu * uu + gamma * dy * dy;
       best = d2 < best ? d2 : best;
     }
   }
@@ -112,7 +117,7 @@ __global__ void __launch_bounds__(kThreads1D)
     image_of[i] = lo;
 
     // The geometry (mean, conic, bounding box) is computed in double and rounded once to T, as the
-    // CPU backend does (render_cpu.inc: prepare_splat): per Gaussian, so cheap even where fp64 is
+    // CPU backend does (render_cpu.inc: forward_task): per Gaussian, so cheap even where fp64 is
     // slow, and the conic's rounding is a bias shared by all samples of the Gaussian, so it is
     // worth avoiding. Loading as T first then widening gives the CPU's exact inputs.
     const int64_t r = i * F;
@@ -128,8 +133,8 @@ __global__ void __launch_bounds__(kThreads1D)
     row[0] = static_cast<T>(s.mx);
     row[1] = static_cast<T>(s.my);
     row[2] = static_cast<T>(s.A);
-    row[3] = static_cast<T>(s.B);
-    row[4] = static_cast<T>(s.Cc);
+    row[3] = static_cast<T>(s.beta);
+    row[4] = static_cast<T>(s.gamma);
     row[5] = alpha;
     for (int ch = 0; ch < C; ++ch) row[kPackedGeom + ch] = load_param<T>(params, r + 5 + ch, dtype);
 

@@ -27,7 +27,7 @@ namespace cuda {
 
 constexpr int kTile = 16;              // tile side, in samples
 constexpr int kBlock = kTile * kTile;  // raster threads per block: one per sample of a tile
-constexpr int kPackedGeom = 6;         // packed row: mx, my, A, B, Cc, alpha, then c_1 .. c_C
+constexpr int kPackedGeom = 6;         // packed row: mx, my, A, beta, gamma, alpha, then c_1 .. c_C
 static_assert(kTile % 4 == 0, "tiles must hold whole pixels for ssaa in {1, 2, 4}");
 
 // The state built by the forward (binning.cu: build_binning) and reused by the backward. All
@@ -49,7 +49,8 @@ struct Binning {
   int64_t n_keys = 0;
   // Device buffers (nullptr when empty).
   void* packed = nullptr;      // (total, 6 + C) of T (double for fp64 params, float otherwise):
-                               // mx, my, A, B, Cc, alpha, c_1 .. c_C in sample space
+                               // mx, my, A, beta, gamma, alpha, c_1 .. c_C in sample space
+                               // (splat_math.h: d2 = A (dx + beta dy)^2 + gamma dy^2)
   int64_t* counts = nullptr;   // (total,) number of tiles each Gaussian was emitted to
   int32_t* gauss = nullptr;    // (n_keys,) Gaussian indices sorted by global tile id (stable)
   int64_t* ranges = nullptr;   // (num_tiles, 2) [start, end) into `gauss`; zeros for empty tiles
@@ -162,8 +163,9 @@ __device__ __forceinline__ Splat<T> staged_splat(const T* sh, int j) {
   s.mx = sh[0 * kBlock + j];
   s.my = sh[1 * kBlock + j];
   s.A = sh[2 * kBlock + j];
-  s.B = sh[3 * kBlock + j];
-  s.Cc = sh[4 * kBlock + j];
+  s.beta = sh[3 * kBlock + j];
+  s.gamma = sh[4 * kBlock + j];
+  s.B = s.Cc = s.invA = T(0);  // not read by the raster maths (mahalanobis2, accumulate_sample)
   s.alpha = sh[5 * kBlock + j];
   s.sxx = s.syy = T(0);
   s.x0 = s.y0 = 0;

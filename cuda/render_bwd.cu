@@ -4,7 +4,7 @@
 //      sample's dL/d(sample) = dL/d(pixel) / s^2 for the C channels. For each staged Gaussian every
 //      thread computes its local contribution with splat_math.h's accumulate_sample into a SplatGrad
 //      (type T); warps where no lane is inside the ellipse are skipped (__any_sync). The 6 + C values
-//      (swx, swy, swxx, swxy, swyy, sc[C], sa) are all-reduced across the warp in T (xor butterfly of
+//      (swu, swy, swuu, swuy, swyy, sc[C], sa) are all-reduced across the warp in T (xor butterfly of
 //      __shfl_xor_sync), then lane f issues ONE fp64 atomicAdd for value f into the per-Gaussian
 //      accumulator row acc[g] (total, 6 + C), so a warp pays one atomic instruction per Gaussian.
 //   2. finish_kernel: one thread per Gaussian recomputes its geometry in double (make_splat<double>),
@@ -13,7 +13,7 @@
 //
 // Precision mirrors the CPU backend (render_cpu.inc: backward_gaussian): per-sample maths in T,
 // Gaussian-level sums and the chain rule in double (for fp32 params this spares the cancellation in
-// finish_grad's -K G K and the drift of summing many tiles in fp32; fp64 atomics are native since
+// finish_grad's cancellations and the drift of summing many tiles in fp32; fp64 atomics are native since
 // sm_60 and there is one per warp per Gaussian, not per sample).
 //
 // Determinism: the atomics make the summation order vary from run to run, so gradients are
@@ -93,10 +93,10 @@ __global__ void __launch_bounds__(kBlock) render_bwd_kernel(const TileParams<T> 
         }
         // Values in grad_params column order after the 5 moments: sc[0..C-1] then sa (alpha).
         T v[F];
-        v[0] = sg.swx;
+        v[0] = sg.swu;
         v[1] = sg.swy;
-        v[2] = sg.swxx;
-        v[3] = sg.swxy;
+        v[2] = sg.swuu;
+        v[3] = sg.swuy;
         v[4] = sg.swyy;
 #pragma unroll
         for (int ch = 0; ch < C; ++ch) v[5 + ch] = sg.sc[ch];
@@ -137,10 +137,10 @@ __global__ void __launch_bounds__(256)
     const Splat<double> sd =
         make_splat<double>(geo[0], geo[1], geo[2], geo[3], geo[4], alpha, Ws, Hs, prefilter);
     SplatGrad<double> sg{};
-    sg.swx = acc[0];
+    sg.swu = acc[0];
     sg.swy = acc[1];
-    sg.swxx = acc[2];
-    sg.swxy = acc[3];
+    sg.swuu = acc[2];
+    sg.swuy = acc[3];
     sg.swyy = acc[4];
     double out[5];
     finish_grad<double>(sg, sd, geo[2], geo[3], geo[4], Ws, Hs, out);

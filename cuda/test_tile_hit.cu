@@ -38,7 +38,7 @@ int run(unsigned seed) {
     }
     const Splat<T> sp = make_splat<T>(u, v, l11, l21, l22, T(1), Ws, Hs, it % 2 == 0);
     if (sp.x0 > sp.x1 || sp.y0 > sp.y1) continue;
-    const T row[6] = {sp.mx, sp.my, sp.A, sp.B, sp.Cc, sp.alpha};
+    const T row[6] = {sp.mx, sp.my, sp.A, sp.beta, sp.gamma, sp.alpha};
     const int4 box = make_int4(sp.x0, sp.x1, sp.y0, sp.y1);
     for (int ty = sp.y0 / kTile; ty <= sp.y1 / kTile; ++ty)
       for (int tx = sp.x0 / kTile; tx <= sp.x1 / kTile; ++tx) {

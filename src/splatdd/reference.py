@@ -9,16 +9,18 @@ float32 (like the compiled backends), float64 in float64.
   ``d2 <= 16``, identical in meaning to :func:`splatdd.render`.
 * :func:`render_untruncated` -- the plain mixture ``exp(-d2/2)`` with no cut-off, to measure the
   cut-off's error.
+* :func:`render_window` -- :func:`render` evaluated on a rectangle of pixels only (exactly the same
+  values as cropping the full render), so large images can be checked where a Gaussian lands.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from .render import _check_common, _check_finite
 
-__all__ = ["render", "render_untruncated", "CUTOFF_D2", "TAIL_VALUE", "PREFILTER_VARIANCE", "MIN_VARIANCE"]
+__all__ = ["render", "render_untruncated", "render_window", "CUTOFF_D2", "TAIL_VALUE", "PREFILTER_VARIANCE", "MIN_VARIANCE"]
 
 CUTOFF_D2 = 16.0                      # (Mahalanobis cut-off radius 4)^2
 TAIL_VALUE = 3.3546262790251185e-04   # exp(-8)
@@ -26,8 +28,9 @@ PREFILTER_VARIANCE = 1.0 / 12.0       # sample units
 MIN_VARIANCE = 1e-4                   # sample units, when prefilter=False
 
 
-def _render_dense(p: torch.Tensor, H: int, W: int, ssaa: int, prefilter: bool, truncate: bool) -> torch.Tensor:
-    """p: (B, N, 6 + C) -> (B, C, H, W)."""
+def _render_dense(p: torch.Tensor, H: int, W: int, ssaa: int, prefilter: bool, truncate: bool,
+                  window: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+    """p: (B, N, 6 + C) -> (B, C, H, W), or (B, C, h, w) for the pixel window (r0, c0, h, w)."""
     acc = torch.float64 if p.dtype == torch.float64 else torch.float32
     p = p.to(acc)
     B, N, P = p.shape
@@ -49,8 +52,12 @@ def _render_dense(p: torch.Tensor, H: int, W: int, ssaa: int, prefilter: bool, t
     A = (c + delta) / det
     Bc = -b / det
     Cc = (a + delta) / det
-    xs = torch.arange(Ws, dtype=acc, device=p.device) + 0.5
-    ys = torch.arange(Hs, dtype=acc, device=p.device) + 0.5
+    r0, c0 = 0, 0
+    if window is not None:
+        r0, c0, H, W = window
+        Hs, Ws = H * ssaa, W * ssaa
+    xs = torch.arange(c0 * ssaa, c0 * ssaa + Ws, dtype=acc, device=p.device) + 0.5
+    ys = torch.arange(r0 * ssaa, r0 * ssaa + Hs, dtype=acc, device=p.device) + 0.5
     dx = xs.view(1, 1, 1, Ws) - mx[..., None, None]   # (B, N, 1, Ws)
     dy = ys.view(1, 1, Hs, 1) - my[..., None, None]   # (B, N, Hs, 1)
     d2 = (A[..., None, None] * dx * dx + 2.0 * Bc[..., None, None] * dx * dy
@@ -108,3 +115,31 @@ def render_untruncated(
     """The untruncated mixture ``sum_k alpha_k exp(-d2_k / 2) c_k`` (no cut-off), otherwise as
     :func:`render`. The two differ by at most ``TAIL_VALUE * sum_k |alpha_k| |c_k|`` per pixel."""
     return _render(params, H, W, ssaa, prefilter, counts, truncate=False)
+
+
+def render_window(
+    params: torch.Tensor,
+    H: int,
+    W: int,
+    window: Tuple[int, int, int, int],
+    *,
+    ssaa: int = 2,
+    prefilter: bool = True,
+) -> torch.Tensor:
+    """:func:`render` of an ``H x W`` image restricted to the pixel rectangle ``window = (r0, c0,
+    h, w)`` (rows ``r0 .. r0+h-1``, columns ``c0 .. c0+w-1``): ``(B, C, h, w)``, the same values
+    as ``render(params, H, W)[..., r0:r0+h, c0:c0+w]`` at the cost of the window only.
+
+    Example::
+
+        crop = render_window(p.double(), 2048, 2048, (1000, 1000, 16, 16))
+    """
+    B, C, counts_list, H, W, ssaa = _check_common(params, H, W, ssaa, prefilter, None)
+    _check_finite(params)
+    if not (isinstance(window, (tuple, list)) and len(window) == 4
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in window)):
+        raise TypeError(f"window must be a tuple of 4 ints (r0, c0, h, w), got {window!r}")
+    r0, c0, h, w = window
+    if not (0 <= r0 and 0 <= c0 and h >= 1 and w >= 1 and r0 + h <= H and c0 + w <= W):
+        raise ValueError(f"window {window!r} must lie inside the {H} x {W} image and be non-empty")
+    return _render_dense(params, H, W, ssaa, prefilter, True, window=(r0, c0, h, w))

@@ -7,11 +7,13 @@ this file checks every input, allocates the buffers with torch and hands raw add
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
-__all__ = ["render", "backends", "MAX_CHANNELS", "MAX_SIDE", "MAX_SAMPLES"]
+__all__ = ["render", "backends", "MAX_CHANNELS", "MAX_SIDE", "MAX_SAMPLES", "MAX_BYTES", "MAX_BATCH"]
 
 #: Channels per Gaussian: 1 .. MAX_CHANNELS.
 MAX_CHANNELS = 8
@@ -19,6 +21,12 @@ MAX_CHANNELS = 8
 MAX_SIDE = 8192
 #: Largest accepted number of samples per image, H * W * ssaa**2.
 MAX_SAMPLES = 1 << 26
+#: Largest accepted number of images B in one call.
+MAX_BATCH = (1 << 31) - 1
+#: Largest accepted output plus workspace of one call, in bytes; a call is also refused when that
+#: exceeds the physical memory of the device (CPU: RAM; CUDA: the GPU's memory). Checked before
+#: anything is allocated (see _check_memory).
+MAX_BYTES = 1 << 40
 #: When True, CUDA parameters are also checked for NaN/inf (costs a host synchronisation per call;
 #: CPU parameters are always checked).
 CHECK_FINITE_ON_CUDA = False
@@ -125,8 +133,10 @@ def _check_common(params, H, W, ssaa, prefilter, counts):
             f"H * W * ssaa**2 = {H * W * ssaa * ssaa} samples per image is too large "
             f"(max {MAX_SAMPLES})"
         )
+    if isinstance(prefilter, np.bool_):
+        prefilter = bool(prefilter)
     if not isinstance(prefilter, bool):
-        raise TypeError(f"prefilter must be a bool, got {type(prefilter).__name__}")
+        raise TypeError(f"prefilter must be a bool (True or False), got {type(prefilter).__name__}")
     if counts is None:
         if params.dim() != 3:
             raise ValueError(
@@ -152,6 +162,49 @@ def _check_common(params, H, W, ssaa, prefilter, counts):
     else:
         B = params.shape[0]
     return B, C, counts_list, H, W, ssaa
+
+
+def _device_memory(device: torch.device) -> Optional[int]:
+    """Physical memory of `device` in bytes (None when unknown)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError, RuntimeError):  # pragma: no cover - platform
+        return None
+
+
+def render_bytes(B: int, C: int, H: int, W: int, total: int, dtype: torch.dtype) -> int:
+    """Bytes one :func:`render` call allocates beyond its inputs: the (B, C, H, W) output, the
+    (B + 1) int64 image offsets and, for the backward, the (total, 6 + C) gradient.
+
+    Example::
+
+        render_bytes(64, 3, 128, 128, 64 * 170, torch.float32)   # 12,656,136
+    """
+    elem = 8 if dtype == torch.float64 else 4
+    return B * C * H * W * elem + (B + 1) * 8 + total * (6 + C) * elem
+
+
+def _check_memory(B: int, C: int, H: int, W: int, params: torch.Tensor, device: torch.device) -> None:
+    """Refuse, before allocating anything, a call whose output plus workspace exceeds MAX_BYTES or
+    the device's physical memory (B = 2**31 empty images would otherwise allocate 16 GiB of offsets
+    and then fail in the allocator)."""
+    if B > MAX_BATCH:
+        raise ValueError(f"params/counts describe B = {B} images; at most {MAX_BATCH} per call")
+    need = render_bytes(B, C, H, W, params.shape[0] if params.dim() == 2 else
+                        params.shape[0] * params.shape[1], params.dtype)
+    limit = MAX_BYTES
+    mem = _device_memory(device)
+    where = f"MAX_BYTES = {MAX_BYTES}"
+    if mem is not None and mem < limit:
+        limit, where = mem, f"the {mem} bytes of physical memory on {device}"
+    if need > limit:
+        raise ValueError(
+            f"output plus workspace of this call, B * C * H * W = {B} * {C} * {H} * {W} values "
+            f"({need} bytes), exceeds {where}; render fewer images (params' first dimension / "
+            "counts) or smaller H, W per call"
+        )
 
 
 def _check_finite(params: torch.Tensor) -> None:
@@ -202,7 +255,7 @@ class _RenderFunction(torch.autograd.Function):
         total = params.shape[0]
         grad = torch.zeros((total, 6 + C), dtype=acc_dtype, device=params.device)
         if B > 0 and total > 0 and grad_out is not None:
-            grad_out = grad_out.to(acc_dtype).contiguous()
+            grad_out = grad_out.to(acc_dtype).resolve_neg().resolve_conj().contiguous()
             ext = _C()
             if device == "cpu":
                 ext.render_batch_backward(
@@ -255,6 +308,7 @@ def render(
         RuntimeError: ``backend="cuda"`` when the CUDA backend is not available.
     """
     B, C, counts_list, H, W, ssaa = _check_common(params, H, W, ssaa, prefilter, counts)
+    prefilter = bool(prefilter)
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     dev = params.device
@@ -269,6 +323,10 @@ def render(
     elif dev.type != "cpu":
         raise ValueError(f"backend='cpu' needs params on the CPU, got params on {dev}")
 
+    _check_memory(B, C, H, W, params, dev if device == "cuda" else torch.device("cpu"))
+    # A tensor with the negative (or conjugate) bit set is a lazy view whose raw storage holds the
+    # un-negated values: resolve it before handing out its address (issue 14).
+    params = params.resolve_neg().resolve_conj()
     if counts_list is None:
         N = params.shape[1]
         flat = params.reshape(B * N, 6 + C)
