@@ -327,7 +327,7 @@ def comparison_table(rows: Sequence[dict], gpu_name: str, sizes: Sequence[int] =
                + " | measured here |")
     out.append(f"| ours, {gpu_name}, peak allocated (GB) | "
                + " | ".join(cell(s, "peak_memory_gb", ".2f") for s in sizes) + " | measured here |")
-    out.append(f"| ours, PSNR (dB) | " + " | ".join(cell(s, "psnr", ".2f") for s in sizes)
+    out.append("| ours, PSNR (dB) | " + " | ".join(cell(s, "psnr", ".2f") for s in sizes)
                + " | measured here (other images than the paper's) |")
     return out
 

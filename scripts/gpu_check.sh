@@ -11,7 +11,8 @@
 #   bash scripts/gpu_check.sh benchmarks/results                  # on the GPU machine
 #   bash scripts/gpu_check.sh /tmp/gc --dry-run                   # anywhere: GPU steps skipped
 #
-# Exit status: 0 when every step that ran passed (skipped steps included), 1 otherwise, 2 on bad
+# Exit status: 0 when every step that ran passed (skipped steps, and a compute-sanitizer that refuses
+# the device, "unsupported", included), 1 otherwise, 2 on bad
 # arguments.
 set -uo pipefail
 # Paths given on the command line are relative to the caller's directory; the steps run at the

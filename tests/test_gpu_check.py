@@ -133,6 +133,13 @@ def test_no_gpu_without_dry_run_skips_too(tmp_path):
     assert check.gpu()
 
 
+def test_exit_status():
+    ok, skip = gc.StepResult("env", "ok"), gc.StepResult("tests", "skipped: no GPU")
+    assert gc.exit_status([ok, skip, gc.StepResult("racecheck", "unsupported")]) == 0
+    for bad in ("failed", "timeout"):
+        assert gc.exit_status([ok, skip, gc.StepResult("build", bad)]) == 1
+
+
 def test_time_boxes_keep_the_later_steps_minimum(tmp_path):
     check = gc.Check(tmp_path, dry_run=False, budget_s=300, python=sys.executable,
                      table20_steps=1000, table20_images=1000)
