@@ -44,7 +44,7 @@ def test_loss_equals_direct_computation(tiny_teacher):
     batches = class_batches(param.labels, 3)
     order = torch.cat(batches)
     crops = expand_groups(sample_crops(len(batches), g), [3, 3])
-    x = apply_crops(param.decode()[order], crops)
+    x = apply_crops(param.decode()[order], crops)     # decode-all then index: same images
     y = param.labels[order]
     teacher = algo.teacher
     bn_inputs = []

@@ -99,6 +99,22 @@ class SRe2L(Algorithm):
             raise ValueError(f"sre2l: batches_per_step must be a positive integer, got {b!r}")
         self.batches_per_step = None if b is None else int(b)
 
+    @classmethod
+    def quick_options(cls, real: RealData, ipc: int, workdir: Any) -> dict[str, Any]:
+        """For other plugins' quick tests: a tiny BatchNorm teacher (width 8, 2 epochs) trained on
+        ``real`` once under ``workdir``."""
+        from pathlib import Path
+
+        from splatdd.testing import quick_depth
+
+        from .teacher import train_teacher
+        spec = real.spec
+        out = Path(workdir) / (f"sre2l-quick-teacher-{spec.name}-{spec.channels}x{spec.height}x"
+                               f"{spec.width}-{spec.num_classes}")
+        train_teacher(real, None, out, model="ConvNet", width=8, depth=quick_depth(spec),
+                      epochs=2, lr=0.05, batch_size=32, seed=0, progress=False)
+        return {"teacher": str(out)}
+
     def config(self) -> dict[str, Any]:
         return {"teacher": self.teacher_dir, "teacher_info": self.teacher_info, "r_bn": self.r_bn,
                 "first_bn_multiplier": self.first_bn_multiplier,
@@ -122,9 +138,8 @@ class SRe2L(Algorithm):
         batches = self._pick_batches(param.labels)
         order = torch.cat(batches)
         sizes = [len(b) for b in batches]
-        x = param.decode()
+        x = param.decode(order)             # only the images of this step's batches
         dev = x.device
-        x = x[order.to(dev)]
         y = param.labels.to(dev)[order.to(dev)]
         if self.per_image_aug:
             crops = sample_crops(len(order), self.generator, scale=self.crop_scale,
