@@ -33,6 +33,7 @@ Version history: 2 -- ``optimizer_spec(regime)`` instead of ``optimizer_spec(alg
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
 from typing import (Any, ClassVar, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar,
                     runtime_checkable)
@@ -191,10 +192,13 @@ class Parameterization(torch.nn.Module, abc.ABC):
         return None
 
     @classmethod
-    def quick_options(cls, spec: DatasetSpec, ipc: int) -> dict[str, Any]:
+    def quick_options(cls, spec: DatasetSpec, ipc: int, workdir: str | os.PathLike
+                      ) -> dict[str, Any]:
         """Build options for a quick smoke run at ``spec``/``ipc`` that fit its storage budget (tiny
-        sizes, few init steps). Other plugins' tests and :mod:`splatdd.testing` build every installed
-        parameterization with these, never with options keyed on its name. Default ``{}``."""
+        sizes, few init steps); small files it needs (e.g. a tiny model) may be written under
+        ``workdir`` (reused across calls). Other plugins' tests and :mod:`splatdd.testing` build
+        every installed parameterization with these, never with options keyed on its name.
+        Default ``{}``."""
         return {}
 
     # ---- optimisation hooks ---------------------------------------------------------------------
@@ -301,6 +305,15 @@ class Algorithm(abc.ABC):
     @abc.abstractmethod
     def loss(self, param: Parameterization, step: int) -> torch.Tensor:
         """The differentiable loss of one outer step (a scalar)."""
+
+    @classmethod
+    def quick_options(cls, real: RealData, ipc: int, workdir: str | os.PathLike
+                      ) -> dict[str, Any]:
+        """Options for a quick smoke run on ``real`` (tiny networks, few inner steps); files the
+        algorithm needs (e.g. TM's expert buffer) may be made under ``workdir`` (reused across
+        calls). Used by :mod:`splatdd.testing` so that tests run every installed algorithm without
+        naming it. Default ``{}``."""
+        return {}
 
     def after_step(self, param: Parameterization) -> None:
         """Called after the parameterization's optimiser step, with the parameterization (e.g. TM

@@ -29,7 +29,7 @@ from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, DatasetSpec, Opti
 
 __all__ = ["TINY_SPEC", "TinyDistillation", "TinyPixels", "algorithm_class", "build_quick",
            "init_from_real_samples", "installed_algorithms", "installed_parameterizations",
-           "make_tiny_real", "parameterization_class", "run_steps", "run_tiny_distillation",
+           "make_quick", "make_tiny_real", "quick_depth", "parameterization_class", "run_steps", "run_tiny_distillation",
            "single_thread"]
 
 #: A 1-channel 8x8 dataset with 3 classes, already normalised (mean 0, std 1).
@@ -178,16 +178,37 @@ def installed_algorithms() -> list[str]:
     return registry.default_registry().names("algorithm")
 
 
-def build_quick(param_cls: type[Parameterization], spec: DatasetSpec, ipc: int, *,
-                seed: int = 0, **options: Any) -> Parameterization:
+def quick_depth(spec: DatasetSpec) -> int:
+    """ConvNet depth for quick tests at ``spec``: each block halves the resolution, and an
+    instance-normalised 1x1 map is degenerate, so ``floor(log2(min(H, W))) - 1`` blocks, 1 to 3
+    (8x8 -> 2, 16x16 and up -> 3)."""
+    import math
+    return max(1, min(3, int(math.log2(min(spec.height, spec.width))) - 1))
+
+
+def build_quick(param_cls: type[Parameterization], spec: DatasetSpec, ipc: int,
+                workdir: str | os.PathLike, *, seed: int = 0, **options: Any) -> Parameterization:
     """``param_cls`` built for a quick test run: its own
     :meth:`~splatdd.plugin_api.Parameterization.quick_options` for ``spec``/``ipc`` (small, within
-    the budget), updated with ``options``; randomness from a generator seeded by ``seed``::
+    the budget; files under ``workdir``), updated with ``options``; randomness from a generator
+    seeded by ``seed``::
 
-        param = build_quick(parameterization_class("siren"), TINY_SPEC, 2)
+        param = build_quick(parameterization_class("siren"), TINY_SPEC, 2, tmp_path)
     """
-    opts = {**param_cls.quick_options(spec, ipc), **options}
+    opts = {**param_cls.quick_options(spec, ipc, workdir), **options}
     return param_cls.build(spec, ipc, generator=torch.Generator().manual_seed(seed), **opts)
+
+
+def make_quick(algo_cls: type[Algorithm], real: RealData, ipc: int, workdir: str | os.PathLike,
+               *, seed: int = 0, **options: Any) -> Algorithm:
+    """``algo_cls`` for a quick test run on ``real``: its own
+    :meth:`~splatdd.plugin_api.Algorithm.quick_options` (tiny networks; files it needs made under
+    ``workdir``) updated with ``options``, its generator seeded by ``seed``::
+
+        algo = make_quick(algorithm_class("tm"), make_tiny_real(), 2, tmp_path)
+    """
+    opts = {**algo_cls.quick_options(real, ipc, workdir), **options}
+    return algo_cls(real, ipc=ipc, generator=torch.Generator().manual_seed(seed), **opts)
 
 
 @dataclass

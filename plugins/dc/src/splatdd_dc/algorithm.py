@@ -150,6 +150,14 @@ class GradientMatching(Algorithm):
         self._pos = 0                     # outer step within the current group, 0..outer_loop-1
         self.last_loss: float | None = None
 
+    @classmethod
+    def quick_options(cls, real: RealData, ipc: int, workdir: Any = None) -> dict[str, Any]:
+        """A width-8 network (:func:`splatdd.testing.quick_depth` blocks), real batches of 8, two
+        inner epochs."""
+        from splatdd.testing import quick_depth
+        return {"net_width": 8, "net_depth": quick_depth(real.spec), "batch_real": 8,
+                "inner_loop": 2}
+
     # ---- the network ----------------------------------------------------------------------------
     def _new_network(self) -> None:
         seed = draw_seed(self.generator, 2**62)

@@ -172,6 +172,18 @@ class LatentDiffusionImages(Parameterization):
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
+    def quick_options(cls, spec: DatasetSpec, ipc: int, workdir: str | os.PathLike) -> dict[str, Any]:
+        """For other plugins' quick tests: a tiny random-weight LDM built once under ``workdir``,
+        T = 2, 2x2 latents (within a tiny budget), fixed noise, no quantisation."""
+        from .tiny import build_tiny_ldm, tiny_spec_for
+
+        settings = tiny_spec_for(spec.channels, spec.height, spec.width, spec.num_classes)
+        path = Path(workdir) / ("ld3m-tiny-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())))
+        if not (path / "unet" / "config.json").is_file():
+            build_tiny_ldm(path, **settings)
+        return {"model_path": str(path), "steps": 2, "latent_size": 2, "noise": "fixed", "quantize": False}
+
+    @classmethod
     def build(cls, spec: DatasetSpec, ipc: int, *, generator: torch.Generator | None = None,
               model_path: str | os.PathLike | None = "tiny", steps: int | None = None,
               guidance: float = 3.0, residual: bool | str = True, eta: float = 0.0,

@@ -141,7 +141,7 @@ class SirenImages(Parameterization):
                 "width": _widest(layers, spec.channels, bytes_per_item / 4)}
 
     @classmethod
-    def quick_options(cls, spec: DatasetSpec, ipc: int) -> dict[str, Any]:
+    def quick_options(cls, spec: DatasetSpec, ipc: int, workdir: Any = None) -> dict[str, Any]:
         """2 sine layers, at most width 6 and within one image's floats per field, 20 init steps."""
         per_image = spec.channels * spec.height * spec.width
         return {"layers": 2, "width": min(6, _widest(2, spec.channels, per_image)),

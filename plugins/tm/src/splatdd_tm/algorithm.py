@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -158,6 +160,22 @@ class TrajectoryMatching(Algorithm):
                           f"({self.syn_steps} steps x {self.memory_estimate['batch']} images), "
                           f"{avail / 2**30:.1f} GiB is available on {self.device}; lower "
                           f"syn_steps or batch_syn", RuntimeWarning, stacklevel=2)
+
+    @classmethod
+    def quick_options(cls, real: RealData, ipc: int, workdir: str | os.PathLike
+                      ) -> dict[str, Any]:
+        """A buffer of 2 tiny experts (width 4, :func:`splatdd.testing.quick_depth` blocks, 3
+        epochs) trained on ``real`` under ``workdir`` (once per dataset shape; later calls reuse
+        it), 3 student steps of 1 epoch from start epochs 0..1."""
+        from splatdd.testing import quick_depth
+
+        from .buffer import train_experts
+        spec = real.spec
+        out = Path(workdir) / (f"tm-quick-buffer-{spec.name}-{spec.channels}x{spec.height}x"
+                               f"{spec.width}-{spec.num_classes}{'-zca' if spec.zca else ''}")
+        train_experts(real, out, experts=2, net_width=4, net_depth=quick_depth(spec), epochs=3,
+                      batch_size=16, seed=0, progress=False)
+        return {"buffer_dir": str(out), "syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2}
 
     # ---- checks & reports ---------------------------------------------------------------------
     def _check_dataset(self, real: RealData) -> None:
