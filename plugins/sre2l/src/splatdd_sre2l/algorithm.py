@@ -138,9 +138,8 @@ class SRe2L(Algorithm):
         batches = self._pick_batches(param.labels)
         order = torch.cat(batches)
         sizes = [len(b) for b in batches]
-        x = param.decode()
+        x = param.decode(order)             # only the images of this step's batches
         dev = x.device
-        x = x[order.to(dev)]
         y = param.labels.to(dev)[order.to(dev)]
         if self.per_image_aug:
             crops = sample_crops(len(order), self.generator, scale=self.crop_scale,
