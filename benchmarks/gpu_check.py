@@ -200,6 +200,27 @@ def run_logged(cmd: Sequence[str], log: Path, timeout_s: float, *, env: dict[str
     return rc, secs, rc in (124, 137)
 
 
+_ERROR_LINE = re.compile(r"CMake Error|error:|ERROR:|Error:|Traceback|FAILED|nvcc fatal|No module named")
+
+
+def first_error_line(log: Path, limit: int = 160) -> str:
+    """The first line of ``log`` that looks like an error (CMake, compiler, pip, Python), cut to
+    ``limit`` characters; "" when none.
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "b.log"
+    >>> _ = p.write_text("-- ok\\nCMake Error at CMakeLists.txt:40 (message):\\n")
+    >>> first_error_line(p)
+    'CMake Error at CMakeLists.txt:40 (message):'
+    """
+    try:
+        for line in log.read_text(errors="replace").splitlines():
+            if _ERROR_LINE.search(line) and not line.startswith(("$ ", "# ")):
+                return line.strip()[:limit]
+    except OSError:
+        pass
+    return ""
+
+
 def command_text(cmd: Sequence[str], env: dict[str, str] | None = None) -> str:
     """The command as one would type it (environment assignments first).
 
@@ -372,6 +393,8 @@ class Check:
             res.detail = f"installed, but the CUDA backend is not usable: {backends or 'import failed'}"
         elif rc == 0:
             res.detail = f"splatdd.backends() = {backends['usable']}"
+        else:
+            res.detail += f"; {first_error_line(self.logs / 'build.log')}"
         return res
 
     def step_tests(self, timeout_s: float) -> StepResult:
@@ -392,8 +415,9 @@ class Check:
             elif not cuda:
                 res.status = "failed"
                 res.detail += "; no result for test_render_cuda.py"
-        elif res.status == "ok":
-            res.status, res.detail = "failed", "no junit xml written"
+        else:
+            res.status = "failed" if res.status == "ok" else res.status
+            res.detail = f"no junit xml written; {first_error_line(self.logs / 'tests.log')}"
         return res
 
     def step_sanitizer(self, tool: str, timeout_s: float) -> StepResult:
@@ -425,6 +449,8 @@ class Check:
                 bits.append(f"{parsed['lines_naming_splatdd']} report lines name splatdd's kernels")
             if rc == 1:
                 bits.append("the case's results differ from the CPU backend")
+            elif rc not in (0, 3):
+                bits.append(f"exit code {rc}: {first_error_line(self.logs / f'{tool}.log')}")
             res.detail = "; ".join(bits)
             if parsed["errors"] is None and res.status == "ok":
                 res.status = "failed"
@@ -434,11 +460,16 @@ class Check:
         out = self.logs / "render_gpu.json"
         cmd = [self.python, "benchmarks/render_gpu.py", "--repeats", "3", "--json", str(out)]
         res, rc = self.run("render_benchmark", cmd, timeout_s)
+        bits = [res.detail]
         if out.exists():
             res.data = json.loads(out.read_text())
             r = res.data.get("cuda_vs_cpu", [])
+            bits.append(f"{len(res.data.get('rows', []))} rows")
             if r:
-                res.detail = "CUDA / CPU backend fwd+bwd: " + ", ".join(f"{x['fwd_bwd']:,.0f}x" for x in r)
+                bits.append("CUDA / CPU backend fwd+bwd: " + ", ".join(f"{x['fwd_bwd']:,.0f}x" for x in r))
+        if rc != 0:
+            bits.append(first_error_line(self.logs / "render_benchmark.log"))
+        res.detail = "; ".join(b for b in bits if b)
         return res
 
     def step_table20(self, timeout_s: float) -> StepResult:
@@ -448,14 +479,19 @@ class Check:
                str(self.table20_images), "--steps", str(self.table20_steps), "--budget-s",
                f"{budget:.0f}", "--json", str(out)]
         res, rc = self.run("table20", cmd, timeout_s)
+        bits = [res.detail]
         if out.exists():
             res.data = json.loads(out.read_text())
             rows = res.data.get("rows", [])
             ext = [r["gaussians"] for r in rows if r.get("extrapolated")]
             err = [r["gaussians"] for r in rows if "error" in r]
-            res.detail = (f"{len(rows)} sizes; " + ("full task for every size" if not ext else
-                          f"extrapolated from fewer steps for {ext} (time budget)")
-                          + (f"; FAILED for {err}" if err else ""))
+            bits.append(f"{len(rows)} of {len(res.data['task']['sizes'])} sizes")
+            bits.append("full task" if not ext else f"extrapolated from fewer steps for {ext} (time budget)")
+            if err:
+                bits.append(f"FAILED for {err}")
+        if rc != 0:
+            bits.append(first_error_line(self.logs / "table20.log"))
+        res.detail = "; ".join(b for b in bits if b)
         return res
 
     def skipped(self, name: str, why: str = SKIP_NO_GPU) -> StepResult:
