@@ -3,13 +3,14 @@
 Import the ones a test folder needs into its ``conftest.py`` (pytest collects fixtures from the
 conftest's namespace)::
 
-    from splatdd.testing_fixtures import one_thread, real, tiny_pixels  # noqa: F401
+    from splatdd.testing_fixtures import one_thread, quick_workdir, real, tiny_pixels  # noqa: F401
 
 ``one_thread`` is autouse: every test of that folder runs with one intra-op torch thread.
 This module imports pytest; :mod:`splatdd.testing` itself does not.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from splatdd.plugin_api import RealData
 from splatdd.testing import TinyPixels, make_tiny_real, single_thread
 
-__all__ = ["one_thread", "real", "tiny_pixels"]
+__all__ = ["one_thread", "quick_workdir", "real", "tiny_pixels"]
 
 
 @pytest.fixture(autouse=True)
@@ -38,3 +39,11 @@ def real() -> RealData:
 def tiny_pixels() -> type[TinyPixels]:
     """The :class:`splatdd.testing.TinyPixels` parameterization class."""
     return TinyPixels
+
+
+@pytest.fixture(scope="session")
+def quick_workdir(tmp_path_factory) -> Path:
+    """One temporary folder per test session for the files plugins' ``quick_options`` make (a tiny
+    expert buffer, teacher or model), so each is built once (:func:`splatdd.testing.build_quick`,
+    :func:`splatdd.testing.make_quick`)."""
+    return tmp_path_factory.mktemp("quick_options")

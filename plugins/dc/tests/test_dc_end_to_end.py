@@ -1,15 +1,12 @@
-"""dc end to end, found through the registry, with every installed parameterization, through the
-core's distill loop (checkpoint + resume + distilled file)."""
+"""dc end to end, found through the registry, with every installed parameterization (each built
+with its own quick_options, never with options keyed on its name), through the core's distill loop
+(checkpoint + resume + distilled file)."""
 import pytest
 import torch
 
-from splatdd.testing import init_from_real_samples, parameterization_class
+from splatdd.testing import (build_quick, init_from_real_samples, installed_parameterizations,
+                             parameterization_class)
 from splatdd_dc import GradientMatching
-
-PARAMETERIZATIONS = ["pixel", "gaussian", "siren"]
-#: Options that make a parameterization fit the tiny 8x8 budget (siren's default field is 67
-#: floats, more than one 8x8 image).
-TINY_OPTIONS = {"siren": {"width": 4}}
 
 
 def test_registry_finds_dc():
@@ -17,16 +14,15 @@ def test_registry_finds_dc():
     assert registry.get_algorithm("dc") is GradientMatching
 
 
-@pytest.mark.parametrize("pname", PARAMETERIZATIONS)
-def test_dc_end_to_end(pname, real, tmp_path):
+@pytest.mark.parametrize("pname", installed_parameterizations())
+def test_dc_end_to_end(pname, real, quick_workdir, tmp_path):
     pytest.importorskip("splatdd.distill")
     from splatdd import distilled_file, registry
     from splatdd.distill import distill
 
     pcls = parameterization_class(pname)
     acls = registry.get_algorithm("dc")
-    param = pcls.build(real.spec, 2, generator=torch.Generator().manual_seed(0),
-                       **TINY_OPTIONS.get(pname, {}))
+    param = build_quick(pcls, real.spec, 2, quick_workdir)
     init_from_real_samples(param, real, steps=5)
     before = param.decode().detach().clone()
 
@@ -37,8 +33,7 @@ def test_dc_end_to_end(pname, real, tmp_path):
     algo = make_algo()
     distill(param, algo, iterations=2, out_dir=tmp_path, checkpoint_every=1, progress=False)
     # resume to 3 iterations (the third starts a fresh network: outer_loop is 2)
-    param2 = pcls.build(real.spec, 2, generator=torch.Generator().manual_seed(0),
-                       **TINY_OPTIONS.get(pname, {}))
+    param2 = build_quick(pcls, real.spec, 2, quick_workdir)
     distill(param2, make_algo(), iterations=3, out_dir=tmp_path, checkpoint_every=1,
             resume=True, progress=False)
     after = param2.decode().detach()

@@ -8,7 +8,7 @@ import pytest
 
 from splatdd.testing import make_tiny_real as make_real
 from splatdd.testing import single_thread
-from splatdd.testing_fixtures import one_thread, real, tiny_pixels  # noqa: F401
+from splatdd.testing_fixtures import one_thread, quick_workdir, real, tiny_pixels  # noqa: F401
 
 
 @pytest.fixture(name="make_real")

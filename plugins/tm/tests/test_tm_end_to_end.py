@@ -1,5 +1,5 @@
-"""tm end to end, found through the registry, with every installed parameterization, through the
-core's distill loop; the learned lr lands in the distilled file. And `splatdd buffer` from the CLI."""
+"""tm end to end, found through the registry, with every installed parameterization (each built with
+its own quick_options, never with options keyed on its name), through the core's distill loop; the learned lr lands in the distilled file. And `splatdd buffer` from the CLI."""
 import gzip
 import struct
 
@@ -7,13 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from splatdd.testing import init_from_real_samples, parameterization_class
+from splatdd.plugin_api import learned_eval_lr
+from splatdd.testing import (build_quick, init_from_real_samples, installed_parameterizations,
+                             parameterization_class)
 from splatdd_tm import ExpertBuffer, TrajectoryMatching
-
-PARAMETERIZATIONS = ["pixel", "gaussian", "siren"]
-#: Options that make a parameterization fit the tiny 8x8 budget (siren's default field is 67
-#: floats, more than one 8x8 image).
-TINY_OPTIONS = {"siren": {"width": 4}}
 
 
 def test_registry_finds_tm_and_buffer_command():
@@ -23,8 +20,8 @@ def test_registry_finds_tm_and_buffer_command():
     assert registry.get_command("tm") is register
 
 
-@pytest.mark.parametrize("pname", PARAMETERIZATIONS)
-def test_tm_end_to_end(pname, make_real, tiny_buffer, tmp_path):
+@pytest.mark.parametrize("pname", installed_parameterizations())
+def test_tm_end_to_end(pname, make_real, tiny_buffer, quick_workdir, tmp_path):
     pytest.importorskip("splatdd.distill")
     from splatdd import distilled_file, registry
     from splatdd.distill import distill
@@ -32,8 +29,7 @@ def test_tm_end_to_end(pname, make_real, tiny_buffer, tmp_path):
     real = make_real()
     pcls = parameterization_class(pname)
     acls = registry.get_algorithm("tm")
-    param = pcls.build(real.spec, 1, generator=torch.Generator().manual_seed(0),
-                       **TINY_OPTIONS.get(pname, {}))
+    param = build_quick(pcls, real.spec, 1, quick_workdir)
     init_from_real_samples(param, real, steps=5)
     before = param.decode().detach().clone()
     algo = acls(real, ipc=1, generator=torch.Generator().manual_seed(0),
@@ -41,7 +37,7 @@ def test_tm_end_to_end(pname, make_real, tiny_buffer, tmp_path):
     distill(param, algo, iterations=3, out_dir=tmp_path, checkpoint_every=2, progress=False)
     after = param.decode().detach()
     assert torch.isfinite(after).all() and not torch.allclose(before, after)
-    assert algo.learned_lr() != pytest.approx(0.01, abs=0)
+    assert learned_eval_lr(algo) == algo.learned_lr() != pytest.approx(0.01, abs=0)
     d = distilled_file.load(tmp_path / "distilled.safetensors")
     assert d.learned_lr == pytest.approx(algo.learned_lr())
     assert d.algorithm == "tm"
