@@ -1,0 +1,352 @@
+"""LD3M end to end on FashionMNIST with a locally trained class-conditional LDM.
+
+Part 1, the model (FID-free evidence that it is a class-conditional generator): ``--per-class``
+samples per class from the LDM written by ``splatdd train-ldm`` (``scripts/train_ldm.sh``), plain
+DDIM (``--sample-steps``, eta 0) with classifier-free guidance ``--guidance``, are classified by a
+ConvNet-3 trained on the real FashionMNIST train set (``--clf-epochs`` epochs, SGD, no DSA; its
+accuracy on the real test set is reported next to it). The accuracy on the samples, with the sample's
+intended class as the label, is the evidence (10 % = chance). A 10 x 10 grid of the samples is
+written to ``benchmarks/results/fmnist_ld3m.png``.
+
+Part 2, distillation: ``ld3m`` (that LDM, the paper's Eq. 7 sampler with T from the resolution, CFG
+3, SGD momentum 0.5 with the paper's DM lr 1e-2) with DM at each ``--ipc``, run through
+``splatdd.experiment.run`` with the evaluation before (the initialised set: encoded random real
+images decoded through the reverse process) and after distillation, next to the pixel / gaussian /
+siren DM cells of ``benchmarks/results/fmnist_table.json`` (their settings quoted). The DM and
+evaluation settings default to that table's IPC-1 cells (100 iterations, batch_real 64, ConvNet-3,
+3 nets x 150 epochs) so the rows are comparable. Storage: the bytes each set stores against the
+pixel budget; the LDM (a shared prior, not counted, as in the paper) is stated separately.
+
+    python benchmarks/fmnist_ld3m.py --model-path runs/ldm-fmnist            # IPC 1
+    python benchmarks/fmnist_ld3m.py --model-path runs/ldm-fmnist --ipc 1 10
+
+Writes benchmarks/results/fmnist_ld3m.{md,json,png}. Run with ``heavy`` on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TABLE = RESULTS / "fmnist_table.json"
+
+
+def machine() -> str:
+    load = os.getloadavg()
+    return (f"{platform.machine()} Linux, {os.cpu_count()} CPU cores, no GPU; torch {torch.__version__}; "
+            f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at start")
+
+
+def load_parts(model_dir: Path):
+    """The raw diffusers parts of a train-ldm model (UNet2DModel taking class indices)."""
+    from diffusers import AutoencoderKL, UNet2DModel
+
+    vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), local_files_only=True).eval()
+    unet = UNet2DModel.from_pretrained(str(model_dir / "unet"), local_files_only=True).eval()
+    emb_cfg = json.loads((model_dir / "class_embedder" / "config.json").read_text())
+    return vae, unet, emb_cfg
+
+
+def ldm_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.rglob("*.safetensors"))
+
+
+def train_classifier(train, test, epochs: int, seed: int, cache: Path | None):
+    """ConvNet-3 (width 128, instance norm) on the real train set; cached by settings."""
+    from splatdd.evaluate import test_accuracy, train_network
+    from splatdd.models import get_network
+
+    net = get_network("ConvNet", 1, 10, 28, seed=seed)
+    key = f"convnet3_e{epochs}_s{seed}_n{len(train.labels)}.pt"
+    if cache is not None and (cache / key).is_file():
+        saved = torch.load(cache / key, weights_only=True)
+        net.load_state_dict(saved["state"])
+        return net, saved["test_acc"], saved["seconds"], True
+    t0 = time.perf_counter()
+    train_network(net, train.images, train.labels, epochs=epochs, lr=0.01, batch_size=256, dsa=False,
+                  seed=seed, schedule="cosine")
+    seconds = time.perf_counter() - t0
+    acc = test_accuracy(net, test)
+    if cache is not None:
+        from splatdd.io_utils import atomic_torch_save
+
+        atomic_torch_save({"state": net.state_dict(), "test_acc": acc, "seconds": seconds}, cache / key)
+    return net, acc, seconds, False
+
+
+def sample_quality(args, train, test) -> dict:
+    from splatdd_ld3m.train import CLASS_NAMES, sample_images, save_grid
+
+    model = Path(args.model_path)
+    vae, unet, emb_cfg = load_parts(model)
+    k = int(emb_cfg["num_classes"])
+    null = int(emb_cfg["null_class"])
+    lat = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if args.clf_train_images:
+        from splatdd.plugin_api import RealData
+
+        n = args.clf_train_images
+        train = RealData(train.spec, train.images[:n], train.labels[:n])
+    net, clf_test, clf_seconds, cached = train_classifier(train, test, args.clf_epochs, args.seed, cache)
+    print(f"classifier: ConvNet-3, {args.clf_epochs} epochs, real test accuracy {clf_test:.2f} % "
+          f"({'cached' if cached else f'{clf_seconds:.0f} s'})", flush=True)
+    out = {"classifier": {"model": "ConvNet-3 (width 128, instance norm)", "epochs": args.clf_epochs,
+                          "optimizer": "SGD momentum 0.9, lr 0.01 cosine, batch 256, weight decay 5e-4, no DSA",
+                          "real_test_acc": clf_test, "train_seconds": clf_seconds, "cached": cached},
+           "guidance": {}}
+    mean = torch.tensor(train.spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(train.spec.std).view(1, -1, 1, 1)
+    labels = torch.arange(k).repeat_interleave(args.per_class)
+    for gscale in args.guidance:
+        t1 = time.perf_counter()
+        g = torch.Generator().manual_seed(args.seed)
+        x = sample_images(vae, unet, labels, null_class=null, latent_shape=lat,
+                          scaling_factor=float(vae.config.scaling_factor), steps=args.sample_steps,
+                          guidance=gscale, generator=g)
+        x28 = F.interpolate((x + 1) / 2, size=(28, 28), mode="bilinear", align_corners=False, antialias=True)
+        xs = (x28.clamp(0, 1) - mean) / std
+        net.eval()
+        with torch.no_grad():
+            pred = torch.cat([net(b).argmax(1) for b in xs.split(256)])
+        acc = float((pred == labels).float().mean() * 100)
+        per_class = [float((pred[labels == c] == c).float().mean() * 100) for c in range(k)]
+        out["guidance"][str(gscale)] = {"acc": acc, "per_class": per_class,
+                                        "seconds": time.perf_counter() - t1}
+        print(f"samples, guidance {gscale:g}: classifier accuracy {acc:.2f} %", flush=True)
+        if gscale == args.guidance[0]:
+            per = min(10, args.per_class)
+            idx = torch.cat([torch.nonzero(labels == c).flatten()[:per] for c in range(k)])
+            names = list(CLASS_NAMES.get("fashion_mnist", [f"class {c}" for c in range(k)]))
+            save_grid(x[idx], Path(args.out) / "fmnist_ld3m.png", class_names=names, per_class=per,
+                      title=f"class-conditional samples of {model.name} (DDIM {args.sample_steps} steps, "
+                            f"guidance {gscale:g}); ConvNet-3 accuracy on {len(labels)} samples: {acc:.1f} %")
+    out.update(per_class_samples=args.per_class, sample_steps=args.sample_steps,
+               seconds=time.perf_counter() - t0, load_after=os.getloadavg()[0])
+    return out
+
+
+def distill_rows(args) -> list[dict]:
+    from splatdd.experiment import ExperimentConfig, run
+
+    rows = []
+    for ipc in args.ipc:
+        opts = {"model_path": str(Path(args.model_path).resolve())}
+        for kv in args.param_opt:
+            from splatdd.cli import parse_value
+
+            k, v = kv.split("=", 1)
+            opts[k] = parse_value(v)
+        cfg = ExperimentConfig.from_dict({
+            "name": f"fmnist-ld3m-dm-ipc{ipc}", "ipc": ipc, "parameterization": "ld3m", "algorithm": "dm",
+            "iterations": args.iterations, "param_options": opts,
+            "algo_options": {"batch_real": args.batch_real}, "seed": args.seed,
+            "eval": {"protocol": "paper", "runs": args.eval_runs, "before": True,
+                     "options": {"epochs": args.eval_epochs}},
+            "out": str(Path(args.runs) / f"ld3m_dm_ipc{ipc}"), "threads": args.threads})
+        t0 = time.perf_counter()
+        load0 = os.getloadavg()[0]
+        res = run(cfg, overwrite=True, progress=False)
+        d = res.to_dict()
+        cfg_file = json.loads((Path(d["out_dir"]) / "results.json").read_text())["config"]
+
+        rows.append({"ipc": ipc, "param": "ld3m", "algo": "dm", "config": cfg_file,
+                     "before": d["before"][0] if d["before"] else None,
+                     "after": d["after"][0] if d["after"] else None,
+                     "budget": d["budget"], "init": d["init"], "distill_seconds": d["distill_seconds"],
+                     "final_loss": d["final_loss"], "file": d["distilled_file"],
+                     "wall_seconds": time.perf_counter() - t0, "load_at_start": load0})
+        a = rows[-1]["after"]
+        print(f"ld3m dm ipc {ipc}: after {a['mean']:.2f} +- {a['std']:.2f}", flush=True)
+    return rows
+
+
+def table_rows() -> list[dict]:
+    data = json.loads(TABLE.read_text())
+    out = []
+    for e in data["entries"]:
+        if e.get("algo") == "dm" and e.get("group") == "table" and e.get("param") in ("pixel", "gaussian", "siren"):
+            out.append(e)
+    return out
+
+
+def _settings_text(e: dict) -> str:
+    s = e.get("settings", {})
+    ev = s.get("eval", {})
+    eval_txt = (f"eval {ev.get('runs')} x {ev['epochs']} ep" if "epochs" in ev
+                else f"eval {ev.get('runs')} x ~{ev.get('steps')} steps")
+    return f"{s.get('iterations')} it, batch_real {s.get('batch_real')}; {eval_txt}"
+
+
+def write_md(res: dict, path: Path) -> None:
+    L = ["# LD3M on FashionMNIST with a locally trained class-conditional LDM\n"]
+    L.append(f"Produced by `benchmarks/fmnist_ld3m.py` ({res['threads']} torch thread). Machine: {res['machine']}. "
+             "Timings are indicative only (shared cores).\n")
+    m = res["model"]
+    L.append("## The LDM\n")
+    L.append(f"`{m['path']}`, written by `splatdd train-ldm` (`scripts/train_ldm.sh`; not committed: "
+             f"{m['bytes'] / 1e6:.1f} MB): {m['summary']}.\n")
+    q = res.get("samples")
+    if q:
+        c = q["classifier"]
+        L.append("### Evidence of a class-conditional generator (FID-free)\n")
+        L.append(f"{q['per_class_samples']} samples per class (DDIM {q['sample_steps']} steps, eta 0), classified by "
+                 f"a {c['model']} trained on the real FashionMNIST train set for {c['epochs']} epochs "
+                 f"({c['optimizer']}); that classifier's accuracy on the real test set: **{c['real_test_acc']:.2f} %**. "
+                 "Accuracy on the samples = fraction classified as the class they were generated for "
+                 "(10 % is chance).\n")
+        L.append("| guidance | accuracy on samples (%) | " + " | ".join(m_["short"] for m_ in CLASS_COLS) + " |")
+        L.append("|---|---|" + "---|" * len(CLASS_COLS))
+        for gs, r in q["guidance"].items():
+            L.append(f"| {gs} | **{r['acc']:.2f}** | " + " | ".join(f"{v:.0f}" for v in r["per_class"]) + " |")
+        L.append("")
+        L.append("![class-conditional samples](fmnist_ld3m.png)\n")
+    L.append("## Distillation: DM, ConvNet-3 test accuracy (%)\n")
+    L.append("Every row: FashionMNIST 28x28, DM, initialised from random real images, evaluated with the "
+             "paper protocol on ConvNet-3 (mean +- std over the evaluation nets). \"before\" = the initialised "
+             "set (for ld3m: encoded real images decoded through the reverse process); the pixel / gaussian / "
+             "siren figures are copied from `benchmarks/results/fmnist_table.json` (no before-distillation "
+             "figure was measured there).\n")
+    L.append("| IPC | parameterization | before | after | stored bytes / pixel budget | settings |")
+    L.append("|---|---|---|---|---|---|")
+    rows = sorted(res["table"] + res["ld3m"], key=lambda r: (r["ipc"], r["param"] != "ld3m", r["param"]))
+    for r in rows:
+        if r["param"] == "ld3m":
+            b, a = r["before"], r["after"]
+            cfg = r["config"]
+            po = cfg.get("param_options", {})
+            extra = ", ".join(f"{k}={v}" for k, v in po.items() if k != "model_path")
+            st = (f"{cfg['iterations']} it, batch_real {cfg['algo_options'].get('batch_real')}; eval "
+                  f"{cfg['eval']['runs']} x {cfg['eval']['options'].get('epochs')} ep; T {r.get('steps', '?')}, "
+                  f"guidance {r.get('guidance', '?')}, Eq. 7, SGD lr {r.get('lr', '?')}"
+                  + (f"; {extra}" if extra else ""))
+            L.append(f"| {r['ipc']} | **ld3m** (this LDM) | {b['mean']:.2f} +- {b['std']:.2f} | "
+                     f"**{a['mean']:.2f} +- {a['std']:.2f}** | {r['budget']['used']:,} / {r['budget']['allowed']:,} "
+                     f"({100 * r['budget']['used'] / r['budget']['allowed']:.0f} %) | {st} |")
+        else:
+            extra = f" (GPC {r['param_config'].get('gpc')})" if r["param"] == "gaussian" else ""
+            L.append(f"| {r['ipc']} | {r['param']}{extra} | - | {r['mean']:.2f} +- {r['std']:.2f} | "
+                     f"{r['bytes']:,} / {r['budget_bytes']:,} ({100 * r['bytes'] / r['budget_bytes']:.0f} %) | "
+                     f"{_settings_text(r)} |")
+    L.append("")
+    L.append(f"ld3m's storage: the latents Z and class embeddings c of every distilled image (fp32). The LDM "
+             f"itself ({m['bytes'] / 1e6:.1f} MB of weights) is a shared prior and is not counted, as in the "
+             "LD3M paper (and as GLaD's generator); the pixel budget counts ipc fp32 28x28 images per class.\n")
+    L.append("## Reading\n")
+    L += [f"- {n}" for n in res.get("notes", [])]
+    path.write_text("\n".join(L) + "\n")
+
+
+CLASS_COLS = [{"short": s} for s in ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                     "Sneaker", "Bag", "Boot")]
+
+
+def notes(res: dict) -> list[str]:
+    out = []
+    q = res.get("samples")
+    if q:
+        best = max(q["guidance"].items(), key=lambda kv: kv[1]["acc"])
+        out.append(f"The LDM's class-conditional samples are recognised as their class {best[1]['acc']:.1f} % of "
+                   f"the time at guidance {best[0]} by a ConvNet-3 that scores "
+                   f"{q['classifier']['real_test_acc']:.1f} % on real test images (chance: 10 %).")
+    tab = {(r["ipc"], r["param"]): r for r in res["table"]}
+    for r in res["ld3m"]:
+        a, b = r["after"], r["before"]
+        gain = a["mean"] - b["mean"]
+        line = (f"IPC {r['ipc']}: ld3m + DM {b['mean']:.2f} -> {a['mean']:.2f} "
+                f"({'+' if gain >= 0 else ''}{gain:.2f} points from distillation)")
+        comps = []
+        for p in ("pixel", "gaussian", "siren"):
+            t = tab.get((r["ipc"], p))
+            if t:
+                comps.append(f"{p} {t['mean']:.2f} ({a['mean'] - t['mean']:+.2f})")
+        if comps:
+            line += "; against the table's DM cells (ld3m minus them): " + ", ".join(comps)
+        out.append(line + ".")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path", default="runs/ldm-fmnist")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--runs", default="runs/fmnist_ld3m", help="folder of the distillation runs")
+    ap.add_argument("--cache", default="runs/fmnist_ld3m/cache", help="classifier cache ('' for none)")
+    ap.add_argument("--ipc", type=int, nargs="*", default=[1])
+    ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--batch-real", type=int, default=64)
+    ap.add_argument("--eval-runs", type=int, default=3)
+    ap.add_argument("--eval-epochs", type=int, default=150)
+    ap.add_argument("--param-opt", action="append", default=[], help="extra ld3m option K=V")
+    ap.add_argument("--per-class", type=int, default=100)
+    ap.add_argument("--sample-steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, nargs="+", default=[2.0, 1.0])
+    ap.add_argument("--clf-epochs", type=int, default=2)
+    ap.add_argument("--clf-train-images", type=int, default=None, help="train the classifier on the first N only")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-samples", action="store_true", help="keep part 1 from the previous JSON")
+    ap.add_argument("--skip-distill", action="store_true", help="keep part 2 from the previous JSON")
+    args = ap.parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    from splatdd.data import load_dataset
+    from splatdd_ld3m.ldm import load_ldm
+
+    out = Path(args.out)
+    prev_path = out / "fmnist_ld3m.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.is_file() else {}
+    model = Path(args.model_path)
+    ldm = load_ldm(model)
+    man = json.loads((model / "splatdd_ld3m.json").read_text())
+    tr = man.get("train", {})
+    res = {"machine": machine(), "threads": args.threads,
+           "model": {"path": str(model), "bytes": ldm_bytes(model), "train": tr, "history": man.get("history"),
+                     "summary": (f"KL autoencoder f{ldm.vae_factor}, {ldm.latent_channels} latent channels "
+                                 f"({ldm.image_size} px -> {ldm.latent_size}x{ldm.latent_size}), "
+                                 f"UNet2DModel {tr.get('unet_channels')} with class embeddings "
+                                 f"(D = {ldm.class_embedder.embed_dim}, + null class for guidance); autoencoder "
+                                 f"{tr.get('ae_steps')} steps of {tr.get('ae_batch_size')}, UNet "
+                                 f"{tr.get('unet_steps')} steps of {tr.get('unet_batch_size')} latents, EMA "
+                                 f"{tr.get('ema_decay')}; cin256 noise schedule")}}
+    train, test = load_dataset("fashion_mnist", progress=False)
+    if args.skip_samples:
+        res["samples"] = prev.get("samples")
+    else:
+        res["samples"] = sample_quality(args, train, test)
+    if args.skip_distill:
+        res["ld3m"] = prev.get("ld3m", [])
+    else:
+        rows = distill_rows(args)
+        for r in rows:
+            from splatdd_ld3m import LatentDiffusionImages
+
+            p = LatentDiffusionImages.build(train.spec, r["ipc"], model_path=str(model))
+            r.update(steps=p.steps, guidance=p.guidance, lr=p.optimizer_spec("distribution").params[0]["lr"])
+        res["ld3m"] = rows
+    res["table"] = table_rows()
+    res["notes"] = notes(res)
+    from splatdd.io_utils import atomic_write_json
+
+    atomic_write_json(prev_path, res)
+    write_md(res, out / "fmnist_ld3m.md")
+    print(f"wrote {out / 'fmnist_ld3m.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
