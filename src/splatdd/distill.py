@@ -292,6 +292,7 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
     run_config = {**identity, "seed": seed, "lr": lr, **dict(config or {})}
 
     opt = param.optimizer_spec(algo.regime, lr).build()
+    base_lrs = [float(g["lr"]) for g in opt.param_groups]     # before a resume overwrites them
     losses: list[float] = []
     evals: list[dict[str, Any]] = []
     start = 0
@@ -333,6 +334,10 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
     t0 = time.perf_counter()
     try:
         for step in range(start, iterations):
+            if algo.lr_schedule == "cosine":       # Algorithm.lr_schedule: cosine to 0 over the run
+                scale = 0.5 * (1.0 + math.cos(math.pi * step / max(iterations, 1)))
+                for group, base in zip(opt.param_groups, base_lrs):
+                    group["lr"] = base * scale
             value = run_step(param, algo, opt, step)
             losses.append(value)
             done = step + 1

@@ -148,3 +148,23 @@ def test_end_to_end_with_every_parameterization(name, tiny_teacher, tmp_path):
     loaded = load(tmp_path / DISTILLED_NAME)
     assert torch.allclose(loaded.param.decode(), after)
     assert all(len(m._forward_hooks) == 0 for m in algo.teacher.modules())
+
+
+def test_core_loop_applies_the_cosine_schedule(tiny_teacher, tmp_path, monkeypatch):
+    """sre2l asks for lr_schedule "cosine": step s runs at base_lr * (1 + cos(pi s / T)) / 2."""
+    import splatdd.distill as distill_mod
+
+    seen = []
+    orig = distill_mod.run_step
+
+    def recording(param, algo, opt, step):
+        seen.append(opt.param_groups[0]["lr"])
+        return orig(param, algo, opt, step)
+    monkeypatch.setattr(distill_mod, "run_step", recording)
+    real = make_tiny_real()
+    param = TinyPixels.build(real.spec, 1, generator=torch.Generator().manual_seed(0))
+    algo = SRe2L(real, ipc=1, generator=torch.Generator().manual_seed(1), teacher=tiny_teacher)
+    distill_mod.distill(param, algo, iterations=4, out_dir=tmp_path, checkpoint_every=0,
+                        progress=False, plot=False, save_file=False, lr=0.2)
+    expect = [0.2 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    assert seen == pytest.approx(expect, rel=1e-12)
