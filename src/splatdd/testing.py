@@ -244,8 +244,8 @@ def run_tiny_distillation(param_cls: type[Parameterization], algo_name: str,
                           iterations: int = 2, init_steps: int = 5,
                           **build_options: Any) -> TinyDistillation:
     """A tiny end-to-end run: a 2-class 3x16x16 random dataset (10 images per class), ``param_cls``
-    built with ipc 1 and ``build_options`` (plus ``init_steps``) and initialised from the first two
-    real images of each class, then ``iterations`` steps of the algorithm registered as
+    built with ipc 1 and ``build_options`` (plus ``init_steps``) and initialised from random real
+    images of its classes (:func:`splatdd.initialise.init_from_real`), then ``iterations`` steps of the algorithm registered as
     ``algo_name`` (skips the test when it is not installed) through :func:`splatdd.distill.distill`
     with no intermediate checkpoints. ``watch`` names a tensor attribute of the parameterization
     to copy before distilling (``TinyDistillation.before``)."""
@@ -258,8 +258,8 @@ def run_tiny_distillation(param_cls: type[Parameterization], algo_name: str,
     labels = torch.arange(2).repeat_interleave(10)
     real = RealData(spec, images, labels)
     param = param_cls.build(spec, 1, generator=gen, init_steps=init_steps, **build_options)
-    init = torch.cat([images[:2], images[10:12]])
-    diag = param.init_from_real(init, param.labels)
+    from splatdd.initialise import init_from_real
+    diag = init_from_real(param, real, torch.Generator().manual_seed(2))
     algo = algo_cls(real, ipc=1, generator=torch.Generator().manual_seed(1),
                     **(algo_options or {}))
     before = getattr(param, watch).detach().clone() if watch is not None else None
