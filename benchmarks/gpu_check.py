@@ -180,7 +180,7 @@ def run_logged(cmd: Sequence[str], log: Path, timeout_s: float, *, env: dict[str
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     t = max(1, int(timeout_s))
-    wrapped = (["timeout", "--kill-after=10", str(t)] if shutil.which("timeout") else []) + list(cmd)
+    wrapped = (["timeout", "--kill-after=5", str(t)] if shutil.which("timeout") else []) + list(cmd)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
         fh.write(f"$ {' '.join(f'{k}={shlex.quote(v)}' for k, v in (env or {}).items())} "
