@@ -4,6 +4,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from splatdd import registry as R
 from splatdd.plugin_api import PLUGIN_API_VERSION, Algorithm, Parameterization
@@ -289,3 +290,51 @@ def test_reject_unknown_options_names_plugin_unknown_and_known():
     assert msg.endswith("known: a, b")
     with pytest.raises(TypeError, match="known: none"):
         reject_unknown_options("p", ["x"], ())
+
+
+def test_draw_seed_is_torch_randint_from_the_generator():
+    """Independent oracle: the same generator state gives torch.randint's value; the range holds."""
+    from splatdd.plugin_api import SEED_HIGH, draw_seed
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    seeds = [draw_seed(g1) for _ in range(50)]
+    assert seeds == [int(torch.randint(0, SEED_HIGH, (1,), generator=g2)) for _ in range(50)]
+    assert all(0 <= s < 2**31 - 1 for s in seeds) and len(set(seeds)) == 50
+    assert all(0 <= draw_seed(g1, 3) < 3 for _ in range(20))
+
+
+def test_learned_eval_lr_only_for_algorithms_of_the_protocol():
+    from splatdd.plugin_api import LearnsEvalLR, learned_eval_lr
+
+    class Plain:
+        pass
+
+    class Learns:
+        def learned_lr(self):
+            return torch.tensor(0.25)
+    assert learned_eval_lr(Plain()) is None and not isinstance(Plain(), LearnsEvalLR)
+    assert isinstance(Learns(), LearnsEvalLR) and learned_eval_lr(Learns()) == 0.25
+    assert not hasattr(Algorithm, "learned_lr")
+
+
+def test_regime_setting_and_check_regime_messages():
+    from splatdd.plugin_api import REGIMES, check_regime, regime_setting
+    assert REGIMES == ("distribution", "gradient", "trajectory", "recover")
+    assert regime_setting({"gradient": 0.1}, "gradient", "p") == 0.1
+    with pytest.raises(ValueError, match=r"p: unknown regime 'dc'; it has settings for: gradient"):
+        regime_setting({"gradient": 0.1}, "dc", "p")
+    with pytest.raises(ValueError, match="p: no optimiser setting for regime 'recover'"):
+        regime_setting({"gradient": 0.1}, "recover", "p")
+    assert check_regime("recover") == "recover"
+    with pytest.raises(ValueError, match="got 'mtt'"):
+        check_regime("mtt")
+
+
+def test_optimizer_spec_betas_reach_adam():
+    from splatdd.plugin_api import OptimizerSpec
+    x = torch.nn.Parameter(torch.zeros(3))
+    opt = OptimizerSpec([{"params": [x], "lr": 0.25}], kind="adam", betas=(0.5, 0.9)).build()
+    assert opt.param_groups[0]["betas"] == (0.5, 0.9) and opt.param_groups[0]["lr"] == 0.25
+    assert OptimizerSpec([{"params": [x], "lr": 1.0}]).build().param_groups[0]["betas"] == \
+        (0.9, 0.999)
+    with pytest.raises(ValueError, match="'adam' or 'sgd'"):
+        OptimizerSpec([{"params": [x], "lr": 1.0}], kind="rmsprop").build()
