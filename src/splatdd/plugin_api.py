@@ -85,11 +85,11 @@ def regime_setting(table: Mapping[str, _T], regime: str, plugin: str) -> _T:
 
         lr = regime_setting({"distribution": 1.0, "gradient": 0.1}, "gradient", "pixel")  # 0.1
     """
-    if regime not in table:
+    if not isinstance(regime, str) or regime not in table:
         known = ", ".join(r for r in REGIMES if r in table)
         what = "unknown regime" if regime not in REGIMES else "no optimiser setting for regime"
         raise ValueError(f"{plugin}: {what} {regime!r}; it has settings for: {known} "
-                         f"(valid regimes: {', '.join(REGIMES)}); pass lr= to choose one")
+                         f"(valid regimes: {', '.join(REGIMES)})")
     return table[regime]
 
 
@@ -163,8 +163,10 @@ class Parameterization(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def init_from_real(self, images: torch.Tensor, labels: torch.Tensor, *,
                        steps: int | None = None, progress: bool = False) -> dict[str, float]:
-        """Initialise from real images ``(n, C, H, W)`` (normalised) with labels ``(n,)``, one real
-        image per stored item, ``n == len(self.labels)``. Returns diagnostics, e.g. ``{"mse": ...}``."""
+        """Initialise from real images ``(n, C, H, W)`` (normalised) with labels ``(n,)``: one real
+        image per decoded image, ``n == len(self.labels)`` (not ``ipc`` per class), in the order of
+        :attr:`labels` (class-major for the built-ins). :func:`splatdd.initialise.init_from_real`
+        draws them. Returns diagnostics, e.g. ``{"mse": ...}``."""
 
     # ---- decoding -------------------------------------------------------------------------------
     @property
