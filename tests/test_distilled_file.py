@@ -255,3 +255,14 @@ def test_save_on_a_full_disk_keeps_the_previous_file(saved, reg, monkeypatch):
     with pytest.raises(WriteFailed, match=f"no space left on device.*kept: the previous {path}"):
         F.save(path, p, spec=SPEC, ipc=3, registry=reg)
     assert path.read_bytes() == before
+
+
+def test_export_to_an_unwritable_place_is_a_clear_error(saved, reg, tmp_path):
+    from splatdd.run_folder import WriteFailed
+    d = F.load(saved[1], registry=reg)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(WriteFailed, match="cannot write .*grid.png: a file is in the way"):
+        d.export_png(blocker / "grid.png")
+    with pytest.raises(WriteFailed, match="cannot write .*x.pt: .*choose another --out"):
+        d.export_tensor(blocker / "sub" / "x.pt")

@@ -812,6 +812,12 @@ def load(path: str | os.PathLike, *, registry: Any = None, device: str | torch.d
 
 
 # ---- exports --------------------------------------------------------------------------------------
+def _export_errors(path: Path) -> Any:
+    """Write failures of an export as :class:`splatdd.run_folder.WriteFailed`."""
+    return translate_write_errors(f"{path}", kept=f"the previous {path}" if path.exists() else None,
+                                  hint="free space or choose another --out")
+
+
 def _resolve(source: Any, spec: DatasetSpec | None, resolution: tuple[int, int] | None
              ) -> tuple[torch.Tensor, torch.Tensor | None, DatasetSpec | None, float | None]:
     """(images normalised float32 CPU, labels or None, spec or None, learned lr or None)."""
@@ -906,7 +912,8 @@ def export_png(source: Any, path: str | os.PathLike, *, spec: DatasetSpec | None
     img = Image.fromarray(u8)           # 2-D uint8 -> "L", (H, W, 3) uint8 -> "RGB"
     assert img.mode == mode, (img.mode, mode)
     path = Path(path)
-    atomic_save_with(path, lambda f: img.save(f, format="PNG"))
+    with _export_errors(path):
+        atomic_save_with(path, lambda f: img.save(f, format="PNG"))
     return path
 
 
@@ -939,5 +946,6 @@ def export_tensor(source: Any, path: str | os.PathLike, *, spec: DatasetSpec | N
         "learned_lr": learned_lr,
     }
     path = Path(path)
-    atomic_torch_save(obj, path)
+    with _export_errors(path):
+        atomic_torch_save(obj, path)
     return path

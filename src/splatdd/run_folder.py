@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Iterator
@@ -35,7 +36,8 @@ LOCK_NAME = ".lock"
 _WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
                  errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
                  errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
-                 errno.EISDIR: "a directory is in the way", errno.ENOTDIR: "a file is in the way"}
+                 errno.EISDIR: "a directory is in the way", errno.ENOTDIR: "a file is in the way",
+                 errno.EEXIST: "a file is in the way"}
 #: What torch.save raises when the underlying write fails (the OSError itself is lost).
 _TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
 
@@ -105,6 +107,10 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 pid = _read_pid(fd)
+                deadline = time.monotonic() + 1.0     # the holder writes its PID right after
+                while pid is None and time.monotonic() < deadline:   # taking the lock
+                    time.sleep(0.005)
+                    pid = _read_pid(fd)
                 who = f"PID {pid}" if pid is not None else "a process whose PID is not known yet"
                 raise RunFolderBusy(f"{self.out_dir} is in use by another splatdd run ({who}); "
                                     f"wait for it to finish or use another --out", pid) from None
@@ -216,7 +222,7 @@ def _reason(exc: OSError) -> str:
 def translate_write_errors(what: str, *, kept: str | None = None, hint: str | None = None
                            ) -> Iterator[None]:
     """Turn a failed write inside the block (``OSError`` ENOSPC, EROFS, EACCES, EPERM, EDQUOT,
-    EFBIG, EISDIR, ENOTDIR, or torch.save's ``RuntimeError: ... unexpected pos`` from a full disk) into
+    EFBIG, EISDIR, ENOTDIR, EEXIST (a file where a folder must be), or torch.save's ``RuntimeError: ... unexpected pos`` from a full disk) into
     :class:`WriteFailed` saying what could not be written, what was ``kept`` and how to go on
     (``hint``). Other errors pass through unchanged::
 
