@@ -324,7 +324,7 @@ def write_md(res: dict, path: Path) -> None:
         info = res.get("ldm_info", {})
         L.append(f"- Model \"fmnist-ldm\": `{info.get('path', '?')}`, written by `splatdd train-ldm` "
                  f"(`scripts/train_ldm.sh`): {info.get('summary', '')}. Same loss and settings as below; its "
-                 "rows are the ones that speak for a trained latent diffusion model.")
+                 "rows are the ones that speak for a trained latent diffusion model.\n")
     models = [m for m in ("fmnist-ldm", "trained", "random") if m in res["grad"]]
     for m in models:
         L.append(f"## Gradient norm ||dL/dZ|| x 1e4 against T: {m} UNet\n")
