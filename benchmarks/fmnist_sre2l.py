@@ -190,9 +190,11 @@ def report(data: dict[str, Any]) -> str:
                   "| IPC | cell | hard-label accuracy % | eval |", "|---|---|---|---|"]
         for ipc, e in sorted(best.items()):
             ev = e.get("settings", {}).get("eval", {})
-            lines.append(f"| {ipc} | {e['param']} + {e['algo']} | {e['mean']:.2f} +- "
-                         f"{e['std']:.2f} | {ev.get('runs', '?')} x {ev.get('epochs', '?')} "
-                         f"epochs |")
+            length = (f"{ev['epochs']} epochs" if "epochs" in ev else
+                      f"{ev['steps']} SGD steps" if "steps" in ev else "?")
+            lines.append(f"| {ipc} | {e['param']} + {e['algo']} ({e['settings'].get('iterations')}"
+                         f" it) | {e['mean']:.2f} +- {e['std']:.2f} | {ev.get('runs', '?')} x "
+                         f"{length} |")
     lines += ["", "## Machine", ""]
     for c in cells:
         lines.append(f"- IPC {c['ipc']} {c['param']}: {c.get('machine', '')}, finished "
