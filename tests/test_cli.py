@@ -1,10 +1,7 @@
 """End-to-end CLI: a tiny FashionMNIST run (distill, resume, eval, render, export), plugin
 listing, plugin commands and clear errors for bad arguments."""
-import gzip
 import json
-import struct
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,33 +13,6 @@ pytest.importorskip("splatdd_dm")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _write_idx(path, arr):
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    magic = 0x0800 | arr.ndim
-    with gzip.open(path, "wb") as f:
-        f.write(struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes())
-
-
-@pytest.fixture(scope="module")
-def fmnist_root(tmp_path_factory):
-    """A FashionMNIST-shaped IDX dataset: 20 train / 5 test images per class (class-dependent
-    blobs, so the task is learnable)."""
-    root = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:28, 0:28]
-    for split, per in (("train", 20), ("t10k", 5)):
-        imgs, labels = [], []
-        for c in range(10):
-            cy, cx = 6 + 2 * c, 20 - c
-            blob = 255 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
-            for _ in range(per):
-                imgs.append(np.clip(blob + rng.normal(0, 20, (28, 28)), 0, 255))
-                labels.append(c)
-        _write_idx(root / f"{split}-images-idx3-ubyte.gz", np.stack(imgs))
-        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.array(labels))
-    return root
 
 
 @pytest.fixture

@@ -25,14 +25,25 @@ __all__ = ["real_images_for", "init_from_real"]
 
 def real_images_for(labels: torch.Tensor, real: RealData,
                     generator: torch.Generator | None) -> torch.Tensor:
-    """``(len(labels), C, H, W)`` random real images (CPU) whose classes are ``labels``."""
+    """``(len(labels), C, H, W)`` random real images (CPU) whose classes are ``labels``: distinct
+    images while a class has enough, then another shuffled pass over the class (a small dataset
+    with a large GPC, e.g. GSDD's 640 Gaussian images per class, reuses images)."""
     labels = labels.detach().cpu()
     spec = real.spec
     images = torch.empty((len(labels), spec.channels, spec.height, spec.width))
     for c in range(spec.num_classes):
         idx = torch.nonzero(labels == c).flatten()
-        if len(idx):
-            images[idx] = real.sample(c, len(idx), generator).cpu()
+        if not len(idx):
+            continue
+        available = len(real.indices_of(c))
+        if available == 0:
+            raise ValueError(f"class {c} has no real images to initialise from")
+        parts, need = [], len(idx)
+        while need > 0:
+            take = min(need, available)
+            parts.append(real.sample(c, take, generator).cpu())
+            need -= take
+        images[idx] = torch.cat(parts)
     return images
 
 

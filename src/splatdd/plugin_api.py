@@ -120,6 +120,12 @@ class OptimizerSpec:
     """A parameterization's choice of optimiser for its tensors, for a given regime::
 
         OptimizerSpec([{"params": [x], "lr": 0.25}], kind="adam", betas=(0.5, 0.9)).build()
+
+    A param group may carry ``"lr_scale"``: a tensor broadcastable to its (single) parameter that
+    multiplies each element's step, i.e. a per-element learning rate ``lr * lr_scale``. The update of
+    Adam and of SGD without weight decay is linear in the lr, so this is exact; it lets a
+    parameterization keep its values in one tensor and still give some entries their own lr (e.g.
+    gaussian's ``lr_cholesky``).
     """
 
     params: list[dict[str, Any]]          # torch param groups, each with its own "lr"
@@ -129,12 +135,43 @@ class OptimizerSpec:
 
     def build(self) -> torch.optim.Optimizer:
         if self.kind == "adam":
-            if self.betas is None:
-                return torch.optim.Adam(self.params)
-            return torch.optim.Adam(self.params, betas=tuple(self.betas))
-        if self.kind == "sgd":
-            return torch.optim.SGD(self.params, momentum=self.momentum)
-        raise ValueError(f"OptimizerSpec.kind must be 'adam' or 'sgd', got {self.kind!r}")
+            opt = (torch.optim.Adam(self.params) if self.betas is None
+                   else torch.optim.Adam(self.params, betas=tuple(self.betas)))
+        elif self.kind == "sgd":
+            opt = torch.optim.SGD(self.params, momentum=self.momentum)
+        else:
+            raise ValueError(f"OptimizerSpec.kind must be 'adam' or 'sgd', got {self.kind!r}")
+        _apply_lr_scales(opt)
+        return opt
+
+
+def _apply_lr_scales(opt: torch.optim.Optimizer) -> None:
+    """Hooks that scale each step of the param groups with an ``"lr_scale"`` tensor."""
+    scaled = []
+    for group in opt.param_groups:
+        scale = group.get("lr_scale")
+        if scale is None:
+            continue
+        if len(group["params"]) != 1:
+            raise ValueError("an 'lr_scale' param group must hold exactly one parameter")
+        p = group["params"][0]
+        scale = torch.as_tensor(scale, dtype=p.dtype, device=p.device)
+        torch.broadcast_shapes(scale.shape, p.shape)      # raises naming both shapes
+        scaled.append((p, scale))
+    if not scaled:
+        return
+    before: list[torch.Tensor] = []
+
+    def pre(*_: Any) -> None:
+        before[:] = [p.detach().clone() for p, _ in scaled]
+
+    def post(*_: Any) -> None:
+        with torch.no_grad():
+            for (p, scale), old in zip(scaled, before):
+                p.copy_(old + (p - old) * scale)
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(post)
 
 
 class Parameterization(torch.nn.Module, abc.ABC):

@@ -49,7 +49,7 @@ __all__ = ["GaussianImages", "default_gpc", "points_for_budget", "gaussian_point
 _PAPER_GPC = {(32, 3, 1): 30, (32, 3, 10): 160, (32, 3, 50): 250, (128, 3, 1): 64, (128, 3, 10): 640}
 
 _OPTIONS = ("gpc", "points", "bf16", "opacity", "prefilter", "ssaa", "clip", "clip_eps",
-            "boundary_loss", "boundary_weight", "init", "init_steps", "init_lr", "lr",
+            "boundary_loss", "boundary_weight", "init", "init_steps", "init_lr", "lr", "lr_cholesky",
             "warmup_steps", "warmup_color")
 
 
@@ -137,8 +137,8 @@ class GaussianImages(Parameterization):
                  opacity: bool = True, prefilter: bool = True, ssaa: int = 2, clip: bool = True,
                  clip_eps: float = 1e-3, boundary_loss: bool = True, boundary_weight: float = 0.1,
                  init: str = "real", init_steps: int = 1000, init_lr: float = 1e-2,
-                 lr: float = 1e-2, warmup_steps: int = 300, warmup_color: float = 0.5,
-                 generator: torch.Generator | None = None) -> None:
+                 lr: float = 1e-2, lr_cholesky: float | None = None, warmup_steps: int = 300,
+                 warmup_color: float = 0.5, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if int(gpc) < 1 or int(points) < 1:
             raise ValueError(f"gpc and points must be >= 1, got gpc={gpc}, points={points}")
@@ -156,6 +156,13 @@ class GaussianImages(Parameterization):
         self.use_boundary_loss, self.boundary_weight = bool(boundary_loss), float(boundary_weight)
         self.init_mode, self.init_steps, self.init_lr = init, int(init_steps), float(init_lr)
         self.lr = float(lr)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"gaussian: lr must be a positive number, got {lr!r}")
+        self.lr_cholesky = None if lr_cholesky is None else float(lr_cholesky)
+        if self.lr_cholesky is not None and not (self.lr_cholesky > 0
+                                                 and math.isfinite(self.lr_cholesky)):
+            raise ValueError(f"gaussian: lr_cholesky must be a positive number, got "
+                             f"{lr_cholesky!r}")
         self.warmup_steps, self.warmup_color = int(warmup_steps), float(warmup_color)
         C = spec.channels
         n = spec.num_classes * self.gpc
@@ -325,10 +332,18 @@ class GaussianImages(Parameterization):
     # ---- optimisation hooks ---------------------------------------------------------------------
     def optimizer_spec(self, regime: str, lr: float | None = None) -> OptimizerSpec:
         """Adam, lr ``self.lr`` (1e-2), for every regime of :data:`REGIMES` (GSDD appendix A.4
-        uses Adam 1e-2 with DM, DC, TM and SRe2L alike); an unknown regime raises ``ValueError``."""
+        uses Adam 1e-2 with DM, DC, TM and SRe2L alike); an unknown regime raises ``ValueError``.
+        With ``lr_cholesky`` the Cholesky entries get that lr instead (the presets use it to match
+        the reference code, whose Cholesky factor is in pixels: 1e-2 there is 1e-2 * 2 / W here)."""
         check_regime(regime, what="gaussian: regime")
-        return OptimizerSpec(params=[{"params": [self.params], "lr": self.lr if lr is None else lr}],
-                             kind="adam")
+        base = self.lr if lr is None else float(lr)
+        group: dict[str, Any] = {"params": [self.params], "lr": base}
+        if self.lr_cholesky is not None:
+            # the Cholesky entries l11, l21, l22 step at lr_cholesky (per-element lr, exact for Adam)
+            scale = torch.ones(self.params.shape[-1])
+            scale[2:5] = self.lr_cholesky / base
+            group["lr_scale"] = scale
+        return OptimizerSpec(params=[group], kind="adam")
 
     def regularization(self) -> torch.Tensor | None:
         """``boundary_weight`` (0.1) times the boundary loss of Eq. 10 on the fp32 centres."""
@@ -357,7 +372,7 @@ class GaussianImages(Parameterization):
                 "clip": self.clip, "clip_eps": self.clip_eps,
                 "boundary_loss": self.use_boundary_loss, "boundary_weight": self.boundary_weight,
                 "init": self.init_mode, "init_steps": self.init_steps, "init_lr": self.init_lr,
-                "lr": self.lr, "warmup_steps": self.warmup_steps,
+                "lr": self.lr, "lr_cholesky": self.lr_cholesky, "warmup_steps": self.warmup_steps,
                 "warmup_color": self.warmup_color}
 
     @classmethod
