@@ -118,7 +118,7 @@ class Transcript:
             ok, outcome = True, "ok"
         else:
             ok, outcome = check(r.stdout)
-        step = Step(name, command, round(seconds, 1), r.returncode, ok, outcome, before, loadavg(),
+        step = Step(name, command.replace(str(self.work), "$WORK"), round(seconds, 1), r.returncode, ok, outcome, before, loadavg(),
                     [line for line in out.splitlines() if line.strip()][-12:])
         print(f"[install_transcript]   {seconds:.1f} s, {outcome}", file=sys.stderr, flush=True)
         if record:
@@ -140,6 +140,19 @@ def plugins_check(expected_distributions: set[str]):
     return check
 
 
+def pip_check(*, torch_allowed: bool = False):
+    """A check of pip's output: what it installed (its "Successfully installed" line); installing
+    torch is a failure unless ``torch_allowed`` (the torch-first step)."""
+    def check(stdout: str) -> tuple[bool, str]:
+        m = re.search(r"^Successfully installed (.+)$", stdout, re.M)
+        names = [n.rsplit("-", 1)[0] for n in m.group(1).split()] if m else []
+        if "torch" in names and not torch_allowed:
+            return False, f"WRONG: pip installed torch: {', '.join(names)}"
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} packages)" if len(names) > 6 else "")
+        return True, f"installed {shown}" if names else "nothing to install"
+    return check
+
+
 def wheels_check(expected: int):
     """A check of build_wheels.sh's output: ``expected`` wheels built."""
     def check(stdout: str) -> tuple[bool, str]:
@@ -157,8 +170,13 @@ def readme_main_job(readme: Path) -> str:
 
 
 def accuracy_check(stdout: str) -> tuple[bool, str]:
-    lines = [line.strip() for line in stdout.splitlines() if "accuracy" in line.lower()]
-    return (True, lines[-1]) if lines else (False, "no accuracy printed")
+    """The main job's printed accuracy line (and the evaluation protocol line, if printed)."""
+    lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+    acc = [line for line in lines if "accuracy" in line.lower()]
+    protocol = [line for line in lines if "protocol" in line.lower() and line not in acc]
+    if not acc:
+        return False, "no accuracy printed"
+    return True, " / ".join(protocol[-1:] + acc[-1:])
 
 
 def plugin_distributions(clone: Path) -> set[str]:
@@ -192,25 +210,29 @@ def transcript(work: Path, *, cuda: str, main_job: bool) -> tuple[list[Step], di
     e = t.venv_env(venvs["readme"])
     t.run("README command 1: install", "bash scripts/install.sh", cwd=clone, env=e,
           check=lambda out: (True, "installed; `splatdd plugins --strict` passes"))
-    t.run("  plugins", strict, cwd=clone, env=e, check=plugins_check(everything))
+    t.run("-> splatdd plugins", strict, cwd=clone, env=e, check=plugins_check(everything))
     # 2. the wheelhouse
     t.run("wheelhouse: build", f"bash scripts/build_wheels.sh {shlex.quote(str(wh))}", cwd=clone, env=e,
           check=wheels_check(len(everything) + 1))
     # 3. splatdd[diffusion] from the wheelhouse, torch first
     e = t.venv_env(venvs["wheels"])
-    t.run("splatdd[diffusion]: torch first", f"pip install -q torch=={TORCH}", cwd=work, env=e)
-    t.run("splatdd[diffusion]", f'pip install -q --find-links {shlex.quote(str(wh))} "splatdd[diffusion]"',
-          cwd=work, env=e)
-    t.run("  plugins", strict, cwd=work, env=e, check=plugins_check({"splatdd-ld3m"}))
+    t.run("splatdd[diffusion]: torch first", f"pip install torch=={TORCH}", cwd=work, env=e,
+          check=pip_check(torch_allowed=True))
+    t.run("splatdd[diffusion]", f'pip install --find-links {shlex.quote(str(wh))} "splatdd[diffusion]"',
+          cwd=work, env=e, check=pip_check())
+    t.run("-> splatdd plugins", strict, cwd=work, env=e, check=plugins_check({"splatdd-ld3m"}))
     # 4. splatdd[all] on top
-    t.run("splatdd[all]", f'pip install -q --find-links {shlex.quote(str(wh))} "splatdd[all]"', cwd=work, env=e)
-    t.run("  plugins", strict, cwd=work, env=e, check=plugins_check(everything))
+    t.run("splatdd[all]", f'pip install --find-links {shlex.quote(str(wh))} "splatdd[all]"', cwd=work, env=e,
+          check=pip_check())
+    t.run("-> splatdd plugins", strict, cwd=work, env=e, check=plugins_check(everything))
     # 5. one plugin alone, next to the core
     e = t.venv_env(venvs["one"])
-    t.run("one plugin: torch + core", f"pip install -q torch=={TORCH} && "
-          f"pip install -q --find-links {shlex.quote(str(wh))} splatdd", cwd=clone, env=e)
-    t.run("one plugin: pip install plugins/ld3m", "pip install -q plugins/ld3m", cwd=clone, env=e)
-    t.run("  plugins", strict, cwd=clone, env=e, check=plugins_check({"splatdd-ld3m"}))
+    t.run("one plugin: torch first", f"pip install torch=={TORCH}", cwd=clone, env=e,
+          check=pip_check(torch_allowed=True))
+    t.run("one plugin: the core", f"pip install --find-links {shlex.quote(str(wh))} splatdd", cwd=clone,
+          env=e, check=pip_check())
+    t.run("one plugin: ld3m", "pip install plugins/ld3m", cwd=clone, env=e, check=pip_check())
+    t.run("-> splatdd plugins", strict, cwd=clone, env=e, check=plugins_check({"splatdd-ld3m"}))
     # 6. the main job
     info: dict = {"clone_commit": commit, "splatdd_cuda": cuda}
     if main_job:
@@ -243,6 +265,8 @@ def write_results(steps: list[Step], info: dict, mach: dict, out: Path) -> None:
         f"every venv made with `python -m venv` (no system site-packages); C++ module built with "
         f"`SPLATDD_CUDA={info['splatdd_cuda']}`. pip reads this machine's local package mirror and its "
         f"local torch {TORCH} CPU wheel (`PIP_FIND_LINKS`), so the times contain no download time.",
+        "",
+        "`$WORK` is the work folder. Load averages are `/proc/loadavg`'s 1, 5 and 15 minute figures.",
         "",
         "| step | command | wall time | load before / after | outcome |",
         "|---|---|---|---|---|",
