@@ -32,7 +32,7 @@ __all__ = ["evaluate", "train_and_test", "train_network", "test_accuracy", "Eval
 #: passes of one SGD step; benchmarks/speed.py measured the choice).
 CPU_TRAIN_CHUNK = 16
 #: Images per forward pass of the CPU test pass.
-CPU_TEST_CHUNK = 32
+CPU_TEST_CHUNK = 16
 
 
 @dataclass
