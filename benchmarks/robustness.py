@@ -14,8 +14,9 @@ Categories:
   files and resumes: the final file must equal an uninterrupted run's bit for bit;
 * disk full (ENOSPC simulated at each write of a run, at 0 bytes and part-way), then a resume;
 * read-only and unusable output folders;
-* the distillation entry point itself (does ``distill`` take the lock, clean stale temps, check
-  writability first): these probes pass once splatdd.run_folder is wired into it.
+* the entry points (do ``splatdd.experiment.run``, which the CLI calls, and ``distill`` take the
+  lock, clean stale temps, check writability first): these probes pass once splatdd.run_folder
+  is wired into them.
 
 It also copies the renderer's thin-Gaussian result from benchmarks/results/render_thin.json.
 
@@ -498,10 +499,52 @@ def read_only(tally: Tally, tmp: Path) -> None:
             os.open = real_open
 
 
+def experiment_entry(tally: Tally, tmp: Path) -> None:
+    """Does ``splatdd.experiment.run`` (what the CLI calls) use the run-folder safety? The config
+    points at a dataset folder that does not exist, so a run that gets past the folder checks
+    stops at loading the data, before any training."""
+    from splatdd.run_folder import RunFolderError, RunLock
+    cat = "experiment.run() entry point"
+    try:
+        from splatdd.experiment import ConfigError, DatasetConfig, ExperimentConfig, run
+    except ImportError as exc:
+        tally.add(cat, "crash", "import splatdd.experiment", repr(exc))
+        return
+
+    def go(out: Path):
+        cfg = ExperimentConfig(out=str(out), dataset=DatasetConfig(root=str(tmp / "no-data")))
+        return run(cfg, progress=False, log=lambda msg: None)
+
+    def probe(what: str, out: Path, want: type, check: Callable[[], str] = lambda: "") -> None:
+        try:
+            go(out)
+            tally.add(cat, "silent", what, "the run went on")
+        except want:
+            bad = check()
+            tally.add(cat, "silent" if bad else "clean", what, bad)
+        except (RunFolderError, ConfigError) as exc:
+            tally.add(cat, "silent", what, f"not refused at the folder: {exc}"[:200])
+        except BaseException as exc:  # noqa: BLE001
+            tally.add(cat, "crash", what, f"{type(exc).__name__}: {exc}")
+
+    out = tmp / "exp-lock"
+    with RunLock(out):
+        probe("second writer while the folder is locked", out, RunFolderError)
+    out = tmp / "exp-temp"
+    out.mkdir()
+    temp = out / ".checkpoint.pt.stale.tmp"
+    temp.write_bytes(b"")
+    probe("stale temp file at start", out, ConfigError,
+          lambda: "not removed" if temp.exists() else "")
+    f = tmp / "exp-file"
+    f.write_text("x")
+    probe("--out is a file", f, RunFolderError)
+
+
 def integration(tally: Tally, tmp: Path) -> None:
     """Does ``splatdd.distill.distill`` itself use the run-folder safety?"""
     from splatdd.run_folder import RunFolderError, RunLock
-    cat = "distill() entry point (lead's integration)"
+    cat = "distill() entry point"
     out = tmp / "int-lock"
     with RunLock(out):
         try:
@@ -586,8 +629,9 @@ def main(argv: list[str] | None = None) -> int:
                  ("kills", lambda: kills(tally, tmp / "k", reference)),
                  ("disk full", lambda: disk_full(tally, tmp / "d", reference)),
                  ("read-only", lambda: read_only(tally, tmp / "ro")),
-                 ("integration", lambda: integration(tally, tmp / "i"))]
-        for sub in ("c", "g", "cli", "f", "r", "k", "d", "ro", "i"):
+                 ("experiment.run", lambda: experiment_entry(tally, tmp / "e")),
+                 ("distill", lambda: integration(tally, tmp / "i"))]
+        for sub in ("c", "g", "cli", "f", "r", "k", "d", "ro", "e", "i"):
             (tmp / sub).mkdir()
         for name, fn in steps:
             t = time.perf_counter()
