@@ -222,7 +222,8 @@ def _reason(exc: OSError) -> str:
 def translate_write_errors(what: str, *, kept: str | None = None, hint: str | None = None
                            ) -> Iterator[None]:
     """Turn a failed write inside the block (``OSError`` ENOSPC, EROFS, EACCES, EPERM, EDQUOT,
-    EFBIG, EISDIR, ENOTDIR, EEXIST (a file where a folder must be), or torch.save's ``RuntimeError: ... unexpected pos`` from a full disk) into
+    EFBIG, EISDIR, ENOTDIR, EEXIST (a file where a folder must be), or torch.save's
+    ``RuntimeError: ... unexpected pos`` from a full disk) into
     :class:`WriteFailed` saying what could not be written, what was ``kept`` and how to go on
     (``hint``). Other errors pass through unchanged::
 
