@@ -17,32 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from splatdd.experiment.config import parse_value
+
 __all__ = ["main", "build_parser", "parse_kv", "CLIError"]
-
-DEFAULT_EVAL_LR = 0.01
-
 
 class CLIError(Exception):
     """A user error: printed as ``splatdd: error: ...`` with exit status 2."""
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def parse_value(text: str) -> Any:
-    """``k=v`` values: JSON if it parses (numbers, true/false, null, lists), else the string."""
-    low = text.strip()
-    if low in ("True", "False", "None"):
-        return {"True": True, "False": False, "None": None}[low]
-    try:
-        return json.loads(low)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_kv(items: Sequence[str] | None, what: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
@@ -132,16 +120,6 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _eval_result_dict(res, *, runs: int, epochs: int, model: str, lr: float) -> dict[str, Any]:
-    return {"model": model, "runs": runs, "epochs": epochs, "lr": lr, "mean": res.mean,
-            "std": res.std, "accs": list(res.accs),
-            "train_seconds": getattr(res, "train_seconds", None)}
-
-
-def _format_acc(res) -> str:
-    return f"test accuracy: {res.mean:.2f} +- {res.std:.2f} %"
-
-
 # ---- plugins -------------------------------------------------------------------------------------
 def cmd_plugins(args: argparse.Namespace) -> int:
     from splatdd.registry import KINDS, PluginLoadError
@@ -182,136 +160,95 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 # ---- distill -------------------------------------------------------------------------------------
-def _default_out(args: argparse.Namespace) -> Path:
-    return Path("runs") / f"{args.dataset}_{args.param}_{args.algo}_ipc{args.ipc}"
+#: Shorthand flag -> dotted config key (flags given on the command line override the config).
+_SHORTHANDS: dict[str, str] = {
+    "dataset": "dataset.name", "data_root": "dataset.root", "resolution": "dataset.resolution",
+    "param": "parameterization", "algo": "algorithm", "ipc": "ipc", "init": "init",
+    "init_steps": "init_steps", "iterations": "iterations", "lr": "lr", "out": "out",
+    "checkpoint_every": "checkpoint_every", "seed": "seed", "device": "device",
+    "threads": "threads", "eval_runs": "eval.runs", "eval_epochs": "eval.options.epochs",
+    "eval_lr": "eval.options.lr", "eval_every": "eval.every", "eval_protocol": "eval.protocol",
+}
+
+
+def experiment_config(args: argparse.Namespace):
+    """The :class:`~splatdd.experiment.ExperimentConfig` that ``splatdd distill`` runs: ``--config``
+    (a preset name or a TOML file; default: the built-in defaults), then the shorthand flags, then
+    ``--set key=value`` overrides, in that order."""
+    from splatdd.experiment import ConfigError, ExperimentConfig, load_config
+    try:
+        cfg = load_config(args.config) if args.config else ExperimentConfig()
+        if not args.config and args.ipc is None:
+            raise CLIError("--ipc is required without --config (images per class, e.g. --ipc 1)")
+        overrides: dict[str, Any] = {}
+        for flag, key in _SHORTHANDS.items():
+            value = getattr(args, flag, None)
+            if value is not None:
+                overrides[key] = list(value) if isinstance(value, tuple) else value
+        if args.zca:
+            overrides["dataset.zca"] = True
+        if args.eval_before:
+            overrides["eval.before"] = True
+        if args.eval_model:
+            overrides["eval.models"] = [m.strip() for m in args.eval_model.split(",") if m.strip()]
+        for k, v in parse_kv(args.param_opt, "--param-opt").items():
+            overrides[f"param_options.{k}"] = v
+        for k, v in parse_kv(args.algo_opt, "--algo-opt").items():
+            overrides[f"algo_options.{k}"] = v
+        cfg = cfg.with_overrides(overrides) if overrides else cfg
+        return cfg.with_overrides(args.set) if args.set else cfg
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    import torch
-
-    from splatdd import distill as distill_mod
-    from splatdd.budget import BudgetError, check_budget
-    from splatdd.plugin_api import learned_eval_lr
-
-    param_opts = parse_kv(args.param_opt, "--param-opt")
-    algo_opts = parse_kv(args.algo_opt, "--algo-opt")
-    device = _device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pcls = _plugin_class("parameterization", args.param)
-    acls = _plugin_class("algorithm", args.algo)
-    iterations = args.iterations if args.iterations is not None else int(acls.default_iterations)
-    out = Path(args.out) if args.out else _default_out(args)
-    if not args.resume and distill_mod.has_checkpoint(out) and not args.overwrite:
-        raise CLIError(f"{out} already holds a run; pass --resume to continue it or --overwrite "
-                       f"to start again")
-    progress = not args.no_progress
-
-    train, test = _load_data(args.dataset, args.data_root, args.resolution, args.zca, device,
-                             progress)
-    spec = train.spec
-    _print(f"dataset {spec.name}: {len(train.labels)} train / {len(test.labels)} test images, "
-           f"{spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes")
-
-    init_gen = torch.Generator().manual_seed(args.seed)
+    from splatdd.budget import BudgetError
+    from splatdd.distill import CheckpointError
+    from splatdd.distilled_file import DistilledFileError
+    from splatdd.experiment import ConfigError, run
+    from splatdd.run_folder import RunFolderError
+    cfg = experiment_config(args)
+    if args.print_config:
+        _print(cfg.to_toml().rstrip())
+        return 0
+    for req in cfg.requires:
+        _print(f"note: this experiment needs, first: {req}")
     try:
-        param = pcls.build(spec, args.ipc, generator=init_gen, **param_opts)
-    except TypeError as exc:
-        raise CLIError(f"--param-opt for {args.param!r}: {exc}") from None
-    except ValueError as exc:
-        raise CLIError(f"cannot build {args.param!r}: {exc}") from None
-    try:
-        report = check_budget(param, spec, args.ipc)
-    except BudgetError as exc:
-        raise CLIError(str(exc)) from None
-    _print(f"{args.param}: {report}")
-
-    resuming = args.resume and distill_mod.has_checkpoint(out)
-    if not resuming and args.init == "real":
-        labels = param.labels.cpu()
-        images = torch.empty((len(labels), spec.channels, spec.height, spec.width))
-        for c in range(spec.num_classes):
-            idx = torch.nonzero(labels == c).flatten()
-            if len(idx):
-                images[idx] = train.sample(c, len(idx), init_gen).cpu()
-        diag = param.init_from_real(images, labels, steps=args.init_steps, progress=progress)
-        if diag:
-            _print("init from real images: " + ", ".join(f"{k}={v:.4g}" for k, v in diag.items()))
-    param = param.to(device)
-
-    algo_gen = torch.Generator().manual_seed(args.seed)
-    try:
-        algo = acls(train, ipc=args.ipc, generator=algo_gen, **algo_opts)
-    except TypeError as exc:
-        raise CLIError(f"--algo-opt for {args.algo!r}: {exc}") from None
-    except ValueError as exc:
-        raise CLIError(f"cannot build {args.algo!r}: {exc}") from None
-
-    eval_fn = None
-    if args.eval_every and args.eval_runs > 0:
-        def eval_fn(p, step):
-            res = _evaluate(p, test, args, learned_eval_lr(algo), progress=False)
-            _print(f"\n[step {step}] {_format_acc(res)}")
-            return {"mean": res.mean, "std": res.std, "accs": list(res.accs)}
-
-    _print(f"distilling {iterations} iterations of {args.param} + {args.algo}, ipc {args.ipc}, into {out}"
-           + (" (resuming)" if resuming else ""))
-    t0 = time.perf_counter()
-    try:
-        distill_mod.distill(param, algo, iterations=iterations, out_dir=out,
-                            checkpoint_every=args.checkpoint_every, resume=args.resume,
-                            seed=args.seed, eval_every=args.eval_every, eval_fn=eval_fn,
-                            progress=progress, lr=args.lr,
-                            config={"dataset_root": args.data_root, "init": args.init,
-                                    "param_opts": param_opts, "algo_opts": algo_opts})
-    except distill_mod.CheckpointMismatch as exc:
+        result = run(cfg, resume=args.resume, overwrite=args.overwrite,
+                     progress=not args.no_progress, log=_print)
+    except (ConfigError, BudgetError, RunFolderError, CheckpointError,
+            DistilledFileError) as exc:
         raise CLIError(str(exc)) from None
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with the same command plus --resume (checkpoint in "
-              f"{out})", file=sys.stderr)
+        print(f"\ninterrupted; continue with the same command plus --resume (run folder "
+              f"{cfg.out_dir()})", file=sys.stderr)
         return 130
-    seconds = time.perf_counter() - t0
-    file = out / distill_mod.DISTILLED_NAME
-    _print(f"wrote {file} ({file.stat().st_size:,} bytes) in {seconds:.1f} s")
-    history = json.loads((out / distill_mod.HISTORY_NAME).read_text())
-    curve = history.get("evals", [])
-
-    results: dict[str, Any] = {
-        "dataset": spec.name, "parameterization": args.param, "algorithm": args.algo,
-        "ipc": args.ipc, "iterations": iterations, "seed": args.seed, "device": device,
-        "param_opts": param_opts, "algo_opts": algo_opts, "lr": args.lr,
-        "file": str(file), "distill_seconds_this_session": seconds,
-        "final_loss": history["losses"][-1] if history.get("losses") else None,
-        "eval_curve": curve, "eval": None,
-    }
-    if args.eval_runs > 0:
-        res = _evaluate(param, test, args, learned_eval_lr(algo), progress=progress)
-        results["eval"] = _eval_result_dict(res, runs=args.eval_runs, epochs=args.eval_epochs,
-                                            model=args.eval_model,
-                                            lr=_eval_lr(args, learned_eval_lr(algo)))
-        _print(f"{_format_acc(res)} ({args.eval_runs} x {args.eval_model}, "
-               f"{args.eval_epochs} epochs)")
-    from splatdd.io_utils import atomic_write_json
-    atomic_write_json(out / "results.json", results)
-    _print(f"results: {out / 'results.json'}")
+    if not result.after:
+        _print("no evaluation (eval.runs = 0)")
     return 0
 
 
-def _eval_lr(args: argparse.Namespace, learned: float | None) -> float:
-    if getattr(args, "eval_lr", None) is not None:
-        return float(args.eval_lr)
-    return float(learned) if learned is not None else DEFAULT_EVAL_LR
-
-
-def _evaluate(param, test, args: argparse.Namespace, learned_lr: float | None, *, progress: bool):
-    import torch
-
-    from splatdd.evaluate import evaluate
-    with torch.no_grad():
-        images = param.decode(None, resolution=(test.spec.height, test.spec.width)).detach()
-    return evaluate(images.float(), param.labels.detach(), test, model=args.eval_model,
-                    runs=args.eval_runs, epochs=args.eval_epochs,
-                    lr=_eval_lr(args, learned_lr), seed=args.seed, progress=progress)
+def cmd_config(args: argparse.Namespace) -> int:
+    from splatdd.experiment import ConfigError, list_presets, load_config
+    try:
+        if args.action == "list":
+            rows = list_presets()
+            width = max(len(p.name) for p in rows)
+            for p in rows:
+                _print(f"{p.name:<{width}}  {p.source}")
+            _print(f"{len(rows)} presets; `splatdd config show NAME` prints one as TOML")
+            return 0
+        if not args.name:
+            raise CLIError(f"splatdd config {args.action} needs a preset name or a TOML file")
+        cfg = load_config(args.name)
+        if args.action == "show":
+            _print(cfg.to_toml().rstrip())
+        else:
+            _print(f"{args.name}: valid ({cfg.parameterization} + {cfg.algorithm}, ipc {cfg.ipc}, "
+                   f"{cfg.dataset.name})")
+        return 0
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
 
 
 # ---- eval / render / export ------------------------------------------------------------------------
@@ -330,28 +267,42 @@ def _load_file(path: str, device: str = "cpu"):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from splatdd.experiment.run import evaluate_rows
     device = _device(args.device)
+    reg = _registry()
+    try:
+        options = parse_kv(args.protocol_opt, "--protocol-opt")
+        for key in ("epochs", "lr", "teacher"):
+            if getattr(args, key, None) is not None:
+                options[key] = getattr(args, key)
+        protocol = reg.get("protocol", args.protocol)(**options)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--protocol {args.protocol}: {exc}") from None
+    except LookupError as exc:
+        raise CLIError(str(exc)) from None
     d = _load_file(args.file, device)
     spec = d.spec
     root = args.data_root or (d.meta.get("extra") or {}).get("dataset_root")
     res_hw = args.resolution or (spec.height, spec.width)
-    _, test = _load_data(spec.name, root, res_hw, spec.zca, device, not args.no_progress)
-    lr = args.lr if args.lr is not None else (d.learned_lr if d.learned_lr is not None
-                                              else DEFAULT_EVAL_LR)
-    from splatdd.evaluate import evaluate
+    train, test = _load_data(spec.name, root, res_hw, spec.zca, device, not args.no_progress)
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    if not models:
+        raise CLIError(f"--model expects NAME[,NAME...], got {args.model!r}")
     images = d.images(resolution=tuple(res_hw))
     _print(f"{args.file}: {d.param.name} ({d.algorithm or '?'}), {len(d.labels)} images, "
-           f"ipc {d.ipc}, {spec.name}; evaluating at {res_hw[0]}x{res_hw[1]} with lr {lr:g}"
-           + (" (learned)" if args.lr is None and d.learned_lr is not None else ""))
-    res = evaluate(images, d.labels, test, model=args.model, runs=args.runs, epochs=args.epochs,
-                   lr=lr, seed=args.seed, progress=not args.no_progress)
-    _print(f"{_format_acc(res)} ({args.runs} x {args.model}, {args.epochs} epochs)")
+           f"ipc {d.ipc}, {spec.name}; evaluating at {res_hw[0]}x{res_hw[1]}, "
+           f"{protocol.describe()}"
+           + (f", learned lr {d.learned_lr:g}" if d.learned_lr is not None else ""))
+    try:
+        rows = evaluate_rows(protocol, images, d.labels, test, models=models, runs=args.runs,
+                             seed=args.seed, learned_lr=d.learned_lr,
+                             progress=not args.no_progress, train=train, log=_print)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     if args.json:
         from splatdd.io_utils import atomic_write_json
         atomic_write_json(args.json, {"file": args.file, "dataset": spec.name,
-                                      "resolution": list(res_hw), **_eval_result_dict(
-                                          res, runs=args.runs, epochs=args.epochs,
-                                          model=args.model, lr=lr)})
+                                      "resolution": list(res_hw), "rows": rows})
     return 0
 
 
@@ -392,65 +343,106 @@ def build_parser(*, plugin_commands: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--strict", action="store_true", help="exit 1 if any plugin fails to load")
     sp.set_defaults(func=cmd_plugins)
 
-    sp = sub.add_parser("distill", help="distil a dataset (resumable)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = sp.add_argument_group("what")
-    g.add_argument("--dataset", default="fashion_mnist",
-                   help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder")
-    g.add_argument("--data-root", default=None, help="dataset folder (FashionMNIST: default "
+    sp = sub.add_parser(
+        "distill", help="distil a dataset from a preset, a TOML config or flags (resumable)",
+        description="Distil a dataset. The run is an experiment config (see `splatdd config "
+        "list`): --config names a preset or a TOML file, the flags below override its keys, and "
+        "--set KEY=VALUE overrides any key (e.g. --set eval.runs=0). The run folder gets "
+        "config.toml (re-run with --config FOLDER/config.toml) and results.json.")
+    sp.add_argument("--config", metavar="PRESET|FILE", default=None,
+                    help="a preset name (`splatdd config list`) or a TOML file; default: pixel + "
+                    "dm on fashion_mnist with the papers' evaluation")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", default=None,
+                    help="override a config key, dotted (repeatable): iterations=5, "
+                    "eval.runs=0, param_options.gpc=30, dataset.resolution=[64,64]")
+    sp.add_argument("--print-config", action="store_true",
+                    help="print the resulting config as TOML and exit")
+    g = sp.add_argument_group("what (shorthands for config keys)")
+    g.add_argument("--dataset", default=None,
+                   help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder "
+                   "(default fashion_mnist)")
+    g.add_argument("--data-root", default=None, help="dataset folder (FashionMNIST default: "
                    "$SPLATDD_FASHION_MNIST or /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--resolution", type=_resolution, default=None, help="resize to R or HxW")
+    g.add_argument("--resolution", type=_resolution, default=None,
+                   help="resize to R or HxW (default: the dataset's)")
     g.add_argument("--zca", action="store_true", help="ZCA-whiten the data (CIFAR protocol)")
-    g.add_argument("--param", default="pixel", help="parameterization plugin")
-    g.add_argument("--algo", default="dm", help="algorithm plugin")
-    g.add_argument("--ipc", type=_positive_int, required=True, help="images per class (budget)")
-    g.add_argument("--param-opt", action="append", metavar="K=V", help="parameterization option "
-                   "(repeatable), e.g. gpc=30")
-    g.add_argument("--algo-opt", action="append", metavar="K=V", help="algorithm option "
-                   "(repeatable), e.g. batch_real=128")
-    g.add_argument("--init", choices=("real", "noise"), default="real",
-                   help="initialise from random real images or keep the plugin's own init")
+    g.add_argument("--param", default=None, help="parameterization plugin (default pixel)")
+    g.add_argument("--algo", default=None, help="algorithm plugin (default dm)")
+    g.add_argument("--ipc", type=_positive_int, default=None,
+                   help="images per class: the storage budget (required without --config)")
+    g.add_argument("--param-opt", action="append", metavar="K=V",
+                   help="parameterization option (repeatable), e.g. gpc=30")
+    g.add_argument("--algo-opt", action="append", metavar="K=V",
+                   help="algorithm option (repeatable), e.g. batch_real=128")
+    g.add_argument("--init", choices=("real", "noise"), default=None,
+                   help="start from random real images or the plugin's own init (default real)")
     g.add_argument("--init-steps", type=_nonneg_int, default=None,
-                   help="steps for plugins whose init_from_real fits (gaussian, siren)")
+                   help="fitting steps of init_from_real (gaussian, siren; default: the plugin's)")
     g = sp.add_argument_group("how")
     g.add_argument("--iterations", type=_nonneg_int, default=None,
-                   help="outer iterations (default: the algorithm's paper default, e.g. DM 20000)")
+                   help="outer iterations (default: the algorithm's paper default, DM 20000)")
     g.add_argument("--lr", type=_positive_float, default=None,
-                   help="learning rate of the parameterization (default: plugin's paper default)")
-    g.add_argument("--out", default=None, help="run folder (default runs/DATASET_PARAM_ALGO_ipcN)")
+                   help="lr of the parameterization (default: its paper lr for the algorithm)")
+    g.add_argument("--out", default=None,
+                   help="run folder (default runs/PRESET or runs/DATASET_PARAM_ALGO_ipcN)")
     g.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start again in a used run folder")
-    g.add_argument("--checkpoint-every", type=_nonneg_int, default=100,
-                   help="iterations between checkpoints (0: only at the end)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
-    g.add_argument("--threads", type=_nonneg_int, default=0, help="torch CPU threads (0: default)")
+    g.add_argument("--checkpoint-every", type=_nonneg_int, default=None,
+                   help="iterations between checkpoints (0: only at the end; default 100)")
+    g.add_argument("--seed", type=_nonneg_int, default=None,
+                   help="seed of the init and the algorithm's randomness (default 0)")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cpu)")
+    g.add_argument("--threads", type=_nonneg_int, default=None,
+                   help="torch CPU threads, at most the machine's CPUs (default 0: torch's)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g = sp.add_argument_group("evaluation (at the end)")
-    g.add_argument("--eval-runs", type=_nonneg_int, default=3, help="networks to train (0: skip)")
-    g.add_argument("--eval-epochs", type=_positive_int, default=1000)
-    g.add_argument("--eval-model", default="ConvNet")
+    g = sp.add_argument_group("evaluation (shorthands for eval.* keys)")
+    g.add_argument("--eval-protocol", default=None,
+                   help="paper | cross-arch | quick | an installed protocol (default paper)")
+    g.add_argument("--eval-runs", type=_nonneg_int, default=None,
+                   help="networks trained per model (0: no evaluation; default 3)")
+    g.add_argument("--eval-epochs", type=_positive_int, default=None,
+                   help="training epochs per network (default: the protocol's, paper 1000)")
+    g.add_argument("--eval-model", default=None, metavar="M1,M2",
+                   help="architectures, comma-separated (default ConvNet)")
     g.add_argument("--eval-lr", type=_positive_float, default=None,
-                   help="evaluation lr (default: learned lr if the algorithm has one, else 0.01)")
-    g.add_argument("--eval-every", type=_nonneg_int, default=0,
-                   help="also evaluate every N iterations (0: only at the end)")
+                   help="evaluation lr (default: the learned lr if the algorithm has one, else "
+                   "the protocol's)")
+    g.add_argument("--eval-every", type=_nonneg_int, default=None,
+                   help="also evaluate every N iterations (default 0: only at the end)")
+    g.add_argument("--eval-before", action="store_true",
+                   help="also evaluate the initialised set before distillation")
     sp.set_defaults(func=cmd_distill)
 
-    sp = sub.add_parser("eval", help="evaluate a distilled file",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sp.add_argument("file")
-    sp.add_argument("--model", default="ConvNet")
-    sp.add_argument("--runs", type=_positive_int, default=3)
-    sp.add_argument("--epochs", type=_positive_int, default=1000)
+    sp = sub.add_parser("config", help="list, show or check experiment presets and configs")
+    sp.add_argument("action", choices=("list", "show", "check"),
+                    help="list the presets | show one as TOML | check a TOML file")
+    sp.add_argument("name", nargs="?", default=None, help="preset name or TOML file")
+    sp.set_defaults(func=cmd_config)
+
+    sp = sub.add_parser("eval", help="evaluate a distilled file under a protocol, one row per "
+                        "model")
+    sp.add_argument("file", help="a distilled .safetensors file")
+    sp.add_argument("--protocol", default="paper",
+                    help="paper | cross-arch | quick | an installed protocol (default paper)")
+    sp.add_argument("--model", default="ConvNet", metavar="M1,M2",
+                    help="architectures, comma-separated (default ConvNet)")
+    sp.add_argument("--runs", type=_positive_int, default=3,
+                    help="networks trained per model (default 3)")
+    sp.add_argument("--epochs", type=_positive_int, default=None,
+                    help="training epochs (default: the protocol's; paper 1000)")
     sp.add_argument("--lr", type=_positive_float, default=None,
-                    help="default: the file's learned lr, else 0.01")
+                    help="training lr (default: the file's learned lr, else the protocol's)")
+    sp.add_argument("--teacher", default=None,
+                    help="teacher folder, for protocols that relabel with one (soft-label)")
+    sp.add_argument("--protocol-opt", action="append", metavar="K=V",
+                    help="other protocol option (repeatable)")
     sp.add_argument("--resolution", type=_resolution, default=None,
                     help="decode and test at R or HxW (default: the file's)")
-    sp.add_argument("--data-root", default=None)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--data-root", default=None, help="dataset folder (default: the file's)")
+    sp.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the networks (default 0)")
+    sp.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     sp.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")
-    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("render", help="write a distilled file's images as a PNG grid")
@@ -495,7 +487,7 @@ def _add_plugin_commands(sub) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # only load command plugins when the subcommand is not a built-in one (keeps startup fast)
-    builtin = {"plugins", "distill", "eval", "render", "export", "fit"}
+    builtin = {"plugins", "distill", "config", "eval", "render", "export", "fit"}
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(plugin_commands=first not in builtin)
     args = parser.parse_args(argv)
@@ -508,6 +500,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"splatdd: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nsplatdd: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:            # e.g. `splatdd config show X | head`
+        sys.stdout = open(os.devnull, "w")   # noqa: SIM115 - silence the flush at exit
+        return 0
     return int(rc or 0)
 
 

@@ -4,10 +4,10 @@ The sequence (the only copy; the CLI's ``distill`` and every benchmark call it):
 
 1. resolve the plugins and the evaluation protocol through the registry (unknown options and names
    fail here, before any data is loaded);
-2. take the run folder (exclusive lock, stale temporary files removed, writability checked);
+2. take the run folder (writability checked, exclusive lock, stale temporary files removed);
 3. load the dataset; build the parameterization for ``ipc`` and check its storage budget;
-4. initialise it from random real images (unless resuming) and, if ``eval.before``, evaluate the
-   initialised set (saved, so a resumed run does not redo it);
+4. initialise it from random real images (unless resuming), save it as ``initial.safetensors``
+   and, if ``eval.before``, evaluate it (saved, so a resumed run does not redo it);
 5. distil with :func:`splatdd.distill.distill` (checkpoints, bit-exact resume);
 6. evaluate with the protocol, one row per model;
 7. write ``config.toml`` (the config it ran: ``splatdd distill --config out/config.toml`` re-runs
@@ -30,11 +30,14 @@ import torch
 
 from splatdd.experiment.config import ConfigError, ExperimentConfig
 
-__all__ = ["RunResult", "run", "CONFIG_NAME", "RESULTS_NAME", "BEFORE_NAME"]
+__all__ = ["RunResult", "run", "evaluate_rows", "CONFIG_NAME", "RESULTS_NAME", "BEFORE_NAME",
+           "INITIAL_NAME"]
 
 CONFIG_NAME = "config.toml"
 RESULTS_NAME = "results.json"
 BEFORE_NAME = "before_distillation.json"
+#: The initialised set (before any distillation step), a distilled file like the final one.
+INITIAL_NAME = "initial.safetensors"
 
 
 @dataclass
@@ -135,12 +138,8 @@ def run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fal
         print(res.after[0]["mean"])
     """
     from splatdd import distill as distill_mod
-    from splatdd.budget import check_budget
-    from splatdd.data import load_dataset
-    from splatdd.initialise import init_from_real
-    from splatdd.io_utils import atomic_write_json
-    from splatdd.plugin_api import learned_eval_lr
     from splatdd.registry import default_registry
+    from splatdd.run_folder import RunLock, check_writable, clean_stale_temps
 
     say = log if log is not None else (lambda msg: print(msg, flush=True))
     config.validate()
@@ -155,6 +154,24 @@ def run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fal
                           f"(CLI: --resume / --overwrite), or choose another out folder")
     iterations = (config.iterations if config.iterations is not None
                   else int(acls.default_iterations))
+    check_writable(out)                   # before any expensive work
+    with RunLock(out) as lock:            # one writer per run folder
+        clean_stale_temps(out, lock=lock)
+        return _run_locked(config, pcls, acls, protocol, out=out, device=device,
+                           iterations=iterations, resume=resume, resuming=resuming,
+                           progress=progress, registry=registry, say=say)
+
+
+def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *, out: Path,
+                device: torch.device, iterations: int, resume: bool, resuming: bool,
+                progress: bool, registry: Any, say: Callable[[str], None]) -> RunResult:
+    from splatdd import distill as distill_mod
+    from splatdd import distilled_file
+    from splatdd.budget import check_budget
+    from splatdd.data import load_dataset
+    from splatdd.initialise import init_from_real
+    from splatdd.io_utils import atomic_write_json
+    from splatdd.plugin_api import learned_eval_lr
 
     d = config.dataset
     try:
@@ -176,7 +193,6 @@ def run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fal
 
     init_diag: dict[str, float] = {}
     before: list[dict[str, Any]] = []
-    out.mkdir(parents=True, exist_ok=True)
     if not resuming:
         if config.init == "real":
             init_diag = init_from_real(param, train, init_gen, steps=config.init_steps,
@@ -184,6 +200,11 @@ def run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fal
             if init_diag:
                 say("init from real images: " + ", ".join(f"{k}={v:.4g}"
                                                           for k, v in init_diag.items()))
+        # the set before distillation, so its accuracy can be measured beside the distilled one
+        distilled_file.save(out / INITIAL_NAME, param, spec=spec, ipc=config.ipc,
+                            registry=registry, extra_meta={"stage": "initialised",
+                                                           "seed": config.seed,
+                                                           "init": config.init})
         if protocol is not None and config.eval.before:
             before = evaluate_rows(protocol, _decoded(param, test.spec), param.labels.detach(),
                                    test, models=config.eval.models, runs=config.eval.runs,
@@ -201,14 +222,13 @@ def run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fal
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"algo_options for {config.algorithm!r}: {exc}") from None
 
-    eval_fn = None
-    if protocol is not None and config.eval.every:
-        def eval_fn(p, step):
-            rows = evaluate_rows(protocol, _decoded(p, test.spec), p.labels.detach(), test,
-                                 models=config.eval.models[:1], runs=config.eval.runs,
-                                 seed=config.seed, learned_lr=learned_eval_lr(algo),
-                                 progress=False, train=train, log=say, what=f"[step {step}] ")
-            return {"mean": rows[0]["mean"], "std": rows[0]["std"], "accs": rows[0]["accs"]}
+    def eval_fn(p: Any, step: int) -> dict[str, Any]:
+        rows = evaluate_rows(protocol, _decoded(p, test.spec), p.labels.detach(), test,
+                             models=config.eval.models[:1], runs=config.eval.runs,
+                             seed=config.seed, learned_lr=learned_eval_lr(algo),
+                             progress=False, train=train, log=say, what=f"[step {step}] ")
+        return {"mean": rows[0]["mean"], "std": rows[0]["std"], "accs": rows[0]["accs"]}
+    every = config.eval.every if protocol is not None else 0
 
     say(f"distilling {iterations} iterations of {config.parameterization} + {config.algorithm}, "
         f"ipc {config.ipc}, into {out}" + (" (resuming)" if resuming else ""))
@@ -216,7 +236,8 @@ def run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fal
     distill_mod.distill(
         param, algo, iterations=iterations, out_dir=out,
         checkpoint_every=config.checkpoint_every, resume=resume, seed=config.seed,
-        eval_every=config.eval.every or None, eval_fn=eval_fn, progress=progress, lr=config.lr,
+        eval_every=every or None, eval_fn=eval_fn if every else None, progress=progress,
+        lr=config.lr,
         registry=registry,
         config={"dataset_root": d.root, "init": config.init, "init_steps": config.init_steps,
                 "param_opts": config.param_options, "algo_opts": config.algo_options,
