@@ -141,7 +141,7 @@ def report(data: dict[str, Any]) -> str:
     s = data.get("settings") or {}
     if s:
         lines += ["## Settings", "",
-                  f"- recover (`sre2l`): {s['iterations']} iterations, r_bn {s['r_bn']}, first BN "
+                  f"- recover (`sre2l`): iterations per row, r_bn {s['r_bn']}, first BN "
                   f"multiplier 10, crops scale {s['crop_scale']}, flip, one crop per class batch, "
                   f"{s['batches_per_step']} class batches (one image per class each) per step; the "
                   f"parameterization's `recover` optimiser (pixel/idc: Adam lr 0.25 betas "
@@ -154,33 +154,41 @@ def report(data: dict[str, Any]) -> str:
                   f"norm), {s['eval_steps']} AdamW steps (lr 1e-3, wd 0.01, cosine) of batch "
                   f"{s['eval_batch']}, random resized crop (0.08-1) + flip per image, teacher "
                   f"logits on the same crop, KL at temperature {s['temperature']}, "
-                  f"{s['eval_runs']} run(s), whole test set",
+                  f"runs per row, whole test set",
                   "- before = the initialised set (real images in each parameterization's form) "
                   "evaluated with the same soft-label protocol", ""]
     lines += ["## Results (soft-label protocol, test accuracy %)", "",
-              "| IPC | parameterization | images/class | bytes (budget) | before | after sre2l | "
-              "recover s | eval s |", "|---|---|---|---|---|---|---|---|"]
-    for c in sorted(cells, key=lambda c: (c["ipc"], PARAMS.index(c["param"])
-                                          if c["param"] in PARAMS else 9)):
+              "| IPC | recover iterations | parameterization | images/class | bytes (budget) | "
+              "eval runs | before | after sre2l | recover s | eval s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def group(c: dict[str, Any]) -> tuple[int, int, int]:
+        return c["ipc"], c["settings"]["iterations"], c["settings"]["eval"]["runs"]
+
+    order = {p: i for i, p in enumerate(PARAMS)}
+    for c in sorted(cells, key=lambda c: (*group(c), order.get(c["param"], 9))):
         b = c["before"][0] if c.get("before") else None
         a = c["after"][0] if c.get("after") else None
-        lines.append(f"| {c['ipc']} | {c['param']} | {c['images_per_class']} | "
-                     f"{c['budget']['used']:,} ({c['budget']['allowed']:,}) | {_fmt(b)} | "
-                     f"**{_fmt(a)}** | {c['distill_seconds']:.0f} | "
+        lines.append(f"| {c['ipc']} | {c['settings']['iterations']} | {c['param']} | "
+                     f"{c['images_per_class']} | {c['budget']['used']:,} "
+                     f"({c['budget']['allowed']:,}) | {c['settings']['eval']['runs']} | "
+                     f"{_fmt(b)} | **{_fmt(a)}** | {c['distill_seconds']:.0f} | "
                      f"{(a or {}).get('seconds', 0):.0f} |")
     lines += [""]
-    for ipc in sorted({c["ipc"] for c in cells}):
-        by = {c["param"]: c["after"][0]["mean"] for c in cells if c["ipc"] == ipc and c["after"]}
-        if "gaussian" in by:
-            parts = [f"gaussian {by['gaussian']:.2f}"] + [
-                f"{'above' if by['gaussian'] > by[p] else 'NOT above'} {p} {by[p]:.2f} "
-                f"({by['gaussian'] - by[p]:+.2f})" for p in ("pixel", "idc") if p in by]
-            lines.append(f"- IPC {ipc}: " + ", ".join(parts))
-    target = {c["param"]: c["after"][0]["mean"] for c in cells if c["ipc"] == 1 and c["after"]}
-    if all(p in target for p in PARAMS):
-        met = target["gaussian"] > target["pixel"] and target["gaussian"] > target["idc"]
-        lines += ["", f"**Target (sre2l + gaussian above sre2l + pixel and above sre2l + idc at "
-                      f"IPC 1, as GSDD Table 18 on ImageNet-1K): {'met' if met else 'MISSED'}.**"]
+    for ipc, iters, runs in sorted({group(c) for c in cells}):
+        by = {c["param"]: c["after"][0]["mean"] for c in cells
+              if group(c) == (ipc, iters, runs) and c["after"]}
+        if "gaussian" not in by:
+            continue
+        parts = [f"gaussian {by['gaussian']:.2f}"] + [
+            f"{'above' if by['gaussian'] > by[p] else 'NOT above'} {p} {by[p]:.2f} "
+            f"({by['gaussian'] - by[p]:+.2f})" for p in ("pixel", "idc") if p in by]
+        lines.append(f"- IPC {ipc}, {iters} iterations, {runs} eval run(s): " + ", ".join(parts))
+        if ipc == 1 and all(p in by for p in PARAMS):
+            met = by["gaussian"] > by["pixel"] and by["gaussian"] > by["idc"]
+            lines.append(f"  - **target (sre2l + gaussian above sre2l + pixel and above sre2l + "
+                         f"idc at IPC 1, as GSDD Table 18 on ImageNet-1K): "
+                         f"{'met' if met else 'MISSED'}**")
     best = hard_label_best()
     if best:
         lines += ["", "## For orientation only: best hard-label cells (a different protocol)", "",
@@ -301,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[ipc{ipc} {param}] measured already ({key}), skipped", flush=True)
                 continue
             cell = run_cell(a, tdir, ipc, param)
-            data["cells"] = [c for c in data["cells"]
-                             if not (c["ipc"] == ipc and c["param"] == param)] + [cell]
+            data["cells"] = [c for c in data["cells"] if not (
+                c["ipc"] == ipc and c["param"] == param and c["key"] == key)] + [cell]
             _save(data, a.results)
             print(f"[ipc{ipc} {param}] before {_fmt(cell['before'][0])} after "
                   f"{_fmt(cell['after'][0])}", flush=True)
