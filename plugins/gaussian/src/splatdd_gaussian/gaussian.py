@@ -22,11 +22,14 @@ What the paper (GSDD, sections 3.1-3.2, appendix A) fixes and this module follow
 What the paper leaves open and we chose (see docs/gaussian.md):
 
 * ``eps = 1e-3`` (the paper gives no value);
-* initialisation fitting runs 1,000 full-batch Adam steps by default (the step count of the paper's
+* the starting geometry of the fit (``init_geometry``): by default a greedy matching pursuit of
+  each real image with isotropic Gaussians (centres on pixels, 7 scales around half the grid
+  spacing, least-squares colours, alpha 1; :mod:`splatdd_gaussian.pursuit`), followed by 250
+  full-batch Adam steps, which end at a lower MSE than 1,000 steps from the grid start (issue 15,
+  benchmarks/results/speed.md); ``init_geometry="grid"``: centres on a jittered grid, covariances
+  isotropic with a standard deviation of half the grid spacing, alpha 1, colours the image sampled
+  at the centre divided by the grid's coverage, then 1,000 steps (the step count of the paper's
   Table 5 fitting benchmark; appendix A.3 gives only the loss, the optimiser and the lr);
-* before fitting, centres sit on a jittered grid, covariances are isotropic with a standard
-  deviation of half the grid spacing, alpha is 1 and colours are the image sampled at the centre
-  divided by the grid's coverage (so the very first render already approximates the image);
 * the solid-colour warm-up (appendix B.3) fits every Gaussian image to one constant image of value
   ``warmup_color`` (0.5 in normalised units) for ``warmup_steps`` steps.
 """
@@ -50,7 +53,15 @@ _PAPER_GPC = {(32, 3, 1): 30, (32, 3, 10): 160, (32, 3, 50): 250, (128, 3, 1): 6
 
 _OPTIONS = ("gpc", "points", "bf16", "opacity", "prefilter", "ssaa", "clip", "clip_eps",
             "boundary_loss", "boundary_weight", "init", "init_steps", "init_lr", "lr", "lr_cholesky",
+            "init_geometry",
             "warmup_steps", "warmup_color")
+
+
+#: Starting geometries of ``init_from_real`` and their default ``init_steps``: ``"pursuit"``
+#: (matching pursuit, :mod:`splatdd_gaussian.pursuit`; 250 steps reach a lower MSE than the grid
+#: start's 1000 on FashionMNIST IPC 1, benchmarks/results/speed.md) or ``"grid"`` (the jittered
+#: grid, colours sampled from the image; 1000 steps, the paper's Table 5 fitting benchmark's count).
+INIT_GEOMETRIES = {"pursuit": 250, "grid": 1000}
 
 
 def bf16_round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -136,9 +147,10 @@ class GaussianImages(Parameterization):
     def __init__(self, spec: DatasetSpec, gpc: int, points: int, *, bf16: bool = True,
                  opacity: bool = True, prefilter: bool = True, ssaa: int = 2, clip: bool = True,
                  clip_eps: float = 1e-3, boundary_loss: bool = True, boundary_weight: float = 0.1,
-                 init: str = "real", init_steps: int = 1000, init_lr: float = 1e-2,
+                 init: str = "real", init_steps: int | None = None, init_lr: float = 1e-2,
                  lr: float = 1e-2, lr_cholesky: float | None = None, warmup_steps: int = 300,
-                 warmup_color: float = 0.5, generator: torch.Generator | None = None) -> None:
+                 warmup_color: float = 0.5, init_geometry: str = "pursuit",
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         if int(gpc) < 1 or int(points) < 1:
             raise ValueError(f"gpc and points must be >= 1, got gpc={gpc}, points={points}")
@@ -146,6 +158,12 @@ class GaussianImages(Parameterization):
             raise ValueError(f"ssaa must be 1, 2 or 4, got {ssaa}")
         if init not in ("real", "random", "warmup"):
             raise ValueError(f"init must be 'real', 'random' or 'warmup', got {init!r}")
+        if init_geometry not in INIT_GEOMETRIES:
+            raise ValueError(f"gaussian: init_geometry must be one of {', '.join(INIT_GEOMETRIES)}, "
+                             f"got {init_geometry!r}")
+        self.init_geometry = init_geometry
+        if init_steps is None:
+            init_steps = INIT_GEOMETRIES[init_geometry]
         if not 0.0 < clip_eps < 1.0:
             raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
         self.spec = spec
@@ -220,7 +238,9 @@ class GaussianImages(Parameterization):
                        *, jitter: float = 0.5) -> None:
         """Centres on a jittered grid, isotropic covariance (std = half the grid spacing), alpha 1;
         colours sampled from ``images`` at the centres (scaled by the grid's coverage), or random
-        normal when ``images`` is None."""
+        normal when ``images`` is None. With real ``images`` and ``init_geometry="pursuit"``,
+        centres, scales (the grid's std x 2^(k/2), |k| <= 3) and colours come from a matching
+        pursuit of each image instead (:func:`splatdd_gaussian.pursuit.pursuit`)."""
         n, P = self.num_images, self.points
         H, W, C = self.spec.height, self.spec.width, self.spec.channels
         dev = self.params.device
@@ -242,6 +262,14 @@ class GaussianImages(Parameterization):
         coverage = (P / (gx * gy)) * 2.0 * math.pi * std_px ** 2 / ((W / gx) * (H / gy))
         if images is None:
             p[..., 5:5 + C] = torch.randn(n, P, C, generator=generator) / coverage
+        elif self.init_geometry == "pursuit":
+            from .pursuit import pursuit, pursuit_scales
+            centres, sigma, weights = pursuit(images.detach().float().cpu(), P,
+                                              pursuit_scales(std_px))
+            p[..., 0] = -1.0 + (centres[..., 0] + 0.5) * (2.0 / W)
+            p[..., 1] = -1.0 + (centres[..., 1] + 0.5) * (2.0 / H)
+            p[..., 2], p[..., 3], p[..., 4] = 2.0 * sigma / W, 0.0, 2.0 * sigma / H
+            p[..., 5:5 + C] = weights
         else:
             img = images.detach().float().cpu()
             grid = torch.stack([u, v], -1).unsqueeze(2)                     # (n, P, 1, 2)
@@ -373,7 +401,7 @@ class GaussianImages(Parameterization):
                 "boundary_loss": self.use_boundary_loss, "boundary_weight": self.boundary_weight,
                 "init": self.init_mode, "init_steps": self.init_steps, "init_lr": self.init_lr,
                 "lr": self.lr, "lr_cholesky": self.lr_cholesky, "warmup_steps": self.warmup_steps,
-                "warmup_color": self.warmup_color}
+                "warmup_color": self.warmup_color, "init_geometry": self.init_geometry}
 
     @classmethod
     def from_state(cls, spec: DatasetSpec, tensors: Mapping[str, torch.Tensor],
