@@ -40,7 +40,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
+try:                                     # Python >= 3.11
+    import tomllib
+except ImportError:                      # pragma: no cover - Python 3.10
+    import tomli as tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence

@@ -15,7 +15,10 @@ Example::
 from __future__ import annotations
 
 import difflib
-import tomllib
+try:                                     # Python >= 3.11
+    import tomllib
+except ImportError:                      # pragma: no cover - Python 3.10
+    import tomli as tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
