@@ -378,6 +378,8 @@ def main(argv=None) -> int:
                     help="an LDM directory (e.g. from `splatdd train-ldm`): adds the gradient rows 'fmnist-ldm'")
     ap.add_argument("--reuse-tiny", default=None, metavar="JSON",
                     help="take the tiny models' gradient rows (random, trained) from an earlier results JSON")
+    ap.add_argument("--ts", type=int, nargs="+", default=None,
+                    help="the T values (default 10..90 step 10); with --reuse-tiny, the tiny rows are subset to them")
     ap.add_argument("--reuse-cost", default=None, metavar="JSON",
                     help="take part 2 (cost) from an earlier results JSON")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -399,7 +401,7 @@ def main(argv=None) -> int:
     mach = machine()
     from splatdd_ld3m.tiny import build_tiny_ldm
 
-    Ts = [10, 30, 50] if args.quick else list(range(10, 100, 10))
+    Ts = [10, 30, 50] if args.quick else (list(args.ts) if args.ts else list(range(10, 100, 10)))
     train_steps = 0 if args.quick else args.train_steps
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -417,6 +419,13 @@ def main(argv=None) -> int:
         Ts = res["T"] = old["T"]
         res.update(n_images=old["n_images"], training=old["training"])
         res["grad"] = {k: v for k, v in old["grad"].items() if k in ("trained", "random")}
+        if args.ts:
+            missing = sorted(set(args.ts) - set(Ts))
+            if missing:
+                raise SystemExit(f"--ts {missing} are not in {args.reuse_tiny}")
+            keep = [Ts.index(t) for t in args.ts]
+            res["grad"] = {k: {m: [v[i] for i in keep] for m, v in g.items()} for k, g in res["grad"].items()}
+            Ts = res["T"] = list(args.ts)
         res["machine_grad_tiny"] = old.get("machine_grad", old["machine"])
         train_steps = 0
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,8 +3,8 @@
 #
 #   bash scripts/train_ldm.sh [OUT_DIR]        # default runs/ldm-fmnist (git-ignored)
 #
-# About 40 minutes on one CPU core (the settings are train-ldm's defaults: KL autoencoder f4 with
-# 4 latent channels at 32 px, 400 steps; UNet2DModel 32/64/64 with class embeddings, 2000 steps of
+# About 10 CPU-minutes on one core (the settings are train-ldm's defaults: KL autoencoder f4 with
+# 4 latent channels at 32 px, 300 steps; UNet2DModel 32/64/64 with class embeddings, 1500 steps of
 # 128 latents, EMA 0.995). Rerunning the same command after an interruption resumes from
 # OUT_DIR.work/checkpoint.pt. Sample grids: OUT_DIR.work/samples/. Extra arguments after OUT_DIR are
 # passed to `splatdd train-ldm` (see `splatdd train-ldm --help`).

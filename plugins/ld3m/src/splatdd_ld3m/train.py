@@ -74,11 +74,11 @@ class TrainLDMConfig:
     latent_channels: int = 4
     ae_channels: tuple[int, ...] = (16, 32, 32)
     unet_channels: tuple[int, ...] = (32, 64, 64)
-    ae_steps: int = 400
+    ae_steps: int = 300
     ae_batch_size: int = 64
     ae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    unet_steps: int = 2000
+    unet_steps: int = 1500
     unet_batch_size: int = 128
     unet_lr: float = 1e-3
     warmup_steps: int = 200
