@@ -2,15 +2,16 @@
 as a new user would, with its wall time and outcome, written to benchmarks/results/install.md and
 install.json.
 
-    heavy python benchmarks/install_transcript.py               # the install paths
-    heavy python benchmarks/install_transcript.py --main-job    # + README command 1's main job
+    heavy python benchmarks/install_transcript.py               # every install path
+    heavy python benchmarks/install_transcript.py --groups readme --main-job   # README command 1 only,
+                                                    # main job included; other steps kept from before
 
 Everything happens in a work folder (``--work``; default a new temporary folder, removed at the end
 unless ``--keep``): a fresh ``git clone`` of this checkout's HEAD (the committed state), and new
 virtual environments made with ``python -m venv`` (no system site-packages). The paths:
 
 1. README command 1, install part: ``bash scripts/install.sh`` in the clone, in venv ``readme``;
-2. ``bash scripts/build_wheels.sh WHEELHOUSE`` (with the ``readme`` venv's python);
+2. ``bash scripts/build_wheels.sh WHEELHOUSE`` (with the python running this script);
 3. ``pip install torch==2.13.0`` then ``pip install --find-links WHEELHOUSE "splatdd[diffusion]"``
    in venv ``wheels``; 4. ``pip install --find-links WHEELHOUSE "splatdd[all]"`` on top;
 5. one plugin alone: venv ``one``, torch, the core from the wheelhouse, then
@@ -60,6 +61,9 @@ class Step:
     load_before: str
     load_after: str
     tail: list[str] = field(default_factory=list)
+    group: str = ""
+    commit: str = ""
+    date: str = ""
 
 
 def loadavg() -> str:
@@ -94,6 +98,8 @@ class Transcript:
     def __init__(self, work: Path, cuda: str) -> None:
         self.work = work
         self.steps: list[Step] = []
+        self.group = ""
+        self.commit = ""
         self.env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1",
                         PIP_ROOT_USER_ACTION="ignore", SPLATDD_CUDA=cuda, SPLATDD_SKIP_APT="1")
         for var in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHON"):
@@ -119,7 +125,8 @@ class Transcript:
         else:
             ok, outcome = check(r.stdout)
         step = Step(name, command.replace(str(self.work), "$WORK"), round(seconds, 1), r.returncode, ok, outcome, before, loadavg(),
-                    [line for line in out.splitlines() if line.strip()][-12:])
+                    [line for line in out.splitlines() if line.strip()][-12:], self.group, self.commit,
+                    time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         print(f"[install_transcript]   {seconds:.1f} s, {outcome}", file=sys.stderr, flush=True)
         if record:
             self.steps.append(step)
@@ -191,62 +198,88 @@ def plugin_distributions(clone: Path) -> set[str]:
     return out
 
 
-def transcript(work: Path, *, cuda: str, main_job: bool) -> tuple[list[Step], dict]:
+GROUPS = ("readme", "wheels")
+
+
+def transcript(work: Path, *, cuda: str, groups: tuple[str, ...], main_job: bool) -> tuple[list[Step], dict]:
+    """Run the install paths of ``groups`` ("readme": README command 1, its main job with
+    ``main_job``; "wheels": the wheelhouse, the two extras and one plugin alone)."""
     t = Transcript(work, cuda)
     clone = work / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True,
                             text=True, check=True).stdout.strip()
+    t.commit = commit
     everything = plugin_distributions(clone)
     strict = "splatdd plugins --json --strict"
     torch_check = (f'python -c "import torch; assert torch.__version__.split(\'+\')[0] == \'{TORCH}\', '
                    f'torch.__version__; print(torch.__version__)"')
-    venvs = {name: work / f"venv-{name}" for name in ("readme", "wheels", "one")}
-    for venv in venvs.values():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    wh = work / "wheelhouse"
+    info: dict = {"splatdd_cuda": cuda}
 
-    # 1. README command 1, install part
-    e = t.venv_env(venvs["readme"])
-    t.run("README command 1: install", "bash scripts/install.sh", cwd=clone, env=e,
-          check=lambda out: (True, "installed; `splatdd plugins --strict` passes"))
-    t.run("-> splatdd plugins", strict, cwd=clone, env=e, check=plugins_check(everything))
-    # 2. the wheelhouse
-    t.run("wheelhouse: build", f"bash scripts/build_wheels.sh {shlex.quote(str(wh))}", cwd=clone, env=e,
-          check=wheels_check(len(everything) + 1))
-    # 3. splatdd[diffusion] from the wheelhouse, torch first
-    e = t.venv_env(venvs["wheels"])
-    t.run("splatdd[diffusion]: torch first", f"pip install torch=={TORCH}", cwd=work, env=e,
-          check=pip_check(torch_allowed=True))
-    t.run("splatdd[diffusion]", f'pip install --find-links {shlex.quote(str(wh))} "splatdd[diffusion]"',
-          cwd=work, env=e, check=pip_check())
-    t.run("-> splatdd plugins", strict, cwd=work, env=e, check=plugins_check({"splatdd-ld3m"}))
-    # 4. splatdd[all] on top
-    t.run("splatdd[all]", f'pip install --find-links {shlex.quote(str(wh))} "splatdd[all]"', cwd=work, env=e,
-          check=pip_check())
-    t.run("-> splatdd plugins", strict, cwd=work, env=e, check=plugins_check(everything))
-    # 5. one plugin alone, next to the core
-    e = t.venv_env(venvs["one"])
-    t.run("one plugin: torch first", f"pip install torch=={TORCH}", cwd=clone, env=e,
-          check=pip_check(torch_allowed=True))
-    t.run("one plugin: the core", f"pip install --find-links {shlex.quote(str(wh))} splatdd", cwd=clone,
-          env=e, check=pip_check())
-    t.run("one plugin: ld3m", "pip install plugins/ld3m", cwd=clone, env=e, check=pip_check())
-    t.run("-> splatdd plugins", strict, cwd=clone, env=e, check=plugins_check({"splatdd-ld3m"}))
-    # 6. the main job
-    info: dict = {"clone_commit": commit, "splatdd_cuda": cuda}
-    if main_job:
-        e = t.venv_env(venvs["readme"])
-        threads = subprocess.run(["python", "-c", "import torch; print(torch.get_num_threads())"],
-                                 env=e, capture_output=True, text=True).stdout.strip()
-        job = readme_main_job(ROOT / "README.md")
-        info.update(main_job_command=job, main_job_torch_threads=threads)
-        t.run("README command 1: main job", job, cwd=clone, env=e, check=accuracy_check)
-    # every venv kept its torch
-    for name, venv in venvs.items():
-        t.run(f"torch in venv {name}", torch_check, cwd=work, env=t.venv_env(venv),
+    def kept_torch(venv: Path) -> None:
+        t.run(f"-> torch in venv {venv.name}", torch_check, cwd=work, env=t.venv_env(venv),
               check=lambda out: (out.strip().split("+")[0] == TORCH, f"torch {out.strip()} (unchanged)"))
+
+    if "readme" in groups:
+        t.group = "readme"
+        venv = work / "venv-readme"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        e = t.venv_env(venv)
+        t.run("README command 1: install", "bash scripts/install.sh", cwd=clone, env=e,
+              check=lambda out: (True, "installed; `splatdd plugins --strict` passes"))
+        t.run("-> splatdd plugins", strict, cwd=clone, env=e, check=plugins_check(everything))
+        if main_job:
+            threads = subprocess.run(["python", "-c", "import torch; print(torch.get_num_threads())"],
+                                     env=e, capture_output=True, text=True).stdout.strip()
+            job = readme_main_job(ROOT / "README.md")
+            info.update(main_job_command=job, main_job_torch_threads=threads)
+            t.run("README command 1: main job", job, cwd=clone, env=e, check=accuracy_check)
+        kept_torch(venv)
+
+    if "wheels" in groups:
+        t.group = "wheels"
+        wh = shlex.quote(str(work / "wheelhouse"))
+        venvs = {name: work / f"venv-{name}" for name in ("wheels", "one")}
+        for venv in venvs.values():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        # the wheelhouse, built with the developer's python (build requirements installed or installed now)
+        t.run("wheelhouse: build", f"bash scripts/build_wheels.sh {wh}", cwd=clone,
+              env=dict(t.env, PYTHON=sys.executable), check=wheels_check(len(everything) + 1))
+        # splatdd[diffusion] from the wheelhouse, torch first; then splatdd[all] on top
+        e = t.venv_env(venvs["wheels"])
+        t.run("splatdd[diffusion]: torch first", f"pip install torch=={TORCH}", cwd=work, env=e,
+              check=pip_check(torch_allowed=True))
+        t.run("splatdd[diffusion]", f'pip install --find-links {wh} "splatdd[diffusion]"', cwd=work, env=e,
+              check=pip_check())
+        t.run("-> splatdd plugins", strict, cwd=work, env=e, check=plugins_check({"splatdd-ld3m"}))
+        t.run("splatdd[all]", f'pip install --find-links {wh} "splatdd[all]"', cwd=work, env=e,
+              check=pip_check())
+        t.run("-> splatdd plugins", strict, cwd=work, env=e, check=plugins_check(everything))
+        kept_torch(venvs["wheels"])
+        # one plugin alone, next to the core
+        e = t.venv_env(venvs["one"])
+        t.run("one plugin: torch first", f"pip install torch=={TORCH}", cwd=clone, env=e,
+              check=pip_check(torch_allowed=True))
+        t.run("one plugin: the core", f"pip install --find-links {wh} splatdd", cwd=clone, env=e,
+              check=pip_check())
+        t.run("one plugin: ld3m", "pip install plugins/ld3m", cwd=clone, env=e, check=pip_check())
+        t.run("-> splatdd plugins", strict, cwd=clone, env=e, check=plugins_check({"splatdd-ld3m"}))
+        kept_torch(venvs["one"])
     return t.steps, info
+
+
+def merge_previous(steps: list[Step], info: dict, out: Path, groups: tuple[str, ...]) -> tuple[list[Step], dict]:
+    """Keep the steps (and main-job info) of groups not run this time from ``out``'s JSON."""
+    path = out.with_suffix(".json")
+    if not path.is_file():
+        return steps, info
+    old = json.loads(path.read_text())
+    kept = [Step(**s) for s in old.get("steps", []) if s.get("group") not in groups]
+    if "readme" not in groups:
+        info = {**{k: v for k, v in old.items() if k.startswith("main_job")}, **info}
+    merged = kept + steps
+    merged.sort(key=lambda s: GROUPS.index(s.group) if s.group in GROUPS else len(GROUPS))
+    return merged, info
 
 
 def write_results(steps: list[Step], info: dict, mach: dict, out: Path) -> None:
@@ -259,31 +292,31 @@ def write_results(steps: list[Step], info: dict, mach: dict, out: Path) -> None:
     lines = [
         "# Install transcript (fresh virtual environments)",
         "",
-        f"Generated by `benchmarks/install_transcript.py` on {mach['date']}. Machine: {mach['cpu']}, "
-        f"{mach['cores']} cores (shared with other jobs: see the load averages), {mach['memory_gib']} GiB, "
-        f"{mach['os']}, Python {mach['python']}. A fresh `git clone` of commit {info['clone_commit']}; "
-        f"every venv made with `python -m venv` (no system site-packages); C++ module built with "
+        f"Generated by `benchmarks/install_transcript.py`. Machine: {mach['cpu']}, {mach['cores']} cores "
+        f"(shared with other jobs: see the load averages), {mach['memory_gib']} GiB, {mach['os']}, "
+        f"Python {mach['python']}. Each group of steps runs in a fresh `git clone` of the commit shown, "
+        f"every venv made with `python -m venv` (no system site-packages); the C++ module built with "
         f"`SPLATDD_CUDA={info['splatdd_cuda']}`. pip reads this machine's local package mirror and its "
-        f"local torch {TORCH} CPU wheel (`PIP_FIND_LINKS`), so the times contain no download time.",
+        f"local torch {TORCH} CPU wheel (`PIP_FIND_LINKS`), so the times contain no download time. "
+        "`$WORK` is the work folder; load averages are `/proc/loadavg`'s 1, 5 and 15 minute figures.",
         "",
-        "`$WORK` is the work folder. Load averages are `/proc/loadavg`'s 1, 5 and 15 minute figures.",
-        "",
-        "| step | command | wall time | load before / after | outcome |",
-        "|---|---|---|---|---|",
+        "| step | command | wall time | load before / after | outcome | commit, date |",
+        "|---|---|---|---|---|---|",
     ]
     for s in steps:
         cmd = s.command if len(s.command) < 90 else s.command[:87] + "..."
         lines.append(f"| {s.name} | `{cmd}` | {s.seconds:.1f} s | {s.load_before} / {s.load_after} | "
-                     f"{'ok' if s.ok else 'FAILED'}: {s.outcome} |")
+                     f"{'ok' if s.ok else 'FAILED'}: {s.outcome} | {s.commit}, {s.date} |")
     if job:
         lines += ["", "## README command 1, main job", "",
                   f"`{info['main_job_command']}` (read from README.md at run time), torch threads: "
                   f"{info['main_job_torch_threads']}.", "",
                   f"- wall time: {job.seconds / 60:.1f} min ({job.seconds:.0f} s), load average "
                   f"{job.load_before} before, {job.load_after} after",
-                  f"- printed: `{job.outcome}`",
-                  f"- README command 1 in total (install + main job): "
-                  f"{data['readme_command_1_seconds'] / 60:.1f} min"]
+                  f"- printed: `{job.outcome}`"]
+        if install:
+            lines.append(f"- README command 1 in total (install + main job): "
+                         f"{data['readme_command_1_seconds'] / 60:.1f} min")
     failed = [s for s in steps if not s.ok]
     if failed:
         lines += ["", "## Failures", ""]
@@ -295,12 +328,20 @@ def write_results(steps: list[Step], info: dict, mach: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--groups", default=",".join(GROUPS),
+                    help="comma-separated: readme (README command 1), wheels (wheelhouse, extras, one "
+                         "plugin); the other groups' steps are kept from the previous results")
     ap.add_argument("--main-job", action="store_true", help="also run README command 1's main job")
     ap.add_argument("--cuda", default="OFF", choices=["OFF", "AUTO", "ON"], help="SPLATDD_CUDA for the builds")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--out", type=Path, default=RESULTS / "install", help="results path without suffix")
     args = ap.parse_args(argv)
+    groups = tuple(g for g in args.groups.split(",") if g)
+    if not groups or set(groups) - set(GROUPS):
+        ap.error(f"--groups: choose from {', '.join(GROUPS)}, got {args.groups!r}")
+    if args.main_job and "readme" not in groups:
+        ap.error("--main-job needs the readme group")
     work = args.work or Path(tempfile.mkdtemp(prefix="splatdd-install-"))
     if args.work is not None:
         if work.exists() and any(work.iterdir()):
@@ -308,13 +349,15 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
     mach = machine()
     try:
-        steps, info = transcript(work.resolve(), cuda=args.cuda, main_job=args.main_job)
+        steps, info = transcript(work.resolve(), cuda=args.cuda, groups=groups, main_job=args.main_job)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    ok = all(s.ok for s in steps)
+    steps, info = merge_previous(steps, info, args.out, groups)
     write_results(steps, info, mach, args.out)
     print(args.out.with_suffix(".md").read_text())
-    return 0 if all(s.ok for s in steps) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
