@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from splatdd.budget import budget_bytes_per_class
 from splatdd.plugin_api import (PLUGIN_API_VERSION, DatasetSpec, OptimizerSpec, Parameterization,
-                                check_regime, reject_unknown_options)
+                                check_regime, draw_seed, reject_unknown_options)
 
 __all__ = ["GaussianImages", "default_gpc", "points_for_budget", "gaussian_points", "gaussian_bytes",
            "boundary_loss", "bf16_round_ste"]
@@ -188,8 +188,7 @@ class GaussianImages(Parameterization):
         #: fp32 master parameters ``(n, P, 6 + C)`` in the renderer's packed layout.
         self.params = torch.nn.Parameter(torch.zeros(n, self.points, 6 + C))
         # all later randomness (init jitter) derives from this seed, drawn from `generator`
-        self._seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) \
-            if generator is not None else 0
+        self._seed = draw_seed(generator) if generator is not None else 0
         self._init_geometry(None, self._generator())
 
     def _generator(self) -> torch.Generator:
