@@ -206,6 +206,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from splatdd.distill import CheckpointError
     from splatdd.distilled_file import DistilledFileError
     from splatdd.experiment import ConfigError, run
+    from splatdd.experiment.run import RunInterrupted
     from splatdd.run_folder import RunFolderError
     cfg = experiment_config(args)
     if args.print_config:
@@ -219,9 +220,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     except (ConfigError, BudgetError, RunFolderError, CheckpointError,
             DistilledFileError) as exc:
         raise CLIError(str(exc)) from None
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with the same command plus --resume (run folder "
-              f"{cfg.out_dir()})", file=sys.stderr)
+    except RunInterrupted as exc:
+        _ignore_further_interrupts()
+        print(f"\nsplatdd: {exc.message}", file=sys.stderr)
         return 130
     if not result.after:
         _print("no evaluation (eval.runs = 0)")
@@ -484,6 +485,14 @@ def _add_plugin_commands(sub) -> None:
                   f"{type(exc).__name__}: {exc}", file=sys.stderr)
 
 
+def _ignore_further_interrupts() -> None:
+    """While reporting an interrupt and exiting, a repeated Ctrl-C must not end in a traceback."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # only load command plugins when the subcommand is not a built-in one (keeps startup fast)
@@ -501,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"splatdd: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _ignore_further_interrupts()
         print("\nsplatdd: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:            # e.g. `splatdd config show X | head`

@@ -20,6 +20,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -31,7 +34,7 @@ from splatdd.io_utils import atomic_save_with, atomic_torch_save, atomic_write_j
 from splatdd.plugin_api import Algorithm, Parameterization, learned_eval_lr
 from splatdd.run_folder import translate_write_errors
 
-__all__ = ["distill", "run_step", "CHECKPOINT_NAME", "DISTILLED_NAME", "checkpoint_path", "has_checkpoint",
+__all__ = ["distill", "run_step", "Interrupted", "CHECKPOINT_NAME", "DISTILLED_NAME", "checkpoint_path", "has_checkpoint",
            "load_checkpoint", "CheckpointError", "CheckpointMismatch", "CorruptCheckpoint",
            "check_resume", "RESUME_MAY_CHANGE", "plot_losses"]
 
@@ -227,6 +230,41 @@ def _identity(param: Parameterization, algo: Algorithm, ipc: int) -> dict[str, A
             "algo_config": algo.config()}
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`distill`. ``step`` steps are done; ``checkpoint`` is the checkpoint
+    holding them (``None``: nothing of this run was saved, a new run starts from scratch)."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _GracefulInterrupt:
+    """The first SIGINT asks the loop to stop after the current step (which is then checkpointed);
+    a second one interrupts at once. Installed only in the main thread; restored afterwards."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nsplatdd: interrupt: finishing the current step, then saving a checkpoint "
+              "(Ctrl-C again to stop at once, keeping the last checkpoint)", file=sys.stderr,
+              flush=True)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def run_step(param: Parameterization, algo: Algorithm, opt: torch.optim.Optimizer,
              step: int) -> float:
     """One outer step, the only copy (the loop below and :mod:`splatdd.testing` call it)::
@@ -332,8 +370,13 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
         bar = tqdm(total=iterations, initial=start, desc=f"{param.name}+{algo.name}",
                    dynamic_ncols=True, leave=True)
     t0 = time.perf_counter()
+    stop = _GracefulInterrupt()
     try:
+        stop.install()
         for step in range(start, iterations):
+            if stop.requested:
+                save_checkpoint(step)
+                raise Interrupted(step, checkpoint_path(out_dir))
             if algo.lr_schedule == "cosine":       # Algorithm.lr_schedule: cosine to 0 over the run
                 scale = 0.5 * (1.0 + math.cos(math.pi * step / max(iterations, 1)))
                 for group, base in zip(opt.param_groups, base_lrs):
@@ -352,7 +395,13 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
                 save_checkpoint(done)
             if on_step is not None:
                 on_step(done, value, param, algo)
+    except KeyboardInterrupt as exc:           # a second Ctrl-C, mid-step: keep what was saved
+        if isinstance(exc, Interrupted):
+            raise
+        saved = saved_step[0]
+        raise Interrupted(saved or 0, checkpoint_path(out_dir) if saved else None) from None
     finally:
+        stop.uninstall()
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t0

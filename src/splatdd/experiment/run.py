@@ -19,18 +19,19 @@ same config gives the same distilled tensors on the CPU, bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from splatdd.experiment.config import ConfigError, ExperimentConfig
 
-__all__ = ["RunResult", "run", "evaluate_rows", "CONFIG_NAME", "RESULTS_NAME", "BEFORE_NAME",
+__all__ = ["RunResult", "RunInterrupted", "run", "evaluate_rows", "CONFIG_NAME", "RESULTS_NAME", "BEFORE_NAME",
            "INITIAL_NAME"]
 
 CONFIG_NAME = "config.toml"
@@ -38,6 +39,34 @@ RESULTS_NAME = "results.json"
 BEFORE_NAME = "before_distillation.json"
 #: The initialised set (before any distillation step), a distilled file like the final one.
 INITIAL_NAME = "initial.safetensors"
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`run`; ``message`` says truthfully what was saved and what a rerun
+    will redo."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@contextlib.contextmanager
+def _phase(what: str, saved: str, rerun: str) -> Iterator[None]:
+    """Turn a Ctrl-C during ``what`` into :class:`RunInterrupted` naming what is kept."""
+    from splatdd.distill import Interrupted
+    try:
+        yield
+    except RunInterrupted:
+        raise
+    except Interrupted as exc:
+        if exc.checkpoint is None:
+            raise RunInterrupted(f"interrupted before the first checkpoint; {saved}; "
+                                 f"{rerun}") from None
+        raise RunInterrupted(f"interrupted; {exc.step} iterations are saved in "
+                             f"{exc.checkpoint}; continue with the same command plus "
+                             f"--resume") from None
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"interrupted during {what}; {saved}; {rerun}") from None
 
 
 @dataclass
@@ -193,10 +222,13 @@ def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *
 
     init_diag: dict[str, float] = {}
     before: list[dict[str, Any]] = []
+    fresh = ("nothing of this run is saved yet",
+             "the same command starts it again, initialisation included")
     if not resuming:
         if config.init == "real":
-            init_diag = init_from_real(param, train, init_gen, steps=config.init_steps,
-                                       progress=progress)
+            with _phase("the initialisation from real images", *fresh):
+                init_diag = init_from_real(param, train, init_gen, steps=config.init_steps,
+                                           progress=progress)
             if init_diag:
                 say("init from real images: " + ", ".join(f"{k}={v:.4g}"
                                                           for k, v in init_diag.items()))
@@ -206,10 +238,11 @@ def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *
                                                            "seed": config.seed,
                                                            "init": config.init})
         if protocol is not None and config.eval.before:
-            before = evaluate_rows(protocol, _decoded(param, test.spec), param.labels.detach(),
-                                   test, models=config.eval.models, runs=config.eval.runs,
-                                   seed=config.seed, learned_lr=None, progress=progress,
-                                   train=train, log=say, what="before distillation, ")
+            with _phase("the evaluation before distillation", *fresh):
+                before = evaluate_rows(protocol, _decoded(param, test.spec), param.labels.detach(),
+                                       test, models=config.eval.models, runs=config.eval.runs,
+                                       seed=config.seed, learned_lr=None, progress=progress,
+                                       train=train, log=say, what="before distillation, ")
             atomic_write_json(out / BEFORE_NAME, {"init": init_diag, "rows": before})
     elif (out / BEFORE_NAME).is_file():
         saved = json.loads((out / BEFORE_NAME).read_text())
@@ -233,15 +266,16 @@ def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *
     say(f"distilling {iterations} iterations of {config.parameterization} + {config.algorithm}, "
         f"ipc {config.ipc}, into {out}" + (" (resuming)" if resuming else ""))
     t0 = time.perf_counter()
-    distill_mod.distill(
-        param, algo, iterations=iterations, out_dir=out,
-        checkpoint_every=config.checkpoint_every, resume=resume, seed=config.seed,
-        eval_every=every or None, eval_fn=eval_fn if every else None, progress=progress,
-        lr=config.lr,
-        registry=registry,
-        config={"dataset_root": d.root, "init": config.init, "init_steps": config.init_steps,
-                "param_opts": config.param_options, "algo_opts": config.algo_options,
-                "experiment": config.name})
+    with _phase("the distillation", *fresh):
+        distill_mod.distill(
+            param, algo, iterations=iterations, out_dir=out,
+            checkpoint_every=config.checkpoint_every, resume=resume, seed=config.seed,
+            eval_every=every or None, eval_fn=eval_fn if every else None, progress=progress,
+            lr=config.lr,
+            registry=registry,
+            config={"dataset_root": d.root, "init": config.init, "init_steps": config.init_steps,
+                    "param_opts": config.param_options, "algo_opts": config.algo_options,
+                    "experiment": config.name})
     seconds = time.perf_counter() - t0
     file = out / distill_mod.DISTILLED_NAME
     history = json.loads((out / distill_mod.HISTORY_NAME).read_text())
@@ -251,10 +285,12 @@ def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *
 
     after: list[dict[str, Any]] = []
     if protocol is not None:
-        after = evaluate_rows(protocol, _decoded(param, test.spec), param.labels.detach(), test,
-                              models=config.eval.models, runs=config.eval.runs,
-                              seed=config.seed, learned_lr=learned, progress=progress,
-                              train=train, log=say)
+        with _phase("the evaluation", f"the distilled set is saved in {file}",
+                    f"evaluate it with `splatdd eval {file}`"):
+            after = evaluate_rows(protocol, _decoded(param, test.spec), param.labels.detach(),
+                                  test, models=config.eval.models, runs=config.eval.runs,
+                                  seed=config.seed, learned_lr=learned, progress=progress,
+                                  train=train, log=say)
     result = RunResult(out_dir=out, distilled_file=file, iterations=iterations,
                        distill_seconds=seconds, final_loss=losses[-1] if losses else None,
                        budget={"used": report.used, "allowed": report.allowed},
