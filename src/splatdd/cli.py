@@ -201,6 +201,19 @@ def experiment_config(args: argparse.Namespace):
         raise CLIError(str(exc)) from None
 
 
+def launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
+    """``--nproc K``: run this command under torchrun's elastic launcher on this machine
+    (``python -m torch.distributed.run --standalone --nproc_per_node K -m splatdd ...``)."""
+    import subprocess
+    rest = list(argv)
+    i = rest.index("--nproc")
+    del rest[i:i + 2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "splatdd", *rest]
+    _print("launching: " + " ".join(cmd[1:]))
+    return subprocess.call(cmd)
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from splatdd.budget import BudgetError
     from splatdd.distill import CheckpointError
@@ -212,11 +225,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.print_config:
         _print(cfg.to_toml().rstrip())
         return 0
-    for req in cfg.requires:
-        _print(f"note: this experiment needs, first: {req}")
+    from splatdd import distributed
+    if args.nproc:
+        return launch_torchrun(args.nproc, args.argv)
+    try:
+        ctx = distributed.init_from_env(cfg.device)
+    except (RuntimeError, ValueError) as exc:
+        raise CLIError(f"cannot join the torchrun process group: {exc}") from None
+    if ctx.distributed:
+        cfg = cfg.replace(device=ctx.device)
+    main_rank = distributed.is_main()
+    if main_rank:
+        for req in cfg.requires:
+            _print(f"note: this experiment needs, first: {req}")
+        if ctx.distributed:
+            _print(f"torch.distributed: {ctx.world_size} processes, backend {ctx.backend}")
     try:
         result = run(cfg, resume=args.resume, overwrite=args.overwrite,
-                     progress=not args.no_progress, log=_print)
+                     progress=not args.no_progress and main_rank,
+                     log=_print if main_rank else (lambda _: None))
     except (ConfigError, BudgetError, RunFolderError, CheckpointError,
             DistilledFileError) as exc:
         raise CLIError(str(exc)) from None
@@ -224,7 +251,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         _ignore_further_interrupts()
         print(f"\nsplatdd: {exc.message}", file=sys.stderr)
         return 130
-    if not result.after:
+    finally:
+        distributed.shutdown()
+    if main_rank and not result.after:
         _print("no evaluation (eval.runs = 0)")
     return 0
 
@@ -358,6 +387,8 @@ def build_parser(*, plugin_commands: bool = True) -> argparse.ArgumentParser:
                     "eval.runs=0, param_options.gpc=30, dataset.resolution=[64,64]")
     sp.add_argument("--print-config", action="store_true",
                     help="print the resulting config as TOML and exit")
+    sp.add_argument("--nproc", type=_positive_int, default=None, metavar="K",
+                    help="run on K processes of this machine under torchrun (docs/distributed.md)")
     g = sp.add_argument_group("what (shorthands for config keys)")
     g.add_argument("--dataset", default=None,
                    help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder "
@@ -500,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(plugin_commands=first not in builtin)
     args = parser.parse_args(argv)
+    args.argv = argv
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from splatdd import distributed
 from splatdd.budget import check_budget
 from splatdd.io_utils import atomic_save_with, atomic_torch_save, atomic_write_json
 from splatdd.plugin_api import Algorithm, Parameterization, learned_eval_lr
@@ -274,18 +275,25 @@ def run_step(param: Parameterization, algo: Algorithm, opt: torch.optim.Optimize
 
     Returns the loss value; raises ``FloatingPointError`` on a non-finite loss (nothing stepped).
     """
+    k = distributed.world_size()
+    op = algo.gradient_reduction or "sum"
     loss = algo.loss(param, step)
-    reg = param.regularization()
+    # with summed per-rank parts, the regularisation is added once (rank 0); replicas all add it
+    reg = param.regularization() if (op == "mean" or distributed.is_main()) else None
     total = loss if reg is None else loss + reg
-    if not torch.isfinite(total.detach()).all():
-        raise FloatingPointError(f"non-finite loss {total.item()} at step {step}; "
-                                 f"try a smaller --lr")
+    value = float(total.detach())
+    if k > 1:                              # every rank sees the same loss and stops together
+        value = distributed.all_reduce_sum(value) / (k if op == "mean" else 1)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"non-finite loss {value} at step {step}; try a smaller --lr")
     opt.zero_grad(set_to_none=True)
     total.backward()
+    if k > 1:
+        distributed.reduce_gradients([*param.parameters(), *algo.extra_parameters()], op=op)
     opt.step()
     algo.after_step(param)
     param.post_step()
-    return float(total.detach())
+    return value
 
 
 def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
@@ -350,6 +358,9 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
     saved_step = [start if resume and start else None]
 
     def save_checkpoint(step: int) -> None:
+        if not distributed.is_main():            # only rank 0 writes; the others load on resume
+            saved_step[0] = step
+            return
         prev = saved_step[0]
         kept = (f"the previous checkpoint {checkpoint_path(out_dir)} (step {prev})"
                 if prev is not None else "nothing (no earlier checkpoint of this run)")
@@ -360,12 +371,12 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
                 "format": CHECKPOINT_FORMAT, "step": step, "identity": identity,
                 "config": run_config, "param": param.state_dict(), "optimizer": opt.state_dict(),
                 "algo": algo.state_dict(), "rng": _rng_state(algo), "losses": losses,
-                "evals": evals, "time": time.time(),
+                "evals": evals, "time": time.time(), "world_size": distributed.world_size(),
             }, checkpoint_path(out_dir))
         saved_step[0] = step
 
     bar = None
-    if progress and iterations > start:
+    if progress and iterations > start and distributed.is_main():
         from tqdm.auto import tqdm
         bar = tqdm(total=iterations, initial=start, desc=f"{param.name}+{algo.name}",
                    dynamic_ncols=True, leave=True)
@@ -411,6 +422,8 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
             evals.append({"step": final_step, **dict(eval_fn(param, final_step))})
     save_checkpoint(final_step)
 
+    if not distributed.is_main():
+        return param
     history = {"identity": identity, "config": run_config, "losses": losses, "evals": evals,
                "steps": final_step, "seconds_this_session": elapsed,
                "budget": {"used": budget.used, "allowed": budget.allowed}}

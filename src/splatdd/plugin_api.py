@@ -334,6 +334,12 @@ class Algorithm(abc.ABC):
     lr_schedule: ClassVar[str] = "constant"
     #: Paper default number of outer iterations (used when the CLI gets no --iterations).
     default_iterations: ClassVar[int] = 1000
+    #: How the algorithm runs on several processes (torchrun; :mod:`splatdd.distributed`):
+    #: ``"sum"``: each rank computes the loss terms :func:`splatdd.distributed.owned` gives it
+    #: (e.g. its classes) and the gradients are summed; ``"mean"``: each rank computes an
+    #: independent replica (e.g. its own expert segment) and the gradients are averaged;
+    #: ``None``: single-process only (a multi-process run refuses it).
+    gradient_reduction: ClassVar[str | None] = None
 
     def __init__(self, real: RealData, *, ipc: int, generator: torch.Generator,
                  **options: Any) -> None:
@@ -353,6 +359,11 @@ class Algorithm(abc.ABC):
         calls). Used by :mod:`splatdd.testing` so that tests run every installed algorithm without
         naming it. Default ``{}``."""
         return {}
+
+    def extra_parameters(self) -> list[torch.Tensor]:
+        """The algorithm's own learnable tensors stepped in :meth:`after_step` (e.g. TM's learned
+        lr); in a multi-process run their gradients are reduced like the parameterization's."""
+        return []
 
     def after_step(self, param: Parameterization) -> None:
         """Called after the parameterization's optimiser step, with the parameterization (e.g. TM
@@ -426,6 +437,9 @@ def check_plugin_class(obj: Any, kind: str) -> None:
         if obj.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"algorithm plugin {obj.name!r}: `lr_schedule` must be one of "
                              f"{', '.join(LR_SCHEDULES)}; got {obj.lr_schedule!r}")
+        if obj.gradient_reduction not in (None, "sum", "mean"):
+            raise ValueError(f"algorithm plugin {obj.name!r}: `gradient_reduction` must be "
+                             f"'sum', 'mean' or None; got {obj.gradient_reduction!r}")
 
 
 def reject_unknown_options(plugin: str, given: Iterable[str], known: Iterable[str]) -> None:

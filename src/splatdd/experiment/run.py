@@ -6,10 +6,11 @@ The sequence (the only copy; the CLI's ``distill`` and every benchmark call it):
    fail here, before any data is loaded);
 2. take the run folder (writability checked, exclusive lock, stale temporary files removed);
 3. load the dataset; build the parameterization for ``ipc`` and check its storage budget;
-4. initialise it from random real images (unless resuming), save it as ``initial.safetensors``
-   and, if ``eval.before``, evaluate it (saved, so a resumed run does not redo it);
+4. initialise it from random real images (unless resuming) and save it as
+   ``initial.safetensors``;
 5. distil with :func:`splatdd.distill.distill` (checkpoints, bit-exact resume);
-6. evaluate with the protocol, one row per model;
+6. evaluate with the protocol, one row per model: the initial set if ``eval.before`` (kept in
+   ``before_distillation.json``, so a resumed run does not redo it), then the distilled set;
 7. write ``config.toml`` (the config it ran: ``splatdd distill --config out/config.toml`` re-runs
    it) and ``results.json`` into the run folder.
 
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from splatdd import distributed
 from splatdd.experiment.config import ConfigError, ExperimentConfig
 
 __all__ = ["RunResult", "RunInterrupted", "run", "evaluate_rows", "CONFIG_NAME", "RESULTS_NAME", "BEFORE_NAME",
@@ -183,12 +185,17 @@ def run(config: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fal
                           f"(CLI: --resume / --overwrite), or choose another out folder")
     iterations = (config.iterations if config.iterations is not None
                   else int(acls.default_iterations))
+    kwargs = dict(out=out, device=device, iterations=iterations, resume=resume,
+                  resuming=resuming, progress=progress, registry=registry, say=say)
+    if distributed.world_size() > 1 and acls.gradient_reduction is None:
+        raise ConfigError(f"algorithm {config.algorithm!r} does not support multi-process runs "
+                          f"(it declares no gradient_reduction); run it in one process")
+    if not distributed.is_main():         # only rank 0 writes (and locks) the run folder
+        return _run_locked(config, pcls, acls, protocol, **kwargs)
     check_writable(out)                   # before any expensive work
     with RunLock(out) as lock:            # one writer per run folder
         clean_stale_temps(out, lock=lock)
-        return _run_locked(config, pcls, acls, protocol, out=out, device=device,
-                           iterations=iterations, resume=resume, resuming=resuming,
-                           progress=progress, registry=registry, say=say)
+        return _run_locked(config, pcls, acls, protocol, **kwargs)
 
 
 def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *, out: Path,
@@ -232,18 +239,13 @@ def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *
             if init_diag:
                 say("init from real images: " + ", ".join(f"{k}={v:.4g}"
                                                           for k, v in init_diag.items()))
-        # the set before distillation, so its accuracy can be measured beside the distilled one
-        distilled_file.save(out / INITIAL_NAME, param, spec=spec, ipc=config.ipc,
-                            registry=registry, extra_meta={"stage": "initialised",
-                                                           "seed": config.seed,
-                                                           "init": config.init})
-        if protocol is not None and config.eval.before:
-            with _phase("the evaluation before distillation", *fresh):
-                before = evaluate_rows(protocol, _decoded(param, test.spec), param.labels.detach(),
-                                       test, models=config.eval.models, runs=config.eval.runs,
-                                       seed=config.seed, learned_lr=None, progress=progress,
-                                       train=train, log=say, what="before distillation, ")
-            atomic_write_json(out / BEFORE_NAME, {"init": init_diag, "rows": before})
+        if distributed.is_main():
+            # the set before distillation: its accuracy is measured beside the distilled one
+            distilled_file.save(out / INITIAL_NAME, param, spec=spec, ipc=config.ipc,
+                                registry=registry, extra_meta={"stage": "initialised",
+                                                               "seed": config.seed,
+                                                               "init": config.init})
+            atomic_write_json(out / BEFORE_NAME, {"init": init_diag, "rows": []})
     elif (out / BEFORE_NAME).is_file():
         saved = json.loads((out / BEFORE_NAME).read_text())
         before, init_diag = list(saved.get("rows", [])), dict(saved.get("init", {}))
@@ -278,11 +280,24 @@ def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *
                     "experiment": config.name})
     seconds = time.perf_counter() - t0
     file = out / distill_mod.DISTILLED_NAME
+    if not distributed.is_main():         # rank 0 evaluates and writes the results
+        return RunResult(out_dir=out, distilled_file=file, iterations=iterations,
+                         distill_seconds=seconds, final_loss=None,
+                         budget={"used": report.used, "allowed": report.allowed})
     history = json.loads((out / distill_mod.HISTORY_NAME).read_text())
     losses = history.get("losses") or []
     learned = learned_eval_lr(algo)
     say(f"wrote {file} ({file.stat().st_size:,} bytes) in {seconds:.1f} s")
 
+    if protocol is not None and config.eval.before and not before:
+        with _phase("the evaluation before distillation", f"the distilled set is saved in {file}",
+                    f"evaluate the initial set with `splatdd eval {out / INITIAL_NAME}`"):
+            init_set = distilled_file.load(out / INITIAL_NAME, registry=registry, device=device)
+            before = evaluate_rows(protocol, init_set.images(), init_set.labels, test,
+                                   models=config.eval.models, runs=config.eval.runs,
+                                   seed=config.seed, learned_lr=None, progress=progress,
+                                   train=train, log=say, what="before distillation, ")
+        atomic_write_json(out / BEFORE_NAME, {"init": init_diag, "rows": before})
     after: list[dict[str, Any]] = []
     if protocol is not None:
         with _phase("the evaluation", f"the distilled set is saved in {file}",
