@@ -149,18 +149,50 @@ def _case_gauss_init() -> dict:
             "points": param.points, "images": param.num_images}
 
 
-def _case_fit(steps: int) -> dict:
+def _case_fit(steps: int, new_side: bool) -> dict:
     try:
         from splatdd.fit import fit_method, load_images
     except ImportError:                            # the base revision kept it in the plugin
         from splatdd_gaussian.fitting import fit_method, load_images
-    images, _ = load_images("skimage", 4, 128, seed=0)
+    images, source = load_images("auto", 4, 128, seed=0)
     out = {}
     for method in ("gaussian", "siren"):
-        res = fit_method(method, images, budget_bytes=963 * 4, steps=steps, seed=0)
+        # per step: the new gaussian's pursuit start would count as step time, so the grid start
+        opts = {"init_geometry": "grid"} if method == "gaussian" and new_side else {}
+        fit_method(method, images, budget_bytes=963 * 4, steps=2, seed=0, options=opts)  # warm-up
+        res = fit_method(method, images, budget_bytes=963 * 4, steps=steps, seed=0, options=opts)
         out[method] = res.seconds_per_step
     out["ratio"] = out["siren"] / out["gaussian"]
+    out["source"] = source[:80]
     return out
+
+
+def _case_tm(steps: int, batch: int, norm: str) -> dict:
+    """One tm student unroll (``steps`` differentiable SGD steps on ``batch`` images, ConvNet-D3
+    width 128, 28 px) and the backward of its loss: seconds of each part."""
+    import torch
+    from splatdd.models import get_network
+    from splatdd_tm.unroll import flatten_params, param_layout, student_unroll, tm_loss
+    train, _ = _fashion()
+    x, y = _first_per_class(train, max(1, -(-batch // 10)))
+    x, y = x[:batch].clone().requires_grad_(True), y[:batch]
+    net = get_network("ConvNet", 1, 10, (28, 28), seed=0, norm=norm)
+    names, shapes = param_layout(net)
+    theta0 = flatten_params(net)
+    target = theta0 + 0.01 * torch.randn(theta0.shape, generator=torch.Generator().manual_seed(0))
+    lr = torch.tensor(0.01, requires_grad=True)
+    best = None
+    for _ in range(2):                               # the first is a warm-up
+        t0 = time.perf_counter()
+        theta = student_unroll(net, names, shapes, theta0, x, y, lr,
+                               [torch.arange(batch)] * steps)
+        loss = tm_loss(theta, theta0, target)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        best = (t1 - t0, t2 - t1)
+    return {"seconds": best[0] + best[1], "unroll_s": best[0], "backward_s": best[1],
+            "steps": steps, "batch": batch, "norm": norm}
 
 
 def _case_accuracy(iters: int, epochs: int, runs: int, precision: str) -> dict:
@@ -206,7 +238,9 @@ def worker(case: str, args: dict) -> dict:
     if case == "gauss_init":
         return _case_gauss_init()
     if case == "fit":
-        return _case_fit(int(args["steps"]))
+        return _case_fit(int(args["steps"]), args.get("side") == "new")
+    if case == "tm":
+        return _case_tm(int(args["steps"]), int(args["batch"]), args.get("norm", "instancenorm"))
     if case == "accuracy":
         return _case_accuracy(int(args["iters"]), int(args["epochs"]), int(args["runs"]),
                               args.get("precision", "fp32"))
@@ -247,7 +281,7 @@ def _env(side: str, base: Path) -> dict:
 
 def _run(case: str, side: str, base: Path, args: dict, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--side", side,
-           "--worker-args", json.dumps(args)]
+           "--worker-args", json.dumps({**args, "side": side})]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=_env(side, base), capture_output=True, text=True,
                        timeout=timeout, cwd=tempfile.gettempdir())
@@ -302,6 +336,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-steps", type=int, default=20)
     ap.add_argument("--cases", default="dm_pixel,dm_gaussian,eval_epoch,test_pass,gauss_init,fit")
     ap.add_argument("--accuracy", action="store_true", help="also the small dm main job")
+    ap.add_argument("--tm", action="store_true",
+                    help="also tm's unroll: base vs new, and the new side's cost-model grid")
     ap.add_argument("--acc-iters", type=int, default=20)
     ap.add_argument("--acc-epochs", type=int, default=300)
     ap.add_argument("--acc-runs", type=int, default=3)
@@ -363,7 +399,20 @@ def main(argv=None) -> int:
         if bf16:
             acc["new_bf16"] = _run("accuracy", "new", base, {**acc_args, "precision": "bf16"},
                                    a.timeout * 3)
+    tm = {}
+    if a.tm:
+        print("tm", flush=True)
+        for r in range(a.rounds):
+            for side in ("base", "new"):
+                tm.setdefault(side, []).append(_run("tm", side, base, {
+                    "steps": 10, "batch": 10, "threads": a.threads}, a.timeout))
+        tm["norm_none"] = [_run("tm", "new", base, {"steps": 10, "batch": 10, "norm": "none",
+                                                    "threads": a.threads}, a.timeout)]
+        tm["grid"] = [_run("tm", "new", base, {"steps": st, "batch": bs, "threads": a.threads},
+                           a.timeout) for st in (2, 5, 10) for bs in (10, 20)]
     result = _summarise(a, rows, acc, base, bf16, t_start, load_start)
+    if tm:
+        result["tm"] = _tm_summary(tm)
     a.out.mkdir(parents=True, exist_ok=True)
     from splatdd.io_utils import atomic_write_text
     atomic_write_text(a.out / "speed.json", json.dumps(result, indent=2) + "\n")
@@ -422,6 +471,21 @@ def _summarise(a, rows, acc, base: Path, bf16: bool, t_start: float, load_start)
                                   "runs": a.acc_runs} if a.accuracy else None},
         "figures": figures, "accuracy": acc, "render": render, "targets": TARGETS,
     }
+
+
+def _tm_summary(tm: dict) -> dict:
+    """Ratio at (10 steps, 10 images) and a least-squares fit seconds = a + b * steps * batch."""
+    import torch
+    b, n = _min_by(tm["base"]), _min_by(tm["new"])
+    grid = tm["grid"]
+    X = torch.tensor([[1.0, g["steps"] * g["batch"]] for g in grid], dtype=torch.float64)
+    Y = torch.tensor([g["seconds"] for g in grid], dtype=torch.float64)
+    coef = torch.linalg.lstsq(X, Y[:, None]).solution[:, 0]
+    pred = X @ coef
+    return {"base": b, "new": n, "ratio": b["seconds"] / n["seconds"],
+            "norm_none": tm["norm_none"][0], "grid": grid,
+            "fit": {"a_s": float(coef[0]), "b_s_per_image_step": float(coef[1]),
+                    "max_rel_residual": float(((pred - Y).abs() / Y).max())}}
 
 
 def _mark(value: float | None, target: float) -> str:
@@ -495,6 +559,23 @@ def _markdown(r: dict) -> str:
             L.append(f"| {k} | {v['mean']:.2f} +- {v['std']:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in v['accs'])} | {v['distill_seconds']:.1f} | "
                      f"{v['train_seconds']:.1f} | {v['test_seconds']:.1f} |")
+    tm = r.get("tm")
+    if tm:
+        fit = tm["fit"]
+        L += ["", "## tm student unroll (ConvNet-D3 width 128, 28 px, 1 channel)", "",
+              f"Base vs new at syn_steps 10, batch_syn 10: {tm['base']['seconds']:.2f} s -> "
+              f"{tm['new']['seconds']:.2f} s ({tm['ratio']:.2f}x; unroll "
+              f"{tm['new']['unroll_s']:.2f} s + backward {tm['new']['backward_s']:.2f} s). "
+              f"Without normalisation layers (`net_norm=none`): {tm['norm_none']['seconds']:.2f} s "
+              f"({tm['new']['seconds'] / tm['norm_none']['seconds']:.2f}x less).", "",
+              f"Cost model fitted on the grid below: seconds = {fit['a_s']:.3f} + "
+              f"{fit['b_s_per_image_step'] * 1e3:.2f} ms x syn_steps x batch_syn (largest "
+              f"relative residual {fit['max_rel_residual']:.0%}).", "",
+              "| syn_steps | batch_syn | unroll s | backward s | total s | load |",
+              "|---|---|---|---|---|---|"]
+        for g in tm["grid"]:
+            L.append(f"| {g['steps']} | {g['batch']} | {g['unroll_s']:.2f} | "
+                     f"{g['backward_s']:.2f} | {g['seconds']:.2f} | {g['load']:.1f} |")
     L += ["", "## Detail (minimum over rounds)", "",
           "| case | base s | new s | ratio | page faults base -> new | load (base, new) |",
           "|---|---|---|---|---|---|"]
