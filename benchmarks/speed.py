@@ -103,7 +103,6 @@ def _case_dm(param_name: str, iters: int, precision: str) -> dict:
 
 
 def _case_eval_epoch(epochs: int) -> dict:
-    import torch
     from splatdd.evaluate import train_network
     from splatdd.models import get_network
     train, _ = _fashion()
@@ -119,7 +118,6 @@ def _case_eval_epoch(epochs: int) -> dict:
 
 
 def _case_test_pass(n: int) -> dict:
-    import torch
     from splatdd.evaluate import test_accuracy
     from splatdd.models import get_network
     from splatdd.plugin_api import RealData
