@@ -67,14 +67,15 @@ positive_int, nonneg_int, positive_float = _positive_int, _nonneg_int, _positive
 
 def _resolution(text: str) -> tuple[int, int]:
     parts = text.lower().replace("x", ",").split(",")
+    what = f"R or HxW with whole numbers of pixels >= 1 (e.g. 32 or 64x48), got {text!r}"
     try:
         hw = tuple(int(p) for p in parts if p.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"resolution must be R or HxW, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}") from None
     if len(hw) == 1:
         hw = (hw[0], hw[0])
     if len(hw) != 2 or min(hw) < 1:
-        raise argparse.ArgumentTypeError(f"resolution must be R or HxW, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}")
     return hw  # type: ignore[return-value]
 
 

@@ -55,6 +55,9 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagefolder": _IMAGENET_STATS,
 }
 
+#: How to give a dataset's folder, in every place a user meets the loader.
+_ROOT_HINT = "--data-root DIR on the command line, dataset.root in a config, root= in Python"
+
 #: Names accepted by :func:`load_dataset`.
 DATASETS = tuple(NORMALIZATION)
 
@@ -89,8 +92,8 @@ def load_dataset(name: str = "fashion_mnist", root: str | os.PathLike | None = N
         num_classes = 10
     elif key == "mnist":
         if root is None:
-            raise FileNotFoundError("dataset 'mnist' needs root=<folder with the MNIST IDX files "
-                                    "(train-images-idx3-ubyte[.gz], ...)>")
+            raise FileNotFoundError("dataset 'mnist' needs the folder of its IDX files "
+                                    "(train-images-idx3-ubyte[.gz], ...): " + _ROOT_HINT)
         xtr, ytr, xte, yte = _load_idx_pair(Path(root), key)
         num_classes = 10
     elif key in ("cifar10", "cifar100"):
@@ -217,9 +220,9 @@ def _load_idx_pair(root: Path, key: str):
         if key == "fashion_mnist":
             hint = ("FashionMNIST is packaged by Debian/Ubuntu; install it with\n"
                     "    apt-get update && apt-get install -y dataset-fashion-mnist\n"
-                    f"or point ${FASHION_MNIST_ENV} (or root=) at a folder holding the IDX files.")
+                    f"or point ${FASHION_MNIST_ENV} (or --data-root / dataset.root / root=) at a folder holding the IDX files.")
         else:
-            hint = "pass root= a folder holding the MNIST IDX files."
+            hint = "pass --data-root (dataset.root in a config, root= in Python): a folder holding the MNIST IDX files."
         raise FileNotFoundError(f"{key}: looked in {root} and did not find "
                                 f"{', '.join(missing)}.\n{hint}")
     arrays = {sk: read_idx(p) for sk, p in found.items()}
@@ -242,9 +245,9 @@ def _load_idx_pair(root: Path, key: str):
 # ------------------------------------------------------------------------------------------------
 def _load_cifar(root, key: str):
     if root is None:
-        raise FileNotFoundError(f"dataset {key!r} needs root=<folder with the CIFAR python batches "
-                                f"({'data_batch_1..5, test_batch' if key == 'cifar10' else 'train, test'})>; "
-                                "nothing is downloaded")
+        raise FileNotFoundError(f"dataset {key!r} needs the folder of its python batches "
+                                f"({'data_batch_1..5, test_batch' if key == 'cifar10' else 'train, test'}): "
+                                + _ROOT_HINT + "; nothing is downloaded")
     root = Path(root)
     if key == "cifar10":
         train_files = [f"data_batch_{i}" for i in range(1, 6)]
@@ -351,8 +354,8 @@ def _read_files(files, size, desc: str, progress: bool):
 
 def _load_imagefolder(root, resolution, *, progress: bool):
     if root is None:
-        raise FileNotFoundError("dataset 'imagefolder' needs root=<folder with train/<class>/*.png "
-                                "and val/<class>/... (or test/)>")
+        raise FileNotFoundError("dataset 'imagefolder' needs a folder with train/<class>/*.png and "
+                                "val/<class>/... (or test/): " + _ROOT_HINT)
     root = Path(root)
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"imagefolder: {root / 'train'} does not exist")
