@@ -140,3 +140,24 @@ def test_cpu_flag_detection(tmp_path):
     # the live answer agrees with the flags this machine reports
     assert bf16_native("cpu") == any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
     assert bf16_native("meta") is False
+
+
+# ---- dc: the real-batch gradient in passes -------------------------------------------------------
+dc_mod = pytest.importorskip("splatdd_dc")
+
+
+@pytest.mark.parametrize("norm", ["instancenorm", "batchnorm"])
+def test_dc_real_gradient_chunked_equals_one_pass(norm):
+    """Oracle: autograd of the batch-mean cross-entropy in one pass (the pre-issue code)."""
+    real = _real()
+    algo = dc_mod.GradientMatching(real, ipc=1, generator=torch.Generator().manual_seed(0),
+                                   net_width=16, net_depth=2, net_norm=norm)
+    algo._new_network()
+    algo._freeze_batchnorm()
+    net, weights = algo._net, algo._weights()
+    x, y = real.images[:37], real.labels[:37]                 # not a multiple of the chunk
+    expect = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), weights)
+    got = algo.real_gradient(net, weights, x, y)
+    assert len(got) == len(expect) and not any(g.requires_grad for g in got)
+    for g, e in zip(got, expect):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)

@@ -37,6 +37,12 @@ __all__ = ["GradientMatching", "layer_distance", "match_loss", "dc_loops"]
 DC_LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20),
                                         40: (40, 15), 50: (50, 10)}
 
+#: Real images per forward/backward pass of the real-batch gradient on the CPU (issue 15): the
+#: gradient of the batch-mean loss is accumulated over passes, which keeps activations small
+#: (no per-call mapping of ~100 MB buffers); the same gradient up to float rounding, since the
+#: matching network is per-sample here (instance norm, or batch norm frozen to eval mode).
+REAL_CHUNK = 8
+
 #: Added to the product of the row norms, as in the DC code (``distance_wb``).
 COS_EPS = 1e-6
 
@@ -220,8 +226,7 @@ class GradientMatching(Algorithm):
                 img_syn = dsa(img_syn, self.dsa_strategy, seed=seed, per_sample=False)
             lab_real = torch.full((img_real.shape[0],), c, dtype=torch.long, device=self.device)
             lab_syn = labels.index_select(0, idx).to(self.device)
-            loss_real = F.cross_entropy(net(img_real), lab_real)
-            g_real = [g.detach() for g in torch.autograd.grad(loss_real, weights)]
+            g_real = self.real_gradient(net, weights, img_real, lab_real)
             loss_syn = F.cross_entropy(net(img_syn), lab_syn)
             g_syn = torch.autograd.grad(loss_syn, weights, create_graph=True)
             total = total + match_loss(g_real, g_syn)
@@ -229,6 +234,20 @@ class GradientMatching(Algorithm):
         if matched == 0:
             raise ValueError("dc: the parameterization has no images of any class")
         return total
+
+    def real_gradient(self, net: torch.nn.Module, weights: Sequence[torch.Tensor],
+                      x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """Gradient of ``CE(net(x), y)`` (batch mean) w.r.t. ``weights``, detached; on the CPU
+        accumulated over passes of :data:`REAL_CHUNK` images."""
+        n = x.shape[0]
+        chunk = REAL_CHUNK if x.device.type == "cpu" else n
+        total: list[torch.Tensor] | None = None
+        for i in range(0, n, chunk):
+            loss = F.cross_entropy(net(x[i:i + chunk]), y[i:i + chunk], reduction="sum") / n
+            grads = torch.autograd.grad(loss, weights)
+            total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+        assert total is not None
+        return [g.detach() for g in total]
 
     def after_step(self, param: Parameterization) -> None:
         """End of one outer step: train the network on ``param``'s updated images, or discard it
