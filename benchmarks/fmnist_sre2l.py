@@ -36,7 +36,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-TABLE_JSON = RESULTS / "fmnist_table.json"
+TABLE_JSON = RESULTS / "fmnist_table_v1.json"   # the earlier pipeline's cells
 PARAMS = ("pixel", "gaussian", "idc")
 
 
@@ -218,7 +218,8 @@ def report(data: dict[str, Any]) -> str:
                          f"{length} |")
     lines += ["", "## Machine", ""]
     for c in cells:
-        lines.append(f"- IPC {c['ipc']} {c['param']}: {c.get('machine', '')}, finished "
+        lines.append(f"- IPC {c['ipc']} {_label(c)}, {c['settings']['iterations']} it: "
+                     f"{c.get('machine', '')}, finished "
                      f"{c.get('finished', '')}")
     return "\n".join(lines) + "\n"
 
