@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-runs", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=20.0)
     ap.add_argument("--report-only", action="store_true", help="rewrite the report and exit")
+    ap.add_argument("--note", action="append", default=None, metavar="TEXT",
+                    help="with --report-only: replace the report's notes (repeatable; one "
+                         "bullet each) -- observations about the measured cells")
     ap.add_argument("--merge", nargs="*", default=[], metavar="PREFIX",
                     help="with --report-only: add the cells of other results files (a run that "
                          "wrote to its own --results while another was running)")
@@ -202,6 +205,8 @@ def report(data: dict[str, Any]) -> str:
                 met = all(by[g] > by[p] for p in others)
                 lines.append(f"  - **target ({g} above pixel and above idc at IPC 1, as GSDD "
                              f"Table 18 on ImageNet-1K): {'met' if met else 'MISSED'}**")
+    if data.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
     best = hard_label_best()
     if best:
         lines += ["", "## For orientation only: best hard-label cells (a different protocol)", "",
@@ -310,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                 data["cells"] = [c for c in data["cells"] if not (
                     c["ipc"] == cell["ipc"] and c["param"] == cell["param"]
                     and c["key"] == cell["key"])] + [cell]
+        if a.note is not None:
+            data["notes"] = list(a.note)
         _save(data, a.results)
         return 0
     torch.set_num_threads(a.threads)
