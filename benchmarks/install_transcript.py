@@ -169,11 +169,13 @@ def wheels_check(expected: int):
 
 
 def readme_main_job(readme: Path) -> str:
-    """The ``splatdd distill ...`` part of README command 1 (the line with scripts/install.sh)."""
-    for line in readme.read_text().splitlines():
-        if line.startswith("bash scripts/install.sh && splatdd distill"):
-            return line.split("&&", 1)[1].strip()
-    raise SystemExit(f"install_transcript: no 'bash scripts/install.sh && splatdd distill' line in {readme}")
+    """The main-job part of README command 1: what follows ``bash scripts/install.sh &&`` on the
+    first such line (backslash continuations joined)."""
+    text = readme.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if line.startswith("bash scripts/install.sh &&") and "scripts/test.sh" not in line:
+            return " ".join(line.split("&&", 1)[1].split())
+    raise SystemExit(f"install_transcript: no 'bash scripts/install.sh && ...' main-job line in {readme}")
 
 
 def accuracy_check(stdout: str) -> tuple[bool, str]:
