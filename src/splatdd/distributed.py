@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence, TypeVar
 import torch
 
 __all__ = ["Context", "env_requests_distributed", "init_from_env", "shutdown", "rank",
-           "world_size", "is_main", "owned", "reduce_gradients", "all_reduce_sum", "gather",
+           "world_size", "is_main", "owned", "item_generator", "reduce_gradients", "all_reduce_sum", "gather",
            "broadcast_object", "barrier", "DEFAULT_TIMEOUT_S", "GRADIENT_REDUCTIONS"]
 
 T = TypeVar("T")
@@ -138,6 +138,14 @@ def owned(items: Iterable[T]) -> list[T]:
     one process). Used for per-class loss terms, evaluation nets and experts."""
     k, r = world_size(), rank()
     return [x for i, x in enumerate(items) if i % k == r]
+
+
+def item_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator for item ``index`` (e.g. a class) of a step whose shared seed is ``seed``:
+    the same stream on whichever rank handles the item, so K processes draw exactly what one
+    process draws (real batches, augmentation seeds) however the items are split."""
+    mixed = (int(seed) * 0x9E3779B97F4A7C15 + (int(index) + 1) * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
 
 
 def reduce_gradients(params: Iterable[torch.Tensor], op: str = "sum") -> int:

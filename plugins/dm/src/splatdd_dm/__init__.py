@@ -18,8 +18,12 @@ and so their gradient, stays fp32). The paper runs 20,000 iterations. The regime
 ``"distribution"``: the parameterization chooses its optimiser for it (pixels: SGD lr 1.0,
 momentum 0.5, the paper's).
 
-All randomness (network seeds, real batches, DSA seeds) comes from ``self.generator``, which the
-core's loop saves in its checkpoints, so a resumed run is bit-identical to an uninterrupted one.
+All randomness comes from ``self.generator``, which the core's loop saves in its checkpoints, so
+a resumed run is bit-identical to an uninterrupted one: per step it draws the random network's seed
+and a step seed; each class's real batch and DSA seed come from
+:func:`splatdd.distributed.item_generator` (step seed, class), so a run on K processes (each
+computing the classes :func:`splatdd.distributed.owned` gives it; gradients summed) draws exactly
+what one process draws.
 
 Speed (issue 15): on the CPU the real batches are augmented and embedded in chunks of
 :data:`REAL_CHUNK` images (``REAL_CHUNK_BF16`` in bf16) and their embeddings summed, so no call
@@ -32,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from splatdd import distributed
 from splatdd.augment import DEFAULT_STRATEGY
 from splatdd.precision import PRECISIONS, resolve_precision
 from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, Parameterization, RealData,
@@ -52,6 +57,8 @@ class DistributionMatching(Algorithm):
     api_version = PLUGIN_API_VERSION
     regime = "distribution"
     default_iterations = 20000
+    #: Multi-process: each rank computes its classes' terms; the gradients are summed.
+    gradient_reduction = "sum"
 
     OPTIONS: dict[str, Any] = {"batch_real": 256, "dsa": True, "dsa_strategy": DEFAULT_STRATEGY,
                                "model": "ConvNet", "net_width": 128, "net_depth": None,
@@ -151,19 +158,23 @@ class DistributionMatching(Algorithm):
         syn = param.decode()
         labels = param.labels.to(syn.device)
         embed = self.make_embedder(self.draw_seed(), syn.device)
+        step_seed = self.draw_seed()       # shared by every rank: one stream per class below
         precision = resolve_precision(self.precision, syn.device, who="dm")
         real_means, syn_parts, classes = [], [], []
-        for c in range(self.real.spec.num_classes):
+        present = [c for c in range(self.real.spec.num_classes)
+                   if bool((labels == c).any())]
+        if not present:
+            raise ValueError("dm: the parameterization has no images of any dataset class")
+        for c in distributed.owned(present):     # all classes in one process
             idx = torch.nonzero(labels == c, as_tuple=False).flatten()
-            if idx.numel() == 0:
-                continue
-            real = self.real.sample(c, self.batch_real, self.generator).to(syn.device)
-            seed = self.draw_seed() if self.dsa else 0
+            g = distributed.item_generator(step_seed, c)
+            real = self.real.sample(c, self.batch_real, g).to(syn.device)
+            seed = draw_seed(g) if self.dsa else 0
             real_means.append(self.real_mean(embed, real, seed, precision))
             syn_parts.append(self.augment(syn[idx], seed))
             classes.append(idx.numel())
-        if not syn_parts:
-            raise ValueError("dm: the parameterization has no images of any dataset class")
+        if not syn_parts:                        # a rank with no class this step
+            return syn.sum() * 0.0
         # one forward for all synthetic images (embedders are per-sample: instance norm, no BN)
         feats = embed(torch.cat(syn_parts)).split(classes)
         loss = syn.new_zeros(())
