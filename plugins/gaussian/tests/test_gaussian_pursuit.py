@@ -119,3 +119,16 @@ def test_pursuit_start_beats_grid_start():
         assert p.params[..., :2].abs().max() <= 1.0 - p.clip_eps + 1e-6
     assert res["pursuit"]["mse_start"] < res["grid"]["mse_start"]
     assert res["pursuit"]["mse"] < res["grid"]["mse"]
+
+
+def test_large_images_pursued_downsampled_and_mapped_back():
+    """A 64 px image (pursued at 32 px): one blob's centre and scale come back in full-size
+    pixels, close to the truth; side=None (no downsampling) finds it exactly."""
+    yy, xx = torch.meshgrid(torch.arange(64.), torch.arange(64.), indexing="ij")
+    y = (2.0 * torch.exp(-((xx - 40) ** 2 + (yy - 21) ** 2) / (2 * 4.0 ** 2)))[None, None]
+    c, s, w = pursuit(y, 1, pursuit_scales(4.0))
+    assert abs(float(c[0, 0, 0]) - 40) <= 1.0 and abs(float(c[0, 0, 1]) - 21) <= 1.0
+    assert 3.0 <= float(s[0, 0]) <= 5.7 and 1.5 <= float(w[0, 0, 0]) <= 2.5
+    c, s, w = pursuit(y, 1, pursuit_scales(4.0), side=None)
+    assert c[0, 0].tolist() == [40.0, 21.0] and float(s[0, 0]) == pytest.approx(4.0)
+    assert float(w[0, 0, 0]) == pytest.approx(2.0, rel=1e-4)

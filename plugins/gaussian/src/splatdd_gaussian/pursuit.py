@@ -19,7 +19,12 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["pursuit", "pursuit_scales"]
+__all__ = ["pursuit", "pursuit_scales", "PURSUIT_SIDE"]
+
+#: Images whose shorter side is at least twice this are pursued on an area-downsampled copy whose
+#: shorter side is about this many pixels (by an integer factor), centres and scales mapped back:
+#: the pursuit's cost grows with pixels x points, and a coarse start is all the fit needs.
+PURSUIT_SIDE = 32
 
 
 def pursuit_scales(base: float, *, octaves: float = 1.5, per_octave: int = 2) -> list[float]:
@@ -42,11 +47,15 @@ def _profiles(centres: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Te
 
 @torch.no_grad()
 def pursuit(images: torch.Tensor, points: int, scales: Sequence[float], *,
-            chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            chunk: int = 64, side: int | None = PURSUIT_SIDE
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy matching pursuit of ``images`` ``(n, C, H, W)`` with ``points`` isotropic Gaussian
     atoms per image. Returns ``(centres (n, points, 2) as pixel indices (x, y), sigma (n, points)
     in pixels, weights (n, points, C))``; ``sum_k w_k g_k`` approximates each image.
     ``chunk`` images are processed at a time (memory: ``len(scales) * chunk * C * H * W`` values).
+    Images with a shorter side of at least ``2 * side`` are pursued at ``1/f`` of their size,
+    ``f = min(H, W) // side`` (area averaging; scales divided by ``f``), and the result mapped
+    back to full-resolution pixels; ``side=None`` never downsamples.
 
     >>> y = torch.zeros(1, 1, 9, 9)
     >>> y[0, 0] = torch.exp(-((torch.arange(9.) - 4)[:, None] ** 2
@@ -62,13 +71,21 @@ def pursuit(images: torch.Tensor, points: int, scales: Sequence[float], *,
     if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
         raise ValueError(f"pursuit: scales must be positive numbers, got {list(scales)}")
     n, C, H, W = images.shape
+    f = 1 if side is None else max(1, min(H, W) // int(side))
+    if f > 1:
+        images = torch.nn.functional.avg_pool2d(images, f, ceil_mode=True, count_include_pad=False)
+        scales = [s / f for s in scales]
     outs = [_pursuit(images[i:i + chunk], int(points), scales) for i in range(0, n, chunk)]
-    return tuple(torch.cat(parts) for parts in zip(*outs))          # type: ignore[return-value]
+    centres, sigma, weights = (torch.cat(parts) for parts in zip(*outs))
+    if f > 1:
+        centres = (centres + 0.5) * f - 0.5
+        sigma = sigma * f
+    return centres, sigma, weights
 
 
 def _pursuit(y: torch.Tensor, points: int, scales: Sequence[float]):
     n, C, H, W = y.shape
-    dt, dev = torch.float64, y.device
+    dt, dev = torch.float32, y.device
     S = len(scales)
     sc = torch.tensor([float(s) for s in scales], dtype=dt, device=dev)
     px, py = torch.arange(W, dtype=dt, device=dev), torch.arange(H, dtype=dt, device=dev)
