@@ -574,6 +574,28 @@ def _markdown(r: dict) -> str:
         for g in tm["grid"]:
             L.append(f"| {g['steps']} | {g['batch']} | {g['unroll_s']:.2f} | "
                      f"{g['backward_s']:.2f} | {g['seconds']:.2f} | {g['load']:.1f} |")
+    L += ["", "## What changed, and where the time goes now", "",
+          "* dm: the real batches (10 x 256 images per iteration) are augmented and embedded in "
+          "passes of 8 images (fp32) and their embeddings summed: the same mean up to rounding "
+          "(tests/test_speed_equivalence.py), and no per-call mapping of ~100 MB activation "
+          "buffers (page-fault counts below). What remains in fp32 is the convolutions' "
+          "arithmetic. `precision=\"bf16\"` embeds the real batches with a bf16 copy of the "
+          "frozen network (AMX/AVX512-BF16 here; used only where the CPU or GPU has native bf16, "
+          "else fp32 with a warning); the synthetic images' path and gradient stay fp32.",
+          "* evaluation: each SGD step runs forward+backward in passes of 16 images with the "
+          "gradient accumulated (same random stream, same gradient up to rounding; batch-norm "
+          "nets keep one pass), the test pass runs passes of 16 under inference_mode. The "
+          "training epoch is now dominated by the convolutions (forward and both backward "
+          "products) at fp32. channels_last was measured slower here with instance norm "
+          "(GroupNorm's channels-last kernels), so it is not used. Evaluation nets are not run in "
+          "parallel: the 2 cores are shared and a second thread did not help (the issue's "
+          "profile).",
+          "* gaussian initialisation: the fit starts from a matching pursuit of each image "
+          "(splatdd_gaussian.pursuit) and runs 250 Adam steps instead of 1000 from a jittered "
+          "grid; the MSE column shows it ends lower. Both sides pay the same one-time costs "
+          "(first Adam construction imports torch's compiler stack, several seconds).",
+          "* `splatdd fit` ratio and renderer rows: the renderer is the other helper's work; the "
+          "ratio is measured here with the grid start on the new side (per-step cost only)."]
     L += ["", "## Detail (minimum over rounds)", "",
           "| case | base s | new s | ratio | page faults base -> new | load (base, new) |",
           "|---|---|---|---|---|---|"]
