@@ -11,6 +11,8 @@ from splatdd.fit import (PeakMemory, fit_images, fit_method, format_table, pixel
 from splatdd.plugin_api import DatasetSpec
 from splatdd.testing import TinyPixels, parameterization_class
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class _Halves(TinyPixels):
     """A third-party-style parameterization with storage_options: stores each image at half the

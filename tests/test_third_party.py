@@ -26,6 +26,7 @@ from splatdd.testing import (build_quick, installed_algorithms, installed_parame
                              make_quick, make_tiny_real)
 
 IPC = 2
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the third party's plugins ------------------------------------------------------------------
