@@ -6,6 +6,12 @@
 // Backward: parallel over Gaussians, claimed in chunks from an atomic counter; each Gaussian gathers
 // the output gradient over its samples and writes its own gradient row. No atomics on data.
 // Scratch memory is allocated once per call, before the threads start; the hot loops never allocate.
+//
+// Loops: fp32/bf16 parameters run render_cpu_fast.inc (explicit SIMD through vector extensions),
+// compiled three times (baseline x86-64, AVX2+FMA, AVX-512) and chosen at run time by the CPU's
+// features; fp64 parameters (gradcheck, not speed) run render_cpu.inc's auto-vectorised loops.
+// While a float kernel runs, each worker sets flush-to-zero / denormals-are-zero in its MXCSR and
+// restores the previous value afterwards (the caller's thread included).
 #include "render_cpu.h"
 
 #include <algorithm>
@@ -18,12 +24,20 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "splat_math.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SPLATDD_CPU_AVX2 1
+#define SPLATDD_CPU_AVX512 1
+#include <immintrin.h>  // _mm_getcsr / _mm_setcsr (SSE, part of baseline x86-64)
+#endif
+
+// 32- and 64-byte vector arguments of always-inline helpers in the baseline build: no ABI issue.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 namespace splatdd {
@@ -31,6 +45,12 @@ namespace splatdd {
 namespace cpu_generic {
 #include "render_cpu.inc"
 }  // namespace cpu_generic
+
+namespace cpu_fast_generic {  // 16-byte vectors: SSE2 has no wider ones
+#define SPLATDD_VL 4
+#include "render_cpu_fast.inc"
+#undef SPLATDD_VL
+}  // namespace cpu_fast_generic
 
 #if defined(SPLATDD_CPU_AVX2)
 #if defined(__clang__)
@@ -42,6 +62,30 @@ namespace cpu_generic {
 namespace cpu_avx2 {
 #include "render_cpu.inc"
 }  // namespace cpu_avx2
+namespace cpu_fast_avx2 {
+#define SPLATDD_VL 8
+#include "render_cpu_fast.inc"
+#undef SPLATDD_VL
+}  // namespace cpu_fast_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+#if defined(SPLATDD_CPU_AVX512)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#endif
+namespace cpu_fast_avx512 {
+#define SPLATDD_VL 16
+#include "render_cpu_fast.inc"
+#undef SPLATDD_VL
+}  // namespace cpu_fast_avx512
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -120,7 +164,7 @@ void backward_gaussian(const BackwardArgs& ba, int b, int64_t g, T* /*scratch*/)
 // ---------------------------------------------------------------------------------------------
 namespace {
 
-enum class Kernel { kSimple, kGeneric, kAvx2 };
+enum class Kernel { kSimple, kGeneric, kAvx2, kAvx512 };
 
 bool cpu_has_avx2() {
 #if defined(SPLATDD_CPU_AVX2)
@@ -131,15 +175,53 @@ bool cpu_has_avx2() {
 #endif
 }
 
-// SPLATDD_CPU_KERNEL=simple|generic|avx2 overrides the automatic choice (tests, benchmarks).
+bool cpu_has_avx512() {
+#if defined(SPLATDD_CPU_AVX512)
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// SPLATDD_CPU_KERNEL=simple|generic|avx2|avx512 overrides the automatic choice (tests,
+// benchmarks); a choice the CPU cannot run falls back to the best it can.
 Kernel choose_kernel() {
   const char* env = std::getenv("SPLATDD_CPU_KERNEL");
   if (env != nullptr) {
     if (std::strcmp(env, "simple") == 0) return Kernel::kSimple;
     if (std::strcmp(env, "generic") == 0) return Kernel::kGeneric;
+    if (std::strcmp(env, "avx2") == 0 && cpu_has_avx2()) return Kernel::kAvx2;
   }
+  if (cpu_has_avx512()) return Kernel::kAvx512;
   return cpu_has_avx2() ? Kernel::kAvx2 : Kernel::kGeneric;
 }
+
+// Flush-to-zero and denormals-are-zero for the duration of a float kernel on this thread; the
+// previous MXCSR (the caller's rounding mode and flags) is restored on exit.
+class FlushDenormals {
+ public:
+#if defined(SPLATDD_CPU_AVX2)
+  explicit FlushDenormals(bool on) : on_(on), saved_(on ? _mm_getcsr() : 0u) {
+    if (on_) _mm_setcsr(saved_ | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+  }
+  ~FlushDenormals() {
+    if (on_) _mm_setcsr(saved_);
+  }
+#else
+  explicit FlushDenormals(bool) {}
+#endif
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+#if defined(SPLATDD_CPU_AVX2)
+  bool on_;
+  unsigned saved_;
+#endif
+};
 
 void validate(const RenderArgs& a, bool need_out) {
   if (a.C < 1 || a.C > kMaxChannels)
@@ -193,6 +275,15 @@ void run_parallel(int n, const F& body) {
   for (auto& th : pool) th.join();
 }
 
+// Scratch floats per worker of the fast float loops (their per-Gaussian row table), for any ISA.
+int64_t fast_scratch_floats(int Hs) {
+  int64_t n = cpu_fast_generic::row_table_floats(Hs);
+#if defined(SPLATDD_CPU_AVX512)
+  n = std::max<int64_t>(n, cpu_fast_avx512::row_table_floats(Hs));
+#endif
+  return n;
+}
+
 template <typename T>
 using ForwardFn = void (*)(const RenderArgs&, int, int, int, T*);
 template <typename T>
@@ -207,34 +298,67 @@ Fn pick_ssaa(int s, const Inst& inst) {
   return inst(std::integral_constant<int, 4>{});
 }
 
+// fp64: render_cpu.inc's loops (AVX2 where available; the AVX-512 choice uses them too).
 template <typename T>
 ForwardFn<T> pick_forward(Kernel k, int s) {
   if (k == Kernel::kSimple) return &cpu_simple::forward_task<T>;
-#if defined(SPLATDD_CPU_AVX2)
-  if (k == Kernel::kAvx2)
-    return pick_ssaa<ForwardFn<T>>(
-        s, [](auto S) { return &cpu_avx2::forward_task<T, decltype(S)::value>; });
+  if constexpr (std::is_same<T, float>::value) {
+#if defined(SPLATDD_CPU_AVX512)
+    if (k == Kernel::kAvx512)
+      return pick_ssaa<ForwardFn<T>>(
+          s, [](auto S) { return &cpu_fast_avx512::forward_task<decltype(S)::value>; });
 #endif
-  return pick_ssaa<ForwardFn<T>>(
-      s, [](auto S) { return &cpu_generic::forward_task<T, decltype(S)::value>; });
+#if defined(SPLATDD_CPU_AVX2)
+    if (k == Kernel::kAvx2)
+      return pick_ssaa<ForwardFn<T>>(
+          s, [](auto S) { return &cpu_fast_avx2::forward_task<decltype(S)::value>; });
+#endif
+    return pick_ssaa<ForwardFn<T>>(
+        s, [](auto S) { return &cpu_fast_generic::forward_task<decltype(S)::value>; });
+  } else {
+#if defined(SPLATDD_CPU_AVX2)
+    if (k == Kernel::kAvx2 || k == Kernel::kAvx512)
+      return pick_ssaa<ForwardFn<T>>(
+          s, [](auto S) { return &cpu_avx2::forward_task<T, decltype(S)::value>; });
+#endif
+    return pick_ssaa<ForwardFn<T>>(
+        s, [](auto S) { return &cpu_generic::forward_task<T, decltype(S)::value>; });
+  }
 }
 
 template <typename T>
 BackwardFn<T> pick_backward(Kernel k, int s) {
   if (k == Kernel::kSimple) return &cpu_simple::backward_gaussian<T>;
-#if defined(SPLATDD_CPU_AVX2)
-  if (k == Kernel::kAvx2)
-    return pick_ssaa<BackwardFn<T>>(
-        s, [](auto S) { return &cpu_avx2::backward_gaussian<T, decltype(S)::value>; });
+  if constexpr (std::is_same<T, float>::value) {
+#if defined(SPLATDD_CPU_AVX512)
+    if (k == Kernel::kAvx512)
+      return pick_ssaa<BackwardFn<T>>(
+          s, [](auto S) { return &cpu_fast_avx512::backward_gaussian<decltype(S)::value>; });
 #endif
-  return pick_ssaa<BackwardFn<T>>(
-      s, [](auto S) { return &cpu_generic::backward_gaussian<T, decltype(S)::value>; });
+#if defined(SPLATDD_CPU_AVX2)
+    if (k == Kernel::kAvx2)
+      return pick_ssaa<BackwardFn<T>>(
+          s, [](auto S) { return &cpu_fast_avx2::backward_gaussian<decltype(S)::value>; });
+#endif
+    return pick_ssaa<BackwardFn<T>>(
+        s, [](auto S) { return &cpu_fast_generic::backward_gaussian<decltype(S)::value>; });
+  } else {
+#if defined(SPLATDD_CPU_AVX2)
+    if (k == Kernel::kAvx2 || k == Kernel::kAvx512)
+      return pick_ssaa<BackwardFn<T>>(
+          s, [](auto S) { return &cpu_avx2::backward_gaussian<T, decltype(S)::value>; });
+#endif
+    return pick_ssaa<BackwardFn<T>>(
+        s, [](auto S) { return &cpu_generic::backward_gaussian<T, decltype(S)::value>; });
+  }
 }
 
 template <typename T>
 void forward_impl(const RenderArgs& a) {
   if (a.B == 0) return;
-  const ForwardFn<T> fn = pick_forward<T>(choose_kernel(), a.ssaa);
+  const Kernel kern = choose_kernel();
+  const ForwardFn<T> fn = pick_forward<T>(kern, a.ssaa);
+  const bool ftz = std::is_same<T, float>::value && kern != Kernel::kSimple;
   // Bands: enough tasks to balance the threads, never thinner than 8 rows unless H is smaller.
   const int want = resolve_threads(a.num_threads, INT64_MAX);
   int bands = 1;
@@ -246,10 +370,12 @@ void forward_impl(const RenderArgs& a) {
   bands = (a.H + band_h - 1) / band_h;
   const int64_t ntasks = static_cast<int64_t>(a.B) * bands;
   const int n = resolve_threads(a.num_threads, ntasks);
-  const int64_t stride = cpu_generic::scratch_stride(a.W);
+  const int64_t stride = std::max<int64_t>(cpu_generic::scratch_stride(a.W),
+                                           fast_scratch_floats(a.H * a.ssaa));
   std::vector<T> scratch(static_cast<size_t>(stride) * n);
   std::atomic<int64_t> next{0};
   run_parallel(n, [&](int worker) {
+    const FlushDenormals flush(ftz);
     T* wpix = scratch.data() + static_cast<size_t>(stride) * worker;
     for (;;) {
       const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
@@ -265,14 +391,18 @@ template <typename T>
 void backward_impl(const BackwardArgs& ba) {
   const RenderArgs& a = ba.fwd;
   if (a.B == 0 || a.total == 0) return;
-  const BackwardFn<T> fn = pick_backward<T>(choose_kernel(), a.ssaa);
+  const Kernel kern = choose_kernel();
+  const BackwardFn<T> fn = pick_backward<T>(kern, a.ssaa);
+  const bool ftz = std::is_same<T, float>::value && kern != Kernel::kSimple;
   constexpr int64_t kChunk = 8;
   const int64_t nchunks = (a.total + kChunk - 1) / kChunk;
   const int n = resolve_threads(a.num_threads, nchunks);
-  const int64_t stride = 6 * cpu_generic::scratch_stride(a.W);
+  const int64_t stride = std::max<int64_t>(6 * cpu_generic::scratch_stride(a.W),
+                                           fast_scratch_floats(a.H * a.ssaa));
   std::vector<T> scratch(static_cast<size_t>(stride) * n);
   std::atomic<int64_t> next{0};
   run_parallel(n, [&](int worker) {
+    const FlushDenormals flush(ftz);
     T* buf = scratch.data() + static_cast<size_t>(stride) * worker;
     for (;;) {
       const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
@@ -314,6 +444,8 @@ const char* cpu_kernel_name() {
       return "simple";
     case Kernel::kAvx2:
       return "avx2";
+    case Kernel::kAvx512:
+      return "avx512";
     default:
       return "generic";
   }
