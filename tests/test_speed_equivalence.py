@@ -10,7 +10,8 @@ import torch
 
 from splatdd.augment import dsa
 from splatdd.models import get_network
-from splatdd.plugin_api import DatasetSpec, RealData
+from splatdd import distributed
+from splatdd.plugin_api import DatasetSpec, RealData, draw_seed
 from splatdd.precision import BF16_CPU_FLAGS, bf16_native, cpu_flags, resolve_precision
 
 dm_mod = pytest.importorskip("splatdd_dm")
@@ -35,16 +36,18 @@ def _dm(real: RealData, **opts) -> "dm_mod.DistributionMatching":
 
 
 def _one_pass_loss(algo, param) -> torch.Tensor:
-    """The pre-issue dm loss, verbatim in its maths: one pass per real batch, fp32."""
+    """dm's loss with the pre-issue real path: one pass per real batch, fp32 (same draws)."""
     syn = param.decode()
     labels = param.labels
     embed = algo.make_embedder(algo.draw_seed(), syn.device)
+    step_seed = algo.draw_seed()                 # dm's per-class streams (distributed-ready)
     loss = syn.new_zeros(())
     parts, reals = [], []
     for c in range(SPEC.num_classes):
         idx = torch.nonzero(labels == c).flatten()
-        real = algo.real.sample(c, algo.batch_real, algo.generator)
-        seed = algo.draw_seed()
+        g = distributed.item_generator(step_seed, c)
+        real = algo.real.sample(c, algo.batch_real, g)
+        seed = draw_seed(g)
         with torch.no_grad():
             reals.append(embed(algo.augment(real, seed)).mean(0))
         parts.append((algo.augment(syn[idx], seed), idx.numel()))
