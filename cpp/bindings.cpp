@@ -195,6 +195,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("state") = py::none(),
         "Add dL/dparams to the zero-initialised `grad_params` (total, 6 + C).");
   m.def("backends", &backends, "Compiled backends: [\"cpu\"] or [\"cpu\", \"cuda\"].");
+  m.def("cpu_kernel_name", &splatdd::cpu_kernel_name,
+        "The CPU backend's inner loops on this machine: \"avx512\", \"avx2\" or \"generic\" "
+        "(\"simple\" with SPLATDD_CPU_KERNEL=simple; SPLATDD_CPU_KERNEL=avx2|generic forces those).");
   m.def("cuda_device_count", &cuda_device_count,
         "Visible CUDA devices (0 without the CUDA backend, a driver or a device).");
   m.attr("MAX_CHANNELS") = splatdd::kMaxChannels;
