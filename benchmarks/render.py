@@ -22,14 +22,35 @@ time), torch.get_num_threads() threads for both the backend and the reference.
     python benchmarks/render.py --threads 1     # single-threaded (steadier on a loaded machine)
     python benchmarks/render.py --device cuda   # CUDA vs reference on the GPU vs CPU backend;
                                                 # writes benchmarks/results/render_cuda.{md,png}
+    python benchmarks/render.py --baseline d888e79   # CPU backend now vs a baseline build, same
+                                                # run; writes benchmarks/results/render_speed.{md,json}
+
+Baseline mode (--baseline DIR_OR_REF): DIR is a folder holding a built splatdd ``_C*.so`` (or a
+source tree with ``build/_C*.so``); otherwise the argument is a git revision whose ``cpp/``,
+``cuda/`` and ``CMakeLists.txt`` are exported (``git archive``) into a temporary folder and built
+there with CMake (CPU only). Both extension modules are loaded in this process and driven by the
+same Python wrapper; for each workload the two are timed in interleaved rounds (forward, then
+forward + backward), 1 thread, and the minimum over rounds is kept -- of the thread's CPU time
+(``time.thread_time``: on a shared machine it excludes the time the thread waits for a core) and,
+for reference, of the wall time. The results file also gives the achieved fraction of a measured
+single-core FMA peak (a compiled loop of independent FMA chains at the widest vector width the CPU
+has), counting the useful work only: samples inside the cut-off ellipses times the nominal flops
+per sample of the current kernel (FMA = 2 flops).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import glob
+import importlib.util
+import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -133,7 +154,9 @@ def cpu_flags() -> set:
 
 def machine_lines(device: str) -> list:
     flags = cpu_flags()
-    kernel = os.environ.get("SPLATDD_CPU_KERNEL") or ("avx2" if {"avx2", "fma"} <= flags else "generic")
+    ext = sys.modules["splatdd.render"]._C()
+    kernel = ext.cpu_kernel_name() if hasattr(ext, "cpu_kernel_name") else (
+        os.environ.get("SPLATDD_CPU_KERNEL") or ("avx2" if {"avx2", "fma"} <= flags else "generic"))
     lines = [
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores visible, torch threads "
@@ -146,6 +169,266 @@ def machine_lines(device: str) -> list:
     return lines
 
 
+# ----------------------------------------------------------------------------------------------
+# baseline mode
+
+REPO = HERE.parent
+#: The issue-15 workloads: (B, N, px, sigma or None for the default size).
+SPEED_CONFIGS = [(64, 170, 128, None), (1000, 170, 128, 0.1), (256, 22, 32, None)]
+#: Nominal flops per sample inside the cut-off ellipse of the current fp32 loops (FMA = 2):
+#: forward 25 (offset 2, exponent 3, clamp 1, 2^x 16, kernel and sum 3), backward 33 (the same
+#: exponent and 2^x, masks 4, moments 7, chunk-level dot products amortised).
+FLOPS_FWD, FLOPS_BWD = 25, 33
+
+
+def find_module(folder: Path) -> Path | None:
+    """A built extension ``_C*.so`` in `folder` or `folder`/build."""
+    for pattern in ("_C*.so", "build/_C*.so", "build/*/_C*.so"):
+        hits = sorted(glob.glob(str(folder / pattern)))
+        if hits:
+            return Path(hits[0])
+    return None
+
+
+def build_baseline(spec: str, workdir: Path) -> Path:
+    """Path of the baseline extension: an existing build in folder `spec`, or git revision `spec`
+    exported and built with CMake (CPU only) under `workdir`."""
+    folder = Path(spec)
+    if folder.is_dir():
+        found = find_module(folder)
+        if found is None:
+            raise SystemExit(f"render.py: error: no built _C*.so in {folder} (or {folder}/build)")
+        return found
+    src = workdir / "src"
+    src.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", spec, "cpp", "cuda", "CMakeLists.txt"],
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise SystemExit(f"render.py: error: --baseline {spec!r} is neither a folder nor a git revision: "
+                         + archive.stderr.decode(errors="replace").strip())
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    import pybind11  # the build requirement of the package itself
+
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run(["cmake", "-S", str(src), "-B", str(src / "build"), *gen, "-DSPLATDD_CUDA=OFF",
+                    "-DCMAKE_BUILD_TYPE=Release", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                    f"-DPython_EXECUTABLE={sys.executable}"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(src / "build")], check=True, capture_output=True)
+    found = find_module(src)
+    if found is None:
+        raise SystemExit(f"render.py: error: building {spec} produced no _C*.so")
+    return found
+
+
+def load_extension(path: Path, package: str):
+    """Import the extension file `path` as module `package`._C (its init symbol is PyInit__C)."""
+    spec = importlib.util.spec_from_file_location(f"{package}._C", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+FMA_SRC = r"""
+#include <immintrin.h>
+extern "C" double fma_loop(long iters) {
+#if defined(__AVX512F__)
+  typedef __m512 V; const int lanes = 16;
+#define SET1 _mm512_set1_ps
+#define FMA _mm512_fmadd_ps
+#define ADD _mm512_add_ps
+#define STORE(p, v) _mm512_storeu_ps(p, v)
+#else
+  typedef __m256 V; const int lanes = 8;
+#define SET1 _mm256_set1_ps
+#define FMA _mm256_fmadd_ps
+#define ADD _mm256_add_ps
+#define STORE(p, v) _mm256_storeu_ps(p, v)
+#endif
+  V a[12];
+  for (int i = 0; i < 12; ++i) a[i] = SET1(1.0f + 1e-3f * i);
+  const V m = SET1(0.999999f), c = SET1(1e-7f);
+  for (long it = 0; it < iters; ++it)
+    for (int i = 0; i < 12; ++i) a[i] = FMA(a[i], m, c);
+  V s = a[0];
+  for (int i = 1; i < 12; ++i) s = ADD(s, a[i]);
+  float out[16];
+  STORE(out, s);
+  return out[0] + 2.0 * 12.0 * lanes * (double)iters * 0.0;  // keep the loop alive
+}
+extern "C" int fma_lanes() {
+#if defined(__AVX512F__)
+  return 16;
+#else
+  return 8;
+#endif
+}
+"""
+
+
+def fma_peak_gflops(workdir: Path) -> tuple[float, str]:
+    """Single-thread FMA peak: 12 independent FMA chains at the widest width this CPU runs,
+    compiled here with -march=native. Returns (GFLOP/s, description)."""
+    flags = cpu_flags()
+    src = workdir / "fma.cpp"
+    lib = workdir / "libfma.so"
+    src.write_text(FMA_SRC)
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        return float("nan"), "no C++ compiler: not measured"
+    arch = "-march=native" if "avx2" in flags else "-mavx2"
+    subprocess.run([cxx, "-O2", arch, "-mfma", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    dll = ctypes.CDLL(str(lib))
+    dll.fma_loop.restype = ctypes.c_double
+    dll.fma_loop.argtypes = [ctypes.c_long]
+    lanes = dll.fma_lanes()
+    iters = 20_000_000
+    dll.fma_loop(iters // 10)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.thread_time()
+        dll.fma_loop(iters)
+        best = min(best, time.thread_time() - t0)
+    gflops = 2.0 * 12 * lanes * iters / best / 1e9
+    return gflops, f"{lanes}-lane fp32 FMA ({'AVX-512' if lanes == 16 else 'AVX2'}), 12 independent chains"
+
+
+def count_samples(params: torch.Tensor, R: int, max_images: int = 64) -> float:
+    """Samples inside the cut-off ellipses (d2 <= 16) per image, exactly, on up to `max_images`
+    images (mean per image), with the reference's maths in fp64."""
+    p = params[:max_images].double()
+    Hs = Ws = SSAA * R
+    sx, sy = 0.5 * Ws, 0.5 * Hs
+    delta = reference.PREFILTER_VARIANCE
+    total = 0.0
+    xs = torch.arange(Ws, dtype=torch.float64) + 0.5
+    for img in p:
+        u, v, l11, l21, l22 = (img[:, q] for q in range(5))
+        mx, my = (u + 1) * sx, (v + 1) * sy
+        a = sx * sx * l11 * l11 + delta
+        b = sx * sy * l11 * l21
+        c = sy * sy * (l21 * l21 + l22 * l22) + delta
+        det = a * c - b * b
+        for k in range(img.shape[0]):
+            dy = xs.view(-1, 1) - my[k]
+            dx = xs.view(1, -1) - mx[k]
+            d2 = (c[k] * dx * dx - 2 * b[k] * dx * dy + a[k] * dy * dy) / det[k]
+            total += float((d2 <= reference.CUTOFF_D2).sum())
+    return total / p.shape[0]
+
+
+def time_pair(mods: dict, params: torch.Tensor, R: int, rounds: int) -> dict:
+    """Interleaved rounds over the modules: min thread-CPU and wall seconds of fwd and fwd+bwd."""
+    rm = sys.modules["splatdd.render"]
+    v = torch.randn(params.shape[0], C, R, R, generator=torch.Generator().manual_seed(1))
+    best = {k: {"fwd_cpu": float("inf"), "fwd_bwd_cpu": float("inf"), "fwd_wall": float("inf"),
+                "fwd_bwd_wall": float("inf")} for k in mods}
+    saved = rm._ext
+    try:
+        for _ in range(rounds):
+            for name, mod in mods.items():
+                rm._ext = mod
+                w0, c0 = time.perf_counter(), time.thread_time()
+                with torch.no_grad():
+                    splatdd.render(params, R, R, ssaa=SSAA)
+                w1, c1 = time.perf_counter(), time.thread_time()
+                x = params.detach().requires_grad_(True)
+                (splatdd.render(x, R, R, ssaa=SSAA) * v).sum().backward()
+                w2, c2 = time.perf_counter(), time.thread_time()
+                b = best[name]
+                b["fwd_cpu"] = min(b["fwd_cpu"], c1 - c0)
+                b["fwd_bwd_cpu"] = min(b["fwd_bwd_cpu"], c2 - c1)
+                b["fwd_wall"] = min(b["fwd_wall"], w1 - w0)
+                b["fwd_bwd_wall"] = min(b["fwd_bwd_wall"], w2 - w1)
+    finally:
+        rm._ext = saved
+    return best
+
+
+def run_baseline(args) -> int:
+    """--baseline: the CPU backend now vs a baseline build, same process, interleaved rounds."""
+    torch.set_num_threads(1)
+    load0 = os.getloadavg()
+    rounds = args.repeats or (2 if args.quick else 5)
+    configs = [(16, 170, 128, None), (16, 170, 128, 0.1), (64, 22, 32, None)] if args.quick else SPEED_CONFIGS
+    with tempfile.TemporaryDirectory(prefix="splatdd-baseline-") as tmp:
+        work = Path(tmp)
+        base_path = build_baseline(args.baseline, work)
+        mods = {"new": sys.modules["splatdd.render"]._C(), "base": load_extension(base_path, "splatdd_baseline")}
+        peak, peak_desc = fma_peak_gflops(work)
+        rows = []
+        for B, N, R, sig in configs:
+            params = make_params(B, N, sigma=sig)
+            best = time_pair(mods, params, R, rounds)
+            samples = count_samples(params, R, max_images=8 if args.quick else 32) * B
+            new, base = best["new"], best["base"]
+            flops = samples * (FLOPS_FWD + FLOPS_BWD)
+            rows.append({
+                "B": B, "N": N, "res": R, "sigma": sig if sig is not None else "default 0.5-1.5 x 1/sqrt(N)",
+                "new_s": new["fwd_bwd_cpu"], "base_s": base["fwd_bwd_cpu"],
+                "fwd_bwd_ratio_vs_baseline": base["fwd_bwd_cpu"] / new["fwd_bwd_cpu"],
+                "fwd_new_s": new["fwd_cpu"], "fwd_base_s": base["fwd_cpu"],
+                "fwd_ratio_vs_baseline": base["fwd_cpu"] / new["fwd_cpu"],
+                "wall_new_s": new["fwd_bwd_wall"], "wall_base_s": base["fwd_bwd_wall"],
+                "wall_fwd_bwd_ratio_vs_baseline": base["fwd_bwd_wall"] / new["fwd_bwd_wall"],
+                "samples_in_ellipses": samples,
+                "gflops": flops / new["fwd_bwd_cpu"] / 1e9,
+                "fraction_of_peak": flops / new["fwd_bwd_cpu"] / 1e9 / peak,
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    load1 = os.getloadavg()
+    main_rows = [r for r in rows if r["res"] == 128]
+    result = {
+        "configs": rows,
+        "baseline": args.baseline,
+        "fma_peak_gflops": peak,
+        "fma_peak": peak_desc,
+        "fraction_of_peak": max(r["fraction_of_peak"] for r in main_rows) if main_rows else None,
+        "flops_per_sample": {"fwd": FLOPS_FWD, "bwd": FLOPS_BWD},
+        "kernel": mods["new"].cpu_kernel_name() if hasattr(mods["new"], "cpu_kernel_name") else None,
+        "machine": f"{cpu_model()}, {os.cpu_count()} logical cores",
+        "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "sse4", "amx"))),
+        "threads": 1,
+        "rounds": rounds,
+        "load": {"start": list(load0), "end": list(load1)},
+        "timer": "min over interleaved rounds of time.thread_time (CPU time of the one thread); wall in wall_*",
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "torch": torch.__version__,
+    }
+    prefix = args.out or RESULTS / "render_speed"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    from splatdd.io_utils import atomic_write_text  # noqa: E402 -- files written atomically
+
+    atomic_write_text(prefix.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    md = ["# CPU renderer speed: now vs baseline, same run", ""]
+    how = ("a prebuilt extension in that folder" if Path(args.baseline).is_dir()
+           else "built CPU-only from that revision's cpp/ and CMakeLists.txt")
+    md += [f"- baseline: `{args.baseline}` ({how})",
+           f"- CPU: {result['machine']}; CPU flags: {' '.join(result['cpu_flags'])}",
+           f"- kernel now: {result['kernel']}; 1 thread; {rounds} interleaved rounds, minimum kept",
+           f"- load average at start {', '.join(f'{x:.1f}' for x in load0)}, at end "
+           f"{', '.join(f'{x:.1f}' for x in load1)} (shared 2-core machine)",
+           f"- timer: CPU time of the rendering thread (`time.thread_time`); wall-clock ratios beside",
+           f"- measured FMA peak: {peak:.1f} GFLOP/s ({peak_desc})",
+           f"- torch {torch.__version__}, {result['date']}", "",
+           "C = 3, ssaa = 2, prefilter on, fp32. fwd+bwd = render + backward of (out * v).sum().", "",
+           "| B | N | px | sigma | fwd now s | fwd base s | fwd x | fwd+bwd now s | fwd+bwd base s | "
+           "fwd+bwd x | wall x | GFLOP/s | of FMA peak |",
+           "|" + "---|" * 13]
+    for r in rows:
+        sig = r["sigma"] if isinstance(r["sigma"], float) else "default"
+        md.append(f"| {r['B']} | {r['N']} | {r['res']} | {sig} | {r['fwd_new_s']:.4f} | {r['fwd_base_s']:.4f} | "
+                  f"{r['fwd_ratio_vs_baseline']:.2f} | {r['new_s']:.4f} | {r['base_s']:.4f} | "
+                  f"**{r['fwd_bwd_ratio_vs_baseline']:.2f}** | {r['wall_fwd_bwd_ratio_vs_baseline']:.2f} | "
+                  f"{r['gflops']:.1f} | {100 * r['fraction_of_peak']:.1f} % |")
+    md += ["", "x = baseline time / time now (higher is faster). GFLOP/s counts useful work only: the "
+           "samples inside the cut-off ellipses times the nominal flops per sample of the current "
+           f"loops ({FLOPS_FWD} forward + {FLOPS_BWD} backward, FMA = 2), so padding and masked lanes "
+           "are overhead, not flops."]
+    atomic_write_text(prefix.with_suffix(".md"), "\n".join(md) + "\n")
+    print(f"wrote {prefix.with_suffix('.md')} and .json")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller batches and sweeps (smoke test)")
@@ -154,7 +437,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (backend and reference alike); default: torch's")
     ap.add_argument("--out", type=Path, default=None, help="results prefix (default benchmarks/results/render_<device>)")
+    ap.add_argument("--baseline", default=None, metavar="DIR_OR_REF",
+                    help="time the CPU backend against a baseline build (a folder with _C*.so, or a git "
+                         "revision to build) in the same run; writes benchmarks/results/render_speed.{md,json}")
     args = ap.parse_args(argv)
+    if args.baseline is not None:
+        return run_baseline(args)
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
