@@ -153,6 +153,7 @@ def pip_check(*, torch_allowed: bool = False):
     def check(stdout: str) -> tuple[bool, str]:
         m = re.search(r"^Successfully installed (.+)$", stdout, re.M)
         names = [n.rsplit("-", 1)[0] for n in m.group(1).split()] if m else []
+        names.sort(key=lambda n: (not n.startswith(("torch", "splatdd")), n.lower()))
         if "torch" in names and not torch_allowed:
             return False, f"WRONG: pip installed torch: {', '.join(names)}"
         shown = ", ".join(names[:6]) + (f", ... ({len(names)} packages)" if len(names) > 6 else "")
@@ -302,7 +303,7 @@ def write_results(steps: list[Step], info: dict, mach: dict, out: Path) -> None:
         f"local torch {TORCH} CPU wheel (`PIP_FIND_LINKS`), so the times contain no download time. "
         "`$WORK` is the work folder; load averages are `/proc/loadavg`'s 1, 5 and 15 minute figures.",
         "",
-        "| step | command | wall time | load before / after | outcome | commit, date |",
+        "| step | command | wall time | load before / after | outcome | commit, finished |",
         "|---|---|---|---|---|---|",
     ]
     for s in steps:
@@ -319,6 +320,20 @@ def write_results(steps: list[Step], info: dict, mach: dict, out: Path) -> None:
         if install:
             lines.append(f"- README command 1 in total (install + main job): "
                          f"{data['readme_command_1_seconds'] / 60:.1f} min")
+    paths = {"README command 1, install part (`scripts/install.sh`)": ["README command 1: install"],
+             "wheelhouse + `splatdd[diffusion]` (build, torch, install)":
+                 ["wheelhouse: build", "splatdd[diffusion]: torch first", "splatdd[diffusion]"],
+             "`splatdd[all]` on top of that": ["splatdd[all]"],
+             "one plugin: torch, the core from the wheelhouse, `pip install plugins/ld3m`":
+                 ["one plugin: torch first", "one plugin: the core", "one plugin: ld3m"]}
+    by_name = {s.name: s for s in steps}
+    summary = [f"| {label} | {sum(by_name[n].seconds for n in names) / 60:.1f} min | "
+               f"{'ok' if all(by_name[n].ok for n in names) else 'FAILED'} |"
+               for label, names in paths.items() if all(n in by_name for n in names)]
+    if summary:
+        at = lines.index("| step | command | wall time | load before / after | outcome | commit, finished |")
+        lines[at:at] = ["Per install path (sums of the steps below):", "",
+                        "| path | wall time | outcome |", "|---|---|---|", *summary, "", "Every step:", ""]
     failed = [s for s in steps if not s.ok]
     if failed:
         lines += ["", "## Failures", ""]
@@ -338,7 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--out", type=Path, default=RESULTS / "install", help="results path without suffix")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json; run nothing")
     args = ap.parse_args(argv)
+    if args.report_only:
+        data = json.loads(args.out.with_suffix(".json").read_text())
+        steps = [Step(**s) for s in data.pop("steps")]
+        mach = data.pop("machine")
+        data.pop("readme_command_1_seconds", None)
+        write_results(steps, data, mach, args.out)
+        print(args.out.with_suffix(".md").read_text())
+        return 0
     groups = tuple(g for g in args.groups.split(",") if g)
     if not groups or set(groups) - set(GROUPS):
         ap.error(f"--groups: choose from {', '.join(GROUPS)}, got {args.groups!r}")
@@ -352,12 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     mach = machine()
     try:
         steps, info = transcript(work.resolve(), cuda=args.cuda, groups=groups, main_job=args.main_job)
+        ok = all(s.ok for s in steps)
+        steps, info = merge_previous(steps, info, args.out, groups)
+        write_results(steps, info, mach, args.out)
     finally:
         if not args.keep:
+            print(f"[install_transcript] removing {work}", file=sys.stderr, flush=True)
             shutil.rmtree(work, ignore_errors=True)
-    ok = all(s.ok for s in steps)
-    steps, info = merge_previous(steps, info, args.out, groups)
-    write_results(steps, info, mach, args.out)
     print(args.out.with_suffix(".md").read_text())
     return 0 if ok else 1
 
