@@ -118,6 +118,26 @@ def test_interrupted_training_resumes_bit_exactly(tmp_path, idx_root):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_stop_unet_at_exports_early_and_a_rerun_continues_the_schedule(tmp_path, idx_root):
+    """stop_unet_at=4 of 5 writes a model (recorded in its manifest) and keeps the checkpoint
+    resumable; rerunning without it continues to step 5 and equals an uninterrupted run."""
+    full = tmp_path / "full"
+    train_ldm(_cfg(full, idx_root, checkpoint_every=1), log=lambda s: None)
+    early = tmp_path / "early"
+    train_ldm(_cfg(early, idx_root, checkpoint_every=1, stop_unet_at=4), log=lambda s: None)
+    man = json.loads((early / "splatdd_ld3m.json").read_text())
+    assert man["stop_unet_at"] == 4 and man["history"][-1] == {"phase": "unet", "stopped_at": 4, "of": 5}
+    a4 = _weights(early)
+    lines: list[str] = []
+    train_ldm(_cfg(early, idx_root, checkpoint_every=1), log=lines.append, overwrite=True, log_every=1)
+    assert "phase unet, step 4" in lines[0]
+    a, b = _weights(full), _weights(early)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a4[k], b[k]) for k in a)      # step 5 changed the EMA weights
+    with pytest.raises(ValueError, match="stop_unet_at"):
+        train_ldm(_cfg(tmp_path / "x", idx_root, stop_unet_at=9))
+
+
 def test_resume_with_other_settings_and_bad_settings_are_refused(tmp_path, idx_root):
     out = tmp_path / "m"
     with pytest.raises(_Stop):

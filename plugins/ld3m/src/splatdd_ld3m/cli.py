@@ -75,7 +75,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "work_dir", "dataset", "data_root", "image_size", "latent_channels", "ae_channels", "unet_channels",
         "ae_steps", "ae_batch_size", "ae_lr", "kl_weight", "unet_steps", "unet_batch_size", "unet_lr",
         "warmup_steps", "ema_decay", "label_dropout", "seed", "checkpoint_every", "sample_every",
-        "sample_steps", "sample_guidance", "samples_per_class", "max_train_images")}
+        "sample_steps", "sample_guidance", "samples_per_class", "max_train_images", "stop_unet_at")}
     cfg = TrainLDMConfig(out_dir=args.out_dir, **fields)
     try:
         out = train_ldm(cfg, overwrite=args.overwrite, log_every=args.log_every)
@@ -128,6 +128,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sample-guidance", type=float, default=d.sample_guidance)
     p.add_argument("--samples-per-class", type=positive_int, default=d.samples_per_class)
     p.add_argument("--max-train-images", type=positive_int, default=None)
+    p.add_argument("--stop-unet-at", type=positive_int, default=None,
+                   help="write the model after N UNet steps of the --unet-steps schedule (early export; "
+                        "resumes from the checkpoint like any rerun)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--log-every", type=positive_int, default=50, help="steps between progress lines")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")

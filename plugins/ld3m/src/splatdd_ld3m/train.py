@@ -91,6 +91,7 @@ class TrainLDMConfig:
     sample_guidance: float = 2.0
     samples_per_class: int = 8
     max_train_images: int | None = None  # use only the first N train images (tests)
+    stop_unet_at: int | None = None      # write the model after this many UNet steps of the schedule
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -123,13 +124,15 @@ class TrainLDMConfig:
             chans = getattr(self, name)
             if any(c < m or c % m for c in chans):
                 raise ValueError(f"{name} must be multiples of {m} (group norm), got {tuple(chans)}")
+        if self.stop_unet_at is not None and not 1 <= self.stop_unet_at <= self.unet_steps:
+            raise ValueError(f"stop_unet_at must be in 1..unet_steps={self.unet_steps}, got {self.stop_unet_at}")
         if self.max_train_images is not None and self.max_train_images < 1:
             raise ValueError(f"max_train_images must be >= 1, got {self.max_train_images}")
 
     def settings(self) -> dict[str, Any]:
         """The settings that define the model (paths and logging cadence excluded)."""
         d = dataclasses.asdict(self)
-        for k in ("out_dir", "work_dir", "data_root", "checkpoint_every", "sample_every"):
+        for k in ("out_dir", "work_dir", "data_root", "checkpoint_every", "sample_every", "stop_unet_at"):
             d.pop(k)
         d["ae_channels"], d["unet_channels"] = list(self.ae_channels), list(self.unet_channels)
         return d
@@ -401,7 +404,8 @@ def train_ldm(cfg: TrainLDMConfig, *, log: Callable[[str], None] | None = None, 
         lat = state["latents"]
         unet.train()
         prog = _Progress("unet", state["step"], cfg.unet_steps, log, log_every)
-        while state["step"] < cfg.unet_steps:
+        end = cfg.unet_steps if cfg.stop_unet_at is None else cfg.stop_unet_at
+        while state["step"] < end:
             s = state["step"]
             for g_ in unet_opt.param_groups:
                 g_["lr"] = cfg.unet_lr * _lr_factor(s, cfg.unet_steps, cfg.warmup_steps)
@@ -424,8 +428,13 @@ def train_ldm(cfg: TrainLDMConfig, *, log: Callable[[str], None] | None = None, 
                 save_checkpoint()
             if state["step"] % cfg.sample_every == 0 and state["step"] != cfg.unet_steps:
                 grid(f"unet-step{state['step']:06d}")
-        state.update(phase="done", step=0)
-        save_checkpoint()
+        if end < cfg.unet_steps:
+            # early export: the checkpoint stays resumable (phase unet); the model records the stop
+            state["history"].append({"phase": "unet", "stopped_at": end, "of": cfg.unet_steps})
+            log(f"[unet] stopped at step {end} of {cfg.unet_steps} (stop_unet_at)")
+        else:
+            state.update(phase="done", step=0)
+            save_checkpoint()
 
     grid("final")
     _write_model(cfg, out, vae, ema, k, spec, state, settings, overwrite=overwrite)
@@ -449,6 +458,7 @@ def _write_model(cfg: TrainLDMConfig, out: Path, vae, ema, k: int, spec, state: 
         emb.embedding.weight.copy_(unet.class_embedding.weight)
     parts = {"vae": vae, "unet": unet, "scheduler": DDIMScheduler(**CIN_SCHEDULE), "class_embedder": emb}
     manifest = {"source": "splatdd train-ldm (splatdd_ld3m.train)", "dataset": spec.name,
+                "stop_unet_at": cfg.stop_unet_at,
                 "num_classes": k, "image_size": cfg.image_size, "channels": spec.channels,
                 "dataset_resolution": [spec.height, spec.width], "train": settings,
                 "history": state["history"]}
