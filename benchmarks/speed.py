@@ -380,6 +380,20 @@ def main(argv=None) -> int:
         elif case == "fit":
             jobs += [(case, s, {"steps": a.fit_steps}, s) for s in ("base", "new")]
     rows: dict[tuple[str, str], list[dict]] = {}
+    acc: dict = {}
+    tm: dict = {}
+
+    def write(stage: str) -> None:
+        """Write what is measured so far (a long run stopped early still leaves its figures)."""
+        result = _summarise(a, rows, acc, base, bf16, t_start, load_start)
+        result["stage"] = stage
+        if tm.get("grid"):
+            result["tm"] = _tm_summary(tm)
+        a.out.mkdir(parents=True, exist_ok=True)
+        from splatdd.io_utils import atomic_write_text
+        atomic_write_text(a.out / "speed.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(a.out / "speed.md", _markdown(result))
+
     for r in range(a.rounds):
         print(f"round {r + 1}/{a.rounds}", flush=True)
         for case, side, args, label in jobs:
@@ -387,7 +401,7 @@ def main(argv=None) -> int:
                 continue                                   # long: at most two rounds
             res = _run(case, side, base, {**args, "threads": a.threads}, a.timeout)
             rows.setdefault((case, label), []).append(res)
-    acc = {}
+        write(f"round {r + 1} of {a.rounds}")
     if a.accuracy:
         print("accuracy", flush=True)
         acc_args = {"iters": a.acc_iters, "epochs": a.acc_epochs, "runs": a.acc_runs,
@@ -397,7 +411,7 @@ def main(argv=None) -> int:
         if bf16:
             acc["new_bf16"] = _run("accuracy", "new", base, {**acc_args, "precision": "bf16"},
                                    a.timeout * 3)
-    tm = {}
+        write("accuracy")
     if a.tm:
         print("tm", flush=True)
         for r in range(a.rounds):
@@ -408,14 +422,8 @@ def main(argv=None) -> int:
                                                     "threads": a.threads}, a.timeout)]
         tm["grid"] = [_run("tm", "new", base, {"steps": st, "batch": bs, "threads": a.threads},
                            a.timeout) for st in (2, 5, 10) for bs in (10, 20)]
-    result = _summarise(a, rows, acc, base, bf16, t_start, load_start)
-    if tm:
-        result["tm"] = _tm_summary(tm)
-    a.out.mkdir(parents=True, exist_ok=True)
-    from splatdd.io_utils import atomic_write_text
-    atomic_write_text(a.out / "speed.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(a.out / "speed.md", _markdown(result))
-    print(_markdown(result))
+    write("complete")
+    print((a.out / "speed.md").read_text())
     return 0
 
 
@@ -505,7 +513,9 @@ def _markdown(r: dict) -> str:
          f"{' plus uncommitted changes' if r['new']['dirty'] else ''} (compiled module md5 "
          f"`{r['new']['compiled_md5'][:12]}`). Every case runs in a fresh process per side and "
          f"round, sides interleaved; each figure is the minimum over {s['rounds']} rounds "
-         "(gaussian initialisation: at most 2).", "",
+         "(gaussian initialisation: at most 2)."
+         + ("" if r.get("stage", "complete") == "complete"
+            else f" **Partial result, written after {r['stage']}.**"), "",
          "## Targets", "", "| target | figure | verdict |", "|---|---|---|"]
 
     def row(name: str, key: str, target_key: str, extra: str = "") -> None:
