@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
+from splatdd import distributed
 from splatdd.augment import DEFAULT_STRATEGY
 from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, Parameterization, RealData,
                                 draw_seed, reject_unknown_options)
@@ -73,6 +74,9 @@ class TrajectoryMatching(Algorithm):
     api_version = PLUGIN_API_VERSION
     regime = "trajectory"
     default_iterations = 5000
+    #: Multi-process: every rank unrolls its own expert segment; gradients (and the learned lr's)
+    #: are averaged.
+    gradient_reduction = "mean"
 
     def __init__(self, real: RealData, *, ipc: int, generator: torch.Generator,
                  buffer_dir: str | None = None, syn_steps: int | None = None,
@@ -216,17 +220,19 @@ class TrajectoryMatching(Algorithm):
                 "measured_by": measured["method"]}
 
     # ---- the loss -------------------------------------------------------------------------------
-    def _schedule(self, n: int) -> list[torch.Tensor]:
+    def _schedule(self, n: int, generator: torch.Generator) -> list[torch.Tensor]:
         """``syn_steps`` minibatches: consecutive chunks of fresh random permutations (MTT)."""
         b = self._batch(n)
         out: list[torch.Tensor] = []
         while len(out) < self.syn_steps:
-            perm = torch.randperm(n, generator=self.generator)
+            perm = torch.randperm(n, generator=generator)
             out.extend(perm.split(b))
         return out[:self.syn_steps]
 
     def loss(self, param: Parameterization, step: int) -> torch.Tensor:
-        g = self.generator
+        # one shared draw per step, then this rank's own segment stream: on K processes every
+        # rank unrolls a different expert segment (gradients averaged: K x the trajectories)
+        g = distributed.item_generator(draw_seed(self.generator), distributed.rank())
         expert = int(torch.randint(0, self.num_experts, (1,), generator=g).item())
         start = int(torch.randint(self.min_start_epoch, self.max_start_epoch, (1,),
                                   generator=g).item())
@@ -237,7 +243,7 @@ class TrajectoryMatching(Algorithm):
         n = len(labels_all)
         if n == 0:
             raise ValueError("tm: the parameterization has no images")
-        schedule = self._schedule(n)
+        schedule = self._schedule(n, g)
         used = torch.unique(torch.cat(schedule))                 # decode each image once
         pos = torch.full((n,), -1, dtype=torch.long)
         pos[used] = torch.arange(len(used))
@@ -257,6 +263,10 @@ class TrajectoryMatching(Algorithm):
         self.last_loss = float(loss.detach())
         self.last_expert, self.last_start = expert, start
         return loss
+
+    def extra_parameters(self) -> list[torch.Tensor]:
+        """The learned lr: averaged over ranks with the images' gradients."""
+        return [self.syn_lr]
 
     def after_step(self, param: Parameterization) -> None:
         """Step the learnable lr's own optimiser and clip it at ``lr_min``."""
