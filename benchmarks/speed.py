@@ -402,16 +402,6 @@ def main(argv=None) -> int:
             res = _run(case, side, base, {**args, "threads": a.threads}, a.timeout)
             rows.setdefault((case, label), []).append(res)
         write(f"round {r + 1} of {a.rounds}")
-    if a.accuracy:
-        print("accuracy", flush=True)
-        acc_args = {"iters": a.acc_iters, "epochs": a.acc_epochs, "runs": a.acc_runs,
-                    "threads": a.threads}
-        acc["base"] = _run("accuracy", "base", base, acc_args, a.timeout * 3)
-        acc["new"] = _run("accuracy", "new", base, acc_args, a.timeout * 3)
-        if bf16:
-            acc["new_bf16"] = _run("accuracy", "new", base, {**acc_args, "precision": "bf16"},
-                                   a.timeout * 3)
-        write("accuracy")
     if a.tm:
         print("tm", flush=True)
         for r in range(a.rounds):
@@ -422,6 +412,19 @@ def main(argv=None) -> int:
                                                     "threads": a.threads}, a.timeout)]
         tm["grid"] = [_run("tm", "new", base, {"steps": st, "batch": bs, "threads": a.threads},
                            a.timeout) for st in (2, 5, 10) for bs in (10, 20)]
+        write("tm")
+    if a.accuracy:
+        print("accuracy", flush=True)
+        acc_args = {"iters": a.acc_iters, "epochs": a.acc_epochs, "runs": a.acc_runs,
+                    "threads": a.threads}
+        acc["base"] = _run("accuracy", "base", base, acc_args, a.timeout * 3)
+        write("accuracy (base)")
+        acc["new"] = _run("accuracy", "new", base, acc_args, a.timeout * 3)
+        write("accuracy (new fp32)")
+        if bf16:
+            acc["new_bf16"] = _run("accuracy", "new", base, {**acc_args, "precision": "bf16"},
+                                   a.timeout * 3)
+        write("accuracy")
     write("complete")
     print((a.out / "speed.md").read_text())
     return 0
