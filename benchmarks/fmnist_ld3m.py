@@ -160,7 +160,8 @@ def distill_rows(args) -> list[dict]:
             "algo_options": {"batch_real": args.batch_real}, "seed": args.seed,
             "eval": {"protocol": "paper", "runs": args.eval_runs, "before": True,
                      "options": {"epochs": args.eval_epochs}},
-            "out": str(Path(args.runs) / f"ld3m_dm_ipc{ipc}"), "threads": args.threads})
+            "out": str(Path(args.runs) / ("ld3m_dm_ipc" + str(ipc) + "".join(
+                f"_{k}-{v}" for k, v in sorted(opts.items()) if k != "model_path"))), "threads": args.threads})
         t0 = time.perf_counter()
         load0 = os.getloadavg()[0]
         res = run(cfg, overwrite=True, progress=False)
@@ -234,10 +235,13 @@ def write_md(res: dict, path: Path) -> None:
             po = cfg.get("param_options", {})
             extra = ", ".join(f"{k}={v}" for k, v in po.items() if k != "model_path")
             st = (f"{cfg['iterations']} it, batch_real {cfg['algo_options'].get('batch_real')}; eval "
-                  f"{cfg['eval']['runs']} x {cfg['eval']['options'].get('epochs')} ep; T {r.get('steps', '?')}, "
-                  f"guidance {r.get('guidance', '?')}, Eq. 7, SGD lr {r.get('lr', '?')}"
+                  f"{cfg['eval']['runs']} x {cfg['eval']['options'].get('epochs')} ep; "
+                  + ("no reverse process (x = D(Z))" if po.get("diffusion") is False else
+                     f"T {r.get('steps', '?')}, guidance {r.get('guidance', '?')}, Eq. 7")
+                  + f", SGD lr {r.get('lr', '?')}"
                   + (f"; {extra}" if extra else ""))
-            L.append(f"| {r['ipc']} | **ld3m** (this LDM) | {b['mean']:.2f} +- {b['std']:.2f} | "
+            label = "**ld3m** (this LDM)" + (f", {extra}" if extra else "")
+            L.append(f"| {r['ipc']} | {label} | {b['mean']:.2f} +- {b['std']:.2f} | "
                      f"**{a['mean']:.2f} +- {a['std']:.2f}** | {r['budget']['used']:,} / {r['budget']['allowed']:,} "
                      f"({100 * r['budget']['used'] / r['budget']['allowed']:.0f} %) | {st} |")
         else:
@@ -270,7 +274,9 @@ def notes(res: dict) -> list[str]:
     for r in res["ld3m"]:
         a, b = r["after"], r["before"]
         gain = a["mean"] - b["mean"]
-        line = (f"IPC {r['ipc']}: ld3m + DM {b['mean']:.2f} -> {a['mean']:.2f} "
+        po = {k: v for k, v in r["config"].get("param_options", {}).items() if k != "model_path"}
+        tag = (" (" + ", ".join(f"{k}={v}" for k, v in po.items()) + ")") if po else ""
+        line = (f"IPC {r['ipc']}: ld3m{tag} + DM {b['mean']:.2f} -> {a['mean']:.2f} "
                 f"({'+' if gain >= 0 else ''}{gain:.2f} points from distillation)")
         comps = []
         for p in ("pixel", "gaussian", "siren"):
@@ -319,6 +325,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-samples", action="store_true", help="keep part 1 from the previous JSON")
     ap.add_argument("--skip-distill", action="store_true", help="keep part 2 from the previous JSON")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the previous JSON")
+    ap.add_argument("--append", action="store_true", help="keep the previous JSON's ld3m rows and add these")
     args = ap.parse_args(argv)
     import warnings
 
@@ -368,7 +375,7 @@ def main(argv=None) -> int:
 
             p = LatentDiffusionImages.build(train.spec, r["ipc"], model_path=str(model))
             r.update(steps=p.steps, guidance=p.guidance, lr=p.optimizer_spec("distribution").params[0]["lr"])
-        res["ld3m"] = rows
+        res["ld3m"] = (list(prev.get("ld3m", [])) if args.append else []) + rows
     res["table"] = table_rows()
     res["notes"] = notes(res)
     from splatdd.io_utils import atomic_write_json
