@@ -343,10 +343,21 @@ def main(argv=None) -> int:
                     help="1 round, 1 dm iteration, 1 epoch, 1000 test images, 5 fit steps")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render speed.md from --out/speed.json (and the renderer's JSON)")
     a = ap.parse_args(argv)
     if a.worker:
         _bootstrap(a.side)
         print(json.dumps(worker(a.worker, json.loads(a.worker_args))))
+        return 0
+    if a.report_only:
+        from splatdd.io_utils import atomic_write_text
+        result = json.loads((a.out / "speed.json").read_text())
+        render_json = HERE / "results" / "render_speed.json"
+        if render_json.exists():
+            result["render"] = json.loads(render_json.read_text())
+        atomic_write_text(a.out / "speed.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(a.out / "speed.md", _markdown(result))
         return 0
     if a.quick:
         a.rounds, a.dm_iters, a.epochs, a.test_images, a.fit_steps = 1, 1, 1, 1000, 5
@@ -452,11 +463,14 @@ def _summarise(a, rows, acc, base: Path, bf16: bool, t_start: float, load_start)
         r = ratio(case)
         if r:
             figures[case] = r
-    if ("fit", "base") in rows:
-        b = max(rows[("fit", "base")], key=lambda x: x["ratio"])
-        n = max(rows[("fit", "new")], key=lambda x: x["ratio"])
-        figures["fit_ratio"] = {"base_ratio": b["ratio"], "new_ratio": n["ratio"], "base": b,
-                                "new": n}
+    if ("fit", "base") in rows and ("fit", "new") in rows:
+        side = {}
+        for label in ("base", "new"):          # each method's minimum over rounds, then the ratio
+            rs = rows[("fit", label)]
+            g, sr = min(x["gaussian"] for x in rs), min(x["siren"] for x in rs)
+            side[label] = {"gaussian": g, "siren": sr, "ratio": sr / g, "load": rs[-1]["load"]}
+        figures["fit_ratio"] = {"base_ratio": side["base"]["ratio"],
+                                "new_ratio": side["new"]["ratio"], **side}
     render_json = HERE / "results" / "render_speed.json"
     render = json.loads(render_json.read_text()) if render_json.exists() else None
 
@@ -552,9 +566,13 @@ def _markdown(r: dict) -> str:
             L.append(f"| renderer fwd+bwd B {c['B']}, N {c['N']}, {c['res']} px | "
                      f"{c['base_s']:.4f} s -> {c['new_s']:.4f} s | "
                      f"{_mark(c['fwd_bwd_ratio_vs_baseline'], tgt)} |")
+        frac = ren.get("fraction_of_peak")
+        per = ", ".join(f"B {c['B']}: {100 * c['fraction_of_peak']:.0f} %"
+                        for c in ren.get("configs", []) if "fraction_of_peak" in c)
         L.append(f"| renderer: fraction of the measured FMA peak "
-                 f"({ren.get('fma_peak_gflops', float('nan')):.1f} GFLOP/s) | "
-                 f"{ren.get('fraction_of_peak')} | reported |")
+                 f"({ren.get('fma_peak_gflops', float('nan')):.1f} GFLOP/s, "
+                 f"benchmarks/results/render_speed.json) | "
+                 f"{'-' if frac is None else f'{100 * frac:.0f} %'} ({per}) | reported |")
     else:
         L.append("| renderer (B 64/1000/256) | benchmarks/results/render_speed.json not there "
                  "when this ran | not measured here |")
@@ -577,7 +595,7 @@ def _markdown(r: dict) -> str:
               f"Base vs new at syn_steps 10, batch_syn 10: {tm['base']['seconds']:.2f} s -> "
               f"{tm['new']['seconds']:.2f} s ({tm['ratio']:.2f}x; unroll "
               f"{tm['new']['unroll_s']:.2f} s + backward {tm['new']['backward_s']:.2f} s). "
-              f"Without normalisation layers (`net_norm=none`): {tm['norm_none']['seconds']:.2f} s "
+              f"A ConvNet without normalisation layers: {tm['norm_none']['seconds']:.2f} s "
               f"({tm['new']['seconds'] / tm['norm_none']['seconds']:.2f}x less).", "",
               f"Cost model fitted on the grid below: seconds = {fit['a_s']:.3f} + "
               f"{fit['b_s_per_image_step'] * 1e3:.2f} ms x syn_steps x batch_syn (largest "
