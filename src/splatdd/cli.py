@@ -286,7 +286,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def _load_file(path: str, device: str = "cpu"):
     from splatdd import distilled_file
     from splatdd.registry import PluginLoadError, UnknownPluginError
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise CLIError(f"no such file: {path}")
     try:
         return distilled_file.load(path, registry=_registry(), device=device)
@@ -537,8 +537,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    from splatdd.run_folder import RunFolderError
     try:
         rc = func(args)
+    except RunFolderError as exc:          # e.g. a full disk while render/export write
+        print(f"splatdd: error: {exc}", file=sys.stderr)
+        return 2
     except CLIError as exc:
         print(f"splatdd: error: {exc}", file=sys.stderr)
         return 2

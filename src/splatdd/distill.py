@@ -297,14 +297,30 @@ def run_step(param: Parameterization, algo: Algorithm, opt: torch.optim.Optimize
 
 
 def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
-            out_dir: str | os.PathLike, checkpoint_every: int | None = 500,
-            resume: bool = False, seed: int | None = 0, eval_every: int | None = None,
-            eval_fn: Callable[[Parameterization, int], Mapping[str, Any]] | None = None,
-            progress: bool = True, on_step: Callable[..., Any] | None = None,
-            lr: float | None = None, config: Mapping[str, Any] | None = None,
-            save_file: bool = True, plot: bool = True, budget_tolerance: float = 0.0,
-            registry: Any = None) -> Parameterization:
-    """Run ``iterations`` outer steps of ``algo`` on ``param``; returns ``param`` (trained, in place).
+            out_dir: str | os.PathLike, lock: bool = True, **kwargs: Any) -> Parameterization:
+    """Run ``iterations`` outer steps of ``algo`` on ``param`` in the run folder ``out_dir``; see
+    :func:`_distill_body` for the other arguments. ``lock``: check that ``out_dir`` is writable,
+    take its exclusive lock (a second writer gets :class:`splatdd.run_folder.RunFolderBusy`) and
+    remove temporary files a killed write left; :func:`splatdd.experiment.run` holds the lock
+    already and passes ``False``. Only rank 0 of a multi-process run writes (and locks)."""
+    from splatdd.run_folder import RunLock, check_writable, clean_stale_temps
+    if not lock or not distributed.is_main():
+        return _distill_body(param, algo, iterations=iterations, out_dir=out_dir, **kwargs)
+    check_writable(out_dir)
+    with RunLock(out_dir) as held:
+        clean_stale_temps(out_dir, lock=held)
+        return _distill_body(param, algo, iterations=iterations, out_dir=out_dir, **kwargs)
+
+
+def _distill_body(param: Parameterization, algo: Algorithm, *, iterations: int,
+                  out_dir: str | os.PathLike, checkpoint_every: int | None = 500,
+                  resume: bool = False, seed: int | None = 0, eval_every: int | None = None,
+                  eval_fn: Callable[[Parameterization, int], Mapping[str, Any]] | None = None,
+                  progress: bool = True, on_step: Callable[..., Any] | None = None,
+                  lr: float | None = None, config: Mapping[str, Any] | None = None,
+                  save_file: bool = True, plot: bool = True, budget_tolerance: float = 0.0,
+                  registry: Any = None) -> Parameterization:
+    """The loop of :func:`distill`; returns ``param`` (trained, in place).
 
     ``out_dir``        where checkpoints, the distilled file, history and loss plot go.
     ``checkpoint_every`` steps between checkpoints (``None``/0: only at the end).
@@ -427,10 +443,14 @@ def distill(param: Parameterization, algo: Algorithm, *, iterations: int,
     history = {"identity": identity, "config": run_config, "losses": losses, "evals": evals,
                "steps": final_step, "seconds_this_session": elapsed,
                "budget": {"used": budget.used, "allowed": budget.allowed}}
-    atomic_write_json(out_dir / HISTORY_NAME, _finite(history))
-    if plot and losses:
-        plot_losses(losses, out_dir / LOSS_PLOT_NAME,
-                    title=f"{param.name} + {algo.name}, {spec.name}, ipc {ipc}")
+    with translate_write_errors(f"{out_dir / HISTORY_NAME} and {out_dir / LOSS_PLOT_NAME}",
+                                kept=f"the final checkpoint {checkpoint_path(out_dir)}",
+                                hint="free space or fix the folder, then rerun the same command "
+                                     "with --resume"):
+        atomic_write_json(out_dir / HISTORY_NAME, _finite(history))
+        if plot and losses:
+            plot_losses(losses, out_dir / LOSS_PLOT_NAME,
+                        title=f"{param.name} + {algo.name}, {spec.name}, ipc {ipc}")
     if save_file:
         from splatdd import distilled_file
         tail = losses[-min(len(losses), 50):]

@@ -270,7 +270,7 @@ def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *
     t0 = time.perf_counter()
     with _phase("the distillation", *fresh):
         distill_mod.distill(
-            param, algo, iterations=iterations, out_dir=out,
+            param, algo, iterations=iterations, out_dir=out, lock=False,   # run() holds it
             checkpoint_every=config.checkpoint_every, resume=resume, seed=config.seed,
             eval_every=every or None, eval_fn=eval_fn if every else None, progress=progress,
             lr=config.lr,
