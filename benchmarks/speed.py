@@ -582,6 +582,12 @@ def _markdown(r: dict) -> str:
         L += ["", f"## dm main job, small (pixel IPC 1, {a['iters']} dm iterations, batch_real "
               f"256, then {a['runs']} nets x {a['epochs']} epochs of the papers' evaluation, "
               "seed 0; same seeds on every side)", "",
+              "The base revision's dm drew every class's real batch and DSA seed from one "
+              "generator; since commit 74c5b5f (dm on K processes) each class has its own stream, "
+              "so the two sides distil different images from the same seeds and only "
+              "statistical agreement is expected; the evaluation's random stream is unchanged. "
+              "The fp32 speed changes are tested equal to the one-pass maths "
+              "(tests/test_speed_equivalence.py, tests/test_evaluate.py).", "",
               "| side | accuracy % | per run | distill s | eval train s | eval test s |",
               "|---|---|---|---|---|---|"]
         for k, v in acc.items():
