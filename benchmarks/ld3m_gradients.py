@@ -32,7 +32,7 @@ count. Times are the minimum of ``--repeats`` runs on shared cores.
 Part 1 then also has the row "fmnist-ldm": a complete class-conditional LDM (KL autoencoder and UNet
 trained together on FashionMNIST, `splatdd_ld3m.train`), the closest model here to the paper's.
 
-Compared with shared/ANCHORS.md, row "Gradient flow through a diffusion chain (LD3M paper, Table 1)".
+Compared with docs/references.md, section "Gradient flow through a diffusion chain (LD3M paper, Table 1)".
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from splatdd.memory import proc_status_kb, reset_peak_rss
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-#: shared/ANCHORS.md, "Gradient flow through a diffusion chain (LD3M paper, Table 1)": plain process.
+#: docs/references.md, "Gradient flow through a diffusion chain (LD3M paper, Table 1)": plain process.
 PAPER = {10: 58.1, 20: 33.5, 30: 19.8, 40: 15.4, 50: 13.9, 60: 12.1, 70: 10.4, 80: 8.7, 90: 6.5}
 ANCHOR_ROW = "Gradient flow through a diffusion chain (LD3M paper, Table 1)"
 #: result key -> the ``residual`` option: plain DDIM, the paper's Eq. 7, the released code's variant
@@ -306,7 +306,7 @@ def write_md(res: dict, path: Path) -> None:
     L.append("# LD3M: gradient flow through the reverse process (paper Table 1) and checkpointing cost\n")
     L.append(f"Produced by `benchmarks/ld3m_gradients.py` with {res['threads']} torch thread(s). Gradients: "
              f"{res.get('machine_grad', res['machine'])}, {res.get('seconds_grad', res['seconds']):.0f} s; cost: "
-             f"{res['machine']}. Compared with shared/ANCHORS.md, row \"{ANCHOR_ROW}\" (the paper's values are "
+             f"{res['machine']}. Compared with docs/references.md, section \"{ANCHOR_ROW}\" (the paper's values are "
              "for the plain process only).\n")
     L.append("## Setup\n")
     L.append(f"- Model: the tiny class-conditional LDM of `splatdd_ld3m.tiny` (VQ-f4 autoencoder with 3 latent "

@@ -65,6 +65,17 @@ _positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a posit
 positive_int, nonneg_int, positive_float = _positive_int, _nonneg_int, _positive_float
 
 
+def parse_resolution(text: str | None, option: str = "--resolution") -> tuple[int, int] | None:
+    """``"R"`` or ``"HxW"`` -> ``(H, W)`` (``None`` stays ``None``); a bad value is a
+    :class:`CLIError` naming ``option``. For plugin commands that parse it after argparse."""
+    if text is None:
+        return None
+    try:
+        return _resolution(text)
+    except argparse.ArgumentTypeError as exc:
+        raise CLIError(f"{option}: {exc}") from None
+
+
 def _resolution(text: str) -> tuple[int, int]:
     parts = text.lower().replace("x", ",").split(",")
     what = f"R or HxW with whole numbers of pixels >= 1 (e.g. 32 or 64x48), got {text!r}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from splatdd.cli import parse_resolution
 from splatdd.cli import CLIError, positive_float, positive_int
 
 
@@ -44,21 +45,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _resolution(text: str | None):
-    if text is None:
-        return None
-    parts = [t for t in text.lower().replace("x", ",").split(",") if t.strip()]
-    try:
-        hw = tuple(int(t) for t in parts)
-    except ValueError:
-        raise CLIError(f"--resolution must be R or HxW, got {text!r}") from None
-    if len(hw) == 1:
-        hw = (hw[0], hw[0])
-    if len(hw) != 2 or min(hw) < 1:
-        raise CLIError(f"--resolution must be R or HxW, got {text!r}")
-    return hw
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -78,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     try:
         train, test = load_dataset(args.dataset, args.data_root,
-                                   resolution=_resolution(args.resolution), zca=args.zca,
+                                   resolution=parse_resolution(args.resolution), zca=args.zca,
                                    device=device, progress=progress)
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(f"cannot load dataset {args.dataset!r}: {exc}") from None

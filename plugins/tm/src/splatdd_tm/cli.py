@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from splatdd.augment import DEFAULT_STRATEGY
+from splatdd.cli import parse_resolution
 from splatdd.cli import positive_float as _positive_float
 from splatdd.cli import positive_int as _positive_int
 
@@ -61,21 +62,6 @@ def _user_error(msg: str) -> Exception:
         return SystemExit(f"splatdd: error: {msg}")
 
 
-def _resolution(text: str | None):
-    if text is None:
-        return None
-    parts = [t for t in text.lower().replace("x", ",").split(",") if t.strip()]
-    try:
-        hw = tuple(int(t) for t in parts)
-    except ValueError:
-        raise _user_error(f"--resolution must be R or HxW, got {text!r}") from None
-    if len(hw) == 1:
-        hw = (hw[0], hw[0])
-    if len(hw) != 2 or min(hw) < 1:
-        raise _user_error(f"--resolution must be R or HxW, got {text!r}")
-    return hw
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -94,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     try:
         train, test = load_dataset(args.dataset, args.data_root,
-                                   resolution=_resolution(args.resolution), zca=args.zca,
+                                   resolution=parse_resolution(args.resolution), zca=args.zca,
                                    device=device, progress=progress)
     except (FileNotFoundError, ValueError) as exc:
         raise _user_error(f"cannot load dataset {args.dataset!r}: {exc}") from None
