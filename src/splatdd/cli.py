@@ -90,17 +90,25 @@ def _resolution(text: str) -> tuple[int, int]:
     return hw  # type: ignore[return-value]
 
 
-def _device(name: str) -> str:
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available in this torch build/machine")
+def resolve_device(name: str, option: str = "--device") -> str:
+    """The device a command runs on (``auto`` resolved); ``CLIError`` naming ``option``.
+
+    Shared by the core commands and the plugins' (``splatdd buffer``, ``splatdd teacher``)."""
+    from splatdd.runtime import resolve_device as _resolve
     try:
-        torch.device(name)
-    except RuntimeError as exc:
-        raise CLIError(f"--device: {exc}") from None
-    return name
+        dev = _resolve(name, what=option)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    return name if name != "auto" else str(dev)
+
+
+def set_threads(n: int | None, option: str = "--threads") -> None:
+    """Apply a command's ``--threads`` (0/None: torch's default); ``CLIError`` when out of range."""
+    from splatdd.runtime import set_threads as _set
+    try:
+        _set(n or 0, what=option)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _registry():
@@ -118,8 +126,9 @@ def _plugin_class(kind: str, name: str):
         raise CLIError(f"{exc}\n(run `splatdd plugins -v` for the traceback)") from None
 
 
-def _load_data(dataset: str, root: str | None, resolution, zca: bool, device: str,
-               progress: bool):
+def load_data(dataset: str, root: str | None, resolution, zca: bool, device: str,
+              progress: bool):
+    """``load_dataset`` for a command: a missing or bad dataset becomes a ``CLIError``."""
     from splatdd.data import load_dataset
     try:
         return load_dataset(dataset, root, resolution=resolution, zca=zca, device=device,
@@ -310,7 +319,7 @@ def _load_file(path: str, device: str = "cpu"):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from splatdd.experiment.run import evaluate_rows
-    device = _device(args.device)
+    device = resolve_device(args.device)
     reg = _registry()
     try:
         options = parse_kv(args.protocol_opt, "--protocol-opt")
@@ -326,7 +335,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     spec = d.spec
     root = args.data_root or (d.meta.get("extra") or {}).get("dataset_root")
     res_hw = args.resolution or (spec.height, spec.width)
-    train, test = _load_data(spec.name, root, res_hw, spec.zca, device, not args.no_progress)
+    train, test = load_data(spec.name, root, res_hw, spec.zca, device, not args.no_progress)
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     if not models:
         raise CLIError(f"--model expects NAME[,NAME...], got {args.model!r}")

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+from ..runtime import resolve_device, set_threads
 
 from splatdd import distributed
 from splatdd.experiment.config import ConfigError, ExperimentConfig
@@ -109,22 +110,17 @@ def _resolve(config: ExperimentConfig, registry: Any):
 
 
 def _threads(n: int) -> None:
-    if n:
-        limit = os.cpu_count() or 1
-        if n > limit:
-            raise ConfigError(f"threads must be between 1 and this machine's {limit} CPUs "
-                              f"(0: torch's default), got {n}")
-        torch.set_num_threads(n)
+    try:
+        set_threads(n)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_device(name: str) -> torch.device:
     try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device {name!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r}: CUDA is not available in this torch build/machine")
-    return dev
+        return resolve_device(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def evaluate_rows(protocol: Any, images: torch.Tensor, labels: torch.Tensor, test: Any, *,

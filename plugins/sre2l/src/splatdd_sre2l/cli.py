@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from splatdd.cli import parse_resolution
+from splatdd.cli import load_data, parse_resolution, resolve_device, set_threads
 from splatdd.cli import CLIError, positive_float, positive_int
 
 
@@ -46,28 +46,15 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from splatdd.data import load_dataset
-
     from .teacher import TeacherError, train_teacher
 
     if not (args.model.startswith("ConvNet") or args.model == "ResNet18"):
         raise CLIError(f"--model must be ConvNet, ConvNetD<k> or ResNet18, got {args.model!r}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    set_threads(args.threads)
     progress = not args.no_progress
-    try:
-        train, test = load_dataset(args.dataset, args.data_root,
-                                   resolution=parse_resolution(args.resolution), zca=args.zca,
-                                   device=device, progress=progress)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CLIError(f"cannot load dataset {args.dataset!r}: {exc}") from None
+    train, test = load_data(args.dataset, args.data_root, parse_resolution(args.resolution),
+                            args.zca, device, progress)
     spec = train.spec
     print(f"dataset {spec.name}: {len(train.labels)} train / {len(test.labels)} test images, "
           f"{spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes", flush=True)

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from splatdd.augment import DEFAULT_STRATEGY
-from splatdd.cli import parse_resolution
+from splatdd.cli import load_data, parse_resolution, resolve_device, set_threads
 from splatdd.cli import positive_float as _positive_float
 from splatdd.cli import positive_int as _positive_int
 
@@ -63,27 +63,14 @@ def _user_error(msg: str) -> Exception:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from splatdd.data import load_dataset
-
     from .buffer import BufferError, ExpertBuffer, train_experts
     from .unroll import activation_bytes, estimate_unroll_bytes
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise _user_error(f"--device {device}: CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    set_threads(args.threads)
     progress = not args.no_progress
-    try:
-        train, test = load_dataset(args.dataset, args.data_root,
-                                   resolution=parse_resolution(args.resolution), zca=args.zca,
-                                   device=device, progress=progress)
-    except (FileNotFoundError, ValueError) as exc:
-        raise _user_error(f"cannot load dataset {args.dataset!r}: {exc}") from None
+    train, test = load_data(args.dataset, args.data_root, parse_resolution(args.resolution),
+                            args.zca, device, progress)
     spec = train.spec
     print(f"dataset {spec.name}: {len(train.labels)} train / {len(test.labels)} test images, "
           f"{spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes"
