@@ -55,7 +55,8 @@ def test_distill_resume_eval_render_export(env, tmp_path, capsys):
                      "--json", str(tmp_path / "e.json")]) == 0
     assert "ConvNet: test accuracy" in capsys.readouterr().out
     assert json.loads((tmp_path / "e.json").read_text())["rows"][0]["lr"] == 0.01
-    assert cli.main(["render", f, "--out", str(tmp_path / "g.png"), "--resolution", "56"]) == 0
+    assert cli.main(["render", f, "--out", str(tmp_path / "g.png"), "--resolution", "56",
+                     "--bare"]) == 0
     from PIL import Image
     assert Image.open(tmp_path / "g.png").size == (10 * 58 + 2, 58 + 2)
     assert cli.main(["export", f, "--out", str(tmp_path / "x.pt")]) == 0

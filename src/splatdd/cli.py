@@ -142,6 +142,35 @@ def _print(msg: str) -> None:
 
 
 # ---- plugins -------------------------------------------------------------------------------------
+class _CommandRecorder:
+    """Stands in for argparse's subparsers object while a ``splatdd.commands`` plugin registers:
+    records the command names it adds and tags each one's help with the providing plugin."""
+
+    def __init__(self, subparsers: Any, tag: str | None) -> None:
+        self._sub, self._tag = subparsers, tag
+        self.names: list[str] = []
+
+    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+        self.names.append(name)
+        if self._tag:
+            kw["help"] = f"{kw['help']} [{self._tag}]" if kw.get("help") else f"[{self._tag}]"
+        return self._sub.add_parser(name, **kw)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._sub, attr)
+
+
+def command_names(register: Callable[[Any], Any]) -> list[str]:
+    """The command names a ``splatdd.commands`` plugin's ``register(subparsers)`` adds, found by
+    registering it on a scratch parser (``splatdd plugins`` lists commands by these names)::
+
+        command_names(registry.get("command", "tm"))      # ['buffer', 'teacher', ...]
+    """
+    rec = _CommandRecorder(argparse.ArgumentParser(add_help=False).add_subparsers(), None)
+    register(rec)
+    return rec.names
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from splatdd.registry import KINDS, PluginLoadError
     reg = _registry()
@@ -150,18 +179,24 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for kind in KINDS:
         for info in reg.list_plugins(kind):
             status = "ok"
+            names = [info.name]
             if not info.active:
                 status = f"shadowed by {info.shadowed_by}"
             elif not args.no_load:
                 try:
-                    reg.get(kind, info.name)
+                    obj = reg.get(kind, info.name)
+                    if kind == "command":            # listed by the commands it adds
+                        names = command_names(obj) or names
                 except PluginLoadError as exc:
                     status = f"ERROR: {type(exc.original).__name__}: {exc.original}"
                     errors.append(exc)
+                except Exception as exc:  # noqa: BLE001 - a broken register() is reported
+                    status = f"ERROR: register failed: {type(exc).__name__}: {exc}"
             else:
                 status = "not loaded"
-            rows.append((kind, info.name, info.distribution or "-", info.version or "-",
-                         info.value, status))
+            for name in names:
+                rows.append((kind, name, info.distribution or "-", info.version or "-",
+                             info.value, status))
     if args.json:
         _print(json.dumps([dict(zip(("kind", "name", "distribution", "version", "value",
                                      "status"), r)) for r in rows], indent=2))
@@ -276,7 +311,29 @@ def cmd_distill(args: argparse.Namespace) -> int:
         distributed.shutdown()
     if main_rank and not result.after:
         _print("no evaluation (eval.runs = 0)")
+    if main_rank:
+        _run_pictures(Path(result.out_dir), Path(result.distilled_file))
     return 0
+
+
+#: The grid picture ``splatdd distill`` writes into the run folder beside ``loss.png``.
+GRID_NAME = "grid.png"
+
+
+def _run_pictures(out_dir: Path, file: Path) -> None:
+    """Write the run's grid picture and print the paths of its pictures."""
+    from splatdd.distill import LOSS_PLOT_NAME
+    from splatdd.run_folder import RunFolderError
+    shown = []
+    try:
+        shown.append(_write_grid(_load_file(str(file)), out_dir / GRID_NAME)
+                     + " (the distilled images)")
+    except (CLIError, RunFolderError, OSError) as exc:
+        _print(f"note: no {out_dir / GRID_NAME}: {exc}")
+    if (out_dir / LOSS_PLOT_NAME).is_file():
+        shown.append(f"{out_dir / LOSS_PLOT_NAME} (the loss curve)")
+    for line in shown:
+        _print(f"picture: {line}")
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -358,13 +415,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    d = _load_file(args.file)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out must end in .png (use `splatdd export` for tensors), got {out}")
-    d.export_png(out, nrow=args.nrow, resolution=args.resolution, scale=args.scale)
-    _print(f"wrote {out}")
+    d = _load_file(args.file)
+    _print("wrote " + _write_grid(d, out, nrow=args.nrow, resolution=args.resolution,
+                                  scale=args.scale, title=args.title, bare=args.bare))
     return 0
+
+
+def _write_grid(d: Any, out: Path, *, nrow: int | None = None, resolution: Any = None,
+                scale: int | None = None, title: str | None = None, bare: bool = False) -> str:
+    """Write ``d``'s grid PNG; returns ``"PATH (W x H px): TITLE"`` for the messages."""
+    from PIL import Image
+
+    from splatdd.distilled_file import grid_title
+    if not bare and title is None:
+        images = d.images(resolution=resolution)
+        title = grid_title(d, images, d.spec, d.labels)
+    d.export_png(out, nrow=nrow, resolution=resolution, scale=scale, annotate=not bare,
+                 title=title)
+    with Image.open(out) as img:
+        w, h = img.size
+    return f"{out} ({w}x{h} px)" + (f": {title}" if title and not bare else "")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -377,7 +450,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---- parser --------------------------------------------------------------------------------------
 def build_parser(*, plugin_commands: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splatdd", description="Dataset distillation with 2D "
-                                "Gaussians and other parameterizations.")
+                                "Gaussians and other parameterizations.",
+                                epilog="Commands marked [plugin DIST] come from the installed "
+                                "plugin distribution DIST (`splatdd plugins` lists them); the "
+                                "others are splatdd's own.")
     try:
         import importlib.metadata as md
         version = md.version("splatdd")
@@ -498,13 +574,25 @@ def build_parser(*, plugin_commands: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_eval)
 
-    sp = sub.add_parser("render", help="write a distilled file's images as a PNG grid")
-    sp.add_argument("file")
+    sp = sub.add_parser("render", help="write a distilled file's images as a PNG grid",
+                        description="Write the decoded images as a PNG grid, one column per "
+                        "class under its class name, with a title that says what they are "
+                        "(parameterization, algorithm, dataset, budget IPC, GPC = images per "
+                        "class, points per image where the parameterization has them, "
+                        "resolution).")
+    sp.add_argument("file", help="a distilled .safetensors file")
     sp.add_argument("--out", required=True, help="output .png")
-    sp.add_argument("--resolution", type=_resolution, default=None)
+    sp.add_argument("--resolution", type=_resolution, default=None,
+                    help="decode at R or HxW (default: the file's)")
     sp.add_argument("--nrow", type=_positive_int, default=None,
-                    help="images per row (default: one column per class)")
-    sp.add_argument("--scale", type=_positive_int, default=1, help="pixel-replication zoom")
+                    help="images per row, each under its class name (default: one column per "
+                    "class)")
+    sp.add_argument("--scale", type=_positive_int, default=None,
+                    help="pixel-replication zoom (default: images at least 64 px, e.g. 3 for "
+                    "28 px; 1 with --bare)")
+    sp.add_argument("--title", default=None,
+                    help="title text (default: what the images are, as described above)")
+    sp.add_argument("--bare", action="store_true", help="images only: no title, no class names")
     sp.set_defaults(func=cmd_render)
 
     sp = sub.add_parser("export", help="write decoded images + labels as a torch .pt file")
@@ -522,6 +610,7 @@ def build_parser(*, plugin_commands: bool = True) -> argparse.ArgumentParser:
 
 
 def _add_plugin_commands(sub) -> None:
+    """Each ``splatdd.commands`` plugin's commands, their help tagged ``[plugin DIST]``."""
     from splatdd.registry import PluginLoadError
     reg = _registry()
     for info in reg.list_plugins("command"):
@@ -529,7 +618,7 @@ def _add_plugin_commands(sub) -> None:
             continue
         try:
             register = reg.get("command", info.name)
-            register(sub)
+            register(_CommandRecorder(sub, f"plugin {info.distribution or info.name}"))
         except PluginLoadError as exc:
             print(f"splatdd: warning: {exc}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI

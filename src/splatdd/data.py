@@ -338,8 +338,8 @@ def _read_files(files, size, desc: str, progress: bool):
     y = torch.empty(n, dtype=torch.int64)
     bar = None
     if progress and n >= 1000:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n, desc=desc, unit="img")
+        from splatdd.progress import progress_bar
+        bar = progress_bar(total=n, desc=desc, unit="img")
     try:
         for i, (p, c) in enumerate(files):   # files are grouped class by class
             x[i] = torch.from_numpy(_load_image(p, size))

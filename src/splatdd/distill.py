@@ -393,9 +393,9 @@ def _distill_body(param: Parameterization, algo: Algorithm, *, iterations: int,
 
     bar = None
     if progress and iterations > start and distributed.is_main():
-        from tqdm.auto import tqdm
-        bar = tqdm(total=iterations, initial=start, desc=f"{param.name}+{algo.name}",
-                   dynamic_ncols=True, leave=True)
+        from splatdd.progress import progress_bar
+        bar = progress_bar(total=iterations, initial=start, desc=f"{param.name}+{algo.name}",
+                           unit="it")
     t0 = time.perf_counter()
     stop = _GracefulInterrupt()
     try:
@@ -416,8 +416,8 @@ def _distill_body(param: Parameterization, algo: Algorithm, *, iterations: int,
                     res = dict(eval_fn(param, done))
                 evals.append({"step": done, **res})
             if bar is not None:
-                bar.update(1)
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+                bar.update(1)
             if checkpoint_every and done % checkpoint_every == 0 and done < iterations:
                 save_checkpoint(done)
             if on_step is not None:

@@ -57,7 +57,7 @@ from splatdd.plugin_api import DatasetSpec, Parameterization
 from splatdd.run_folder import translate_write_errors
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "Distilled", "save", "load",
-           "read_metadata", "export_png", "export_tensor", "denormalize", "make_grid",
+           "read_metadata", "export_png", "export_tensor", "denormalize", "make_grid", "grid_title",
            "DistilledFileError", "NotADistilledFile", "TruncatedFile", "CorruptFile",
            "UnsupportedVersion", "IntegrityError", "InvalidMetadata", "InvalidTensorData",
            "ImplausibleSize", "metadata_digest", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH"]
@@ -868,16 +868,9 @@ def make_grid(images: torch.Tensor, *, nrow: int | None = None, labels: torch.Te
 
     ``nrow`` images per row in the given order; when ``nrow`` is None and ``labels`` are given, one
     column per class (images of class ``c`` stacked down column ``c``); else a near-square grid."""
+    from splatdd.grids import grid_cells
     n, c, h, w = images.shape
-    cells: list[tuple[int, int, int]] = []  # (row, col, index)
-    if nrow is None and labels is not None and n > 0:
-        classes = sorted(set(labels.tolist()))
-        for col, k in enumerate(classes):
-            idx = torch.nonzero(labels == k).flatten().tolist()
-            cells += [(row, col, i) for row, i in enumerate(idx)]
-    else:
-        per_row = nrow or max(1, math.ceil(math.sqrt(n)))
-        cells = [(i // per_row, i % per_row, i) for i in range(n)]
+    cells = grid_cells(n, labels, nrow)               # (row, col, index)
     rows = 1 + max((r for r, _, _ in cells), default=0)
     cols = 1 + max((q for _, q, _ in cells), default=0)
     grid = torch.full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value)
@@ -887,30 +880,65 @@ def make_grid(images: torch.Tensor, *, nrow: int | None = None, labels: torch.Te
     return grid
 
 
+def grid_title(source: Any, images: torch.Tensor, spec: DatasetSpec | None,
+               labels: torch.Tensor | None) -> str | None:
+    """The title :func:`export_png` gives ``source``'s grid: parameterization (+ algorithm),
+    dataset, budget IPC, GPC (images per class), points per image where the parameterization has
+    them, resolution. ``None`` for a bare tensor without a spec::
+
+        grid_title(d, d.images(), d.spec, d.labels)   # 'gaussian + dm, fashion_mnist (budget ...
+    """
+    from splatdd.grids import title_for
+
+    param = source.param if isinstance(source, Distilled) else source
+    is_param = isinstance(param, Parameterization)
+    if not is_param and spec is None:
+        return None
+    if spec is not None:
+        k = spec.num_classes
+    else:
+        k = len(set(labels.tolist())) if labels is not None else 0
+    config = None
+    if is_param:
+        try:
+            config = param.config()
+        except Exception:  # noqa: BLE001 - a title must not fail an export
+            config = None
+    return title_for(parameterization=param.name if is_param else None,
+                     algorithm=source.algorithm if isinstance(source, Distilled) else None,
+                     dataset=spec.name if spec is not None else None,
+                     ipc=source.ipc if isinstance(source, Distilled) else None,
+                     num_images=int(images.shape[0]), num_classes=k,
+                     height=int(images.shape[-2]), width=int(images.shape[-1]), config=config)
+
+
 def export_png(source: Any, path: str | os.PathLike, *, spec: DatasetSpec | None = None,
                nrow: int | None = None, resolution: tuple[int, int] | None = None,
-               padding: int = 2, scale: int = 1) -> Path:
+               padding: int = 2, scale: int | None = None, annotate: bool = True,
+               title: str | None = None) -> Path:
     """Write a grid PNG of the decoded images (de-normalised with ``spec``'s mean/std).
 
     ``source``: a :class:`Distilled`, a file path, a :class:`Parameterization` (pass ``spec=``
     unless it has a ``spec`` attribute) or an ``(N, C, H, W)`` tensor. Default layout: one column
-    per class. ``scale`` upsamples the grid by pixel replication."""
-    from PIL import Image
+    per class. With ``annotate`` (default) the grid gets a title (``title``, default
+    :func:`grid_title`: parameterization, GPC, points, resolution) and each column its class name
+    (:func:`splatdd.grids.class_names`); ``annotate=False`` writes the bare grid. ``scale``
+    upsamples by pixel replication (default: :func:`splatdd.grids.readable_scale` when annotating,
+    e.g. 3x for 28 px images; 1 for a bare grid)::
 
+        export_png("runs/fm/distilled.safetensors", "grid.png")
+    """
+    from splatdd.grids import annotated_grid, class_names
+
+    if isinstance(source, (str, os.PathLike)):
+        source = load(source)
     images, labels, spec, _ = _resolve(source, spec, resolution)
-    grid = make_grid(denormalize(images, spec), nrow=nrow, labels=labels, padding=padding)
-    c = grid.shape[0]
-    if c == 3:
-        arr, mode = grid.permute(1, 2, 0), "RGB"
-    elif c == 1:
-        arr, mode = grid[0], "L"
-    else:
-        arr, mode = grid.mean(0), "L"
-    if scale > 1:
-        arr = arr.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    u8 = (arr * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
-    img = Image.fromarray(u8)           # 2-D uint8 -> "L", (H, W, 3) uint8 -> "RGB"
-    assert img.mode == mode, (img.mode, mode)
+    if annotate and title is None:
+        title = grid_title(source, images, spec, labels)
+    img = annotated_grid(denormalize(images, spec), labels, nrow=nrow, padding=padding,
+                         scale=scale if (scale is not None or annotate) else 1,
+                         title=title if annotate else None, captions=annotate,
+                         class_names=class_names(spec) if spec is not None else None)
     path = Path(path)
     with _export_errors(path):
         atomic_save_with(path, lambda f: img.save(f, format="PNG"))

@@ -19,11 +19,17 @@ Methods:
   ``-o NAME:KEY=VALUE``), refused when it exceeds the budget, then fitted by its own
   ``init_from_real``.
 
-::
+The images' source is stated in every output (stdout, the table, ``--json``, the ``--png``
+title). The default source, ``auto``, is scikit-image's bundled photographs when scikit-image is
+installed (``pip install 'splatdd[photos]'``), else FashionMNIST's test images upsampled, with a
+note saying so.
 
-    splatdd fit                                    # skimage photos (or FashionMNIST), 128 px
+Examples::
+
+    splatdd fit                                    # 8 photographs (or FashionMNIST), 128 px
     splatdd fit --methods pixel,siren,gaussian --images 8 --steps 1000 --floats-per-image 963
     splatdd fit --methods gaussian --lr gaussian=0.01 -o gaussian:ssaa=1 --json out.json
+    splatdd fit --images 4 --steps 200 --png fit.png   # targets and fits, titled with the source
 """
 from __future__ import annotations
 
@@ -42,13 +48,17 @@ from splatdd.memory import proc_status_kb, reset_peak_rss
 
 __all__ = ["FitResult", "fit_images", "load_images", "fit_method", "psnr", "PeakMemory",
            "pixel_grid", "format_table", "machine_description", "register", "run",
-           "SKIMAGE_PHOTOS", "BASELINES"]
+           "SKIMAGE_PHOTOS", "BASELINES", "SKIMAGE_MISSING", "resolve_source", "write_png"]
 
 #: colour photographs bundled with scikit-image (no download needed)
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "retina",
                   "immunohistochemistry", "hubble_deep_field")
 #: the command's own low-resolution pixel baselines (no plugin)
 BASELINES = ("pixel", "pixel-fit")
+#: what to do when the photographs are wanted and scikit-image is missing
+SKIMAGE_MISSING = ("scikit-image is not installed, so its bundled photographs are not available "
+                   "(install them with `pip install 'splatdd[photos]'` or `pip install "
+                   "scikit-image`; no download at run time)")
 
 
 # ---- the fitting loop ----------------------------------------------------------------------------
@@ -164,17 +174,43 @@ def load_images(source: str, n: int, resolution: int | None, *, seed: int = 0
     ``source``: ``"skimage"`` (crops of scikit-image's bundled colour photographs; needs
     scikit-image), ``"fashion_mnist"`` (the first ``n`` test images from the core's FashionMNIST
     location, bilinearly resized to ``resolution`` when it is not 28), ``"auto"`` (skimage if
-    importable, else fashion_mnist), or a directory of image files (read with Pillow,
+    importable, else fashion_mnist, with a note in the description that says so and how to get
+    the photographs: see :func:`resolve_source`), or a directory of image files (read with Pillow,
     centre-cropped and resized)::
 
         images, text = load_images("fashion_mnist", 4, 28)
     """
+    source, note = resolve_source(source)
+    images, desc = _load(source, n, resolution, seed)
+    return images, desc + (f" [{note}]" if note else "")
+
+
+def _skimage_available() -> bool:
+    try:
+        import skimage  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_source(source: str) -> tuple[str, str | None]:
+    """``(source, note)``: ``"auto"`` becomes ``"skimage"`` when scikit-image is importable, else
+    ``"fashion_mnist"`` with a note saying so and how to get the photographs; ``"skimage"``
+    without scikit-image raises ``ImportError`` saying how to install it::
+
+        resolve_source("auto")     # ('skimage', None) with scikit-image installed
+    """
     if source == "auto":
-        try:
-            import skimage  # noqa: F401
-            source = "skimage"
-        except ImportError:
-            source = "fashion_mnist"
+        if _skimage_available():
+            return "skimage", None
+        return "fashion_mnist", ("fallback: " + SKIMAGE_MISSING + "; FashionMNIST used instead, "
+                                 "so the figures are not comparable to the photograph ones")
+    if source == "skimage" and not _skimage_available():
+        raise ImportError(SKIMAGE_MISSING)
+    return source, None
+
+
+def _load(source: str, n: int, resolution: int | None, seed: int) -> tuple[torch.Tensor, str]:
     if source == "skimage":
         size = resolution or 128
         return _skimage_crops(n, size, seed), (
@@ -398,11 +434,12 @@ def machine_description() -> str:
     return text
 
 
-def format_table(results: Sequence[FitResult]) -> str:
-    """A markdown table of fit results."""
-    lines = ["| method | PSNR (dB) | time (s) | s / step | peak memory (MB) | bytes / image "
-             "(budget) | lr | configuration |",
-             "|---|---|---|---|---|---|---|---|"]
+def format_table(results: Sequence[FitResult], source: str | None = None) -> str:
+    """A markdown table of fit results (preceded by ``Images: SOURCE`` when ``source`` is given)."""
+    lines = [f"Images: {source}", ""] if source else []
+    lines += ["| method | PSNR (dB) | time (s) | s / step | peak memory (MB) | bytes / image "
+              "(budget) | lr | configuration |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         sps = "-" if math.isnan(r.seconds_per_step) else f"{r.seconds_per_step:.4f}"
         mem = "n/a" if math.isnan(r.peak_memory_mb) else f"{r.peak_memory_mb:.1f}"
@@ -436,71 +473,123 @@ def _method_lr(text: str) -> tuple[str, float]:
     return method, lr
 
 
+def _plain(doc: str) -> str:
+    """reStructuredText of a docstring as plain text for ``--help``: ````x```` -> x,
+    ``:role:`~a.b.c``` -> c, ``::`` -> ``:``."""
+    import re
+    text = re.sub(r":[a-z]+:`~?([^`]*)`", lambda m: m.group(1).split(".")[-1], doc)
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    return re.sub(r"::\n", ":\n", text).replace(" ::", "")
+
+
 def register(subparsers: Any) -> None:
     """Add ``splatdd fit`` to the CLI (the core registers it; see :func:`splatdd.cli.build_parser`)."""
     from splatdd.cli import nonneg_int, positive_float, positive_int
     p = subparsers.add_parser(
         "fit", help="fit real images with parameterizations at equal storage (PSNR/time/memory)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=_plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="pixel,siren,gaussian",
                    help="comma-separated: 'pixel' (downsample + bilinear up), 'pixel-fit' "
-                        "(optimised low-res pixels), or any installed parameterization name")
+                        "(optimised low-res pixels), or any installed parameterization name "
+                        "(default pixel,siren,gaussian)")
     p.add_argument("--source", default="auto",
-                   help="'skimage' (bundled photographs), 'fashion_mnist', 'auto' or a folder")
-    p.add_argument("--images", type=positive_int, default=8, help="number of images to fit")
-    p.add_argument("--resolution", type=positive_int, default=128)
+                   help="'skimage' (scikit-image's bundled photographs; pip install "
+                        "'splatdd[photos]'), 'fashion_mnist', a folder of images, or 'auto': "
+                        "skimage when scikit-image is installed, else fashion_mnist with a note "
+                        "in every output (default auto)")
+    p.add_argument("--images", type=positive_int, default=8,
+                   help="number of images to fit (default 8)")
+    p.add_argument("--resolution", type=positive_int, default=128,
+                   help="side of the square images in pixels (default 128)")
     p.add_argument("--steps", type=nonneg_int, default=1000,
-                   help="Adam steps, the same for every method")
+                   help="Adam steps, the same for every method (default 1000)")
     p.add_argument("--floats-per-image", type=positive_float, default=963.0,
-                   help="storage per image in fp32 floats (bytes = 4 x this); 963 = the paper's")
+                   help="storage per image in fp32 floats (bytes = 4 x this; default 963, "
+                        "the paper's)")
     p.add_argument("--lr", type=_method_lr, action="append", default=[], metavar="METHOD=LR",
-                   help="learning rate per method (default: each plugin's init_lr)")
+                   help="learning rate per method, repeatable (default: each plugin's init_lr)")
     p.add_argument("-o", "--option", type=_method_kv, action="append", default=[],
                    metavar="METHOD:KEY=VALUE",
-                   help="extra build option for a parameterization (e.g. gaussian:ssaa=1)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+                   help="extra build option for a parameterization, repeatable (e.g. "
+                        "gaussian:ssaa=1)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed of the crops and the initialisations (default 0)")
     p.add_argument("--threads", type=nonneg_int, default=0,
-                   help="torch threads (0: torch's default)")
-    p.add_argument("--json", default=None, help="write the results as JSON here")
+                   help="torch threads (default 0: torch's default)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the results as JSON here")
+    p.add_argument("--png", default=None, metavar="PATH",
+                   help="also write a picture here: the images, then each method's fit, titled "
+                        "with the image source")
     p.set_defaults(func=run)
 
 
+def write_png(path: str | Path, images: torch.Tensor, renders: Sequence[tuple[str, torch.Tensor]],
+              title: str) -> Path:
+    """A PNG with the target ``images`` in the first row and each ``(method, render)`` in the
+    following rows (row label above each image), titled ``title`` (which names the image
+    source); written atomically::
+
+        write_png("fit.png", images, [("gaussian", rec)], "4 skimage photographs, 128 px")
+    """
+    from splatdd.grids import annotated_grid
+    from splatdd.io_utils import atomic_save_with
+    n = images.shape[0]
+    rows = [images.detach().cpu()] + [r.detach().cpu().clamp(0, 1) for _, r in renders]
+    names = ["target"] + [m for m, _ in renders]
+    labels = torch.arange(len(rows)).repeat_interleave(n)
+    img = annotated_grid(torch.cat(rows), labels, nrow=n, title=title, class_names=names)
+    path = Path(path)
+    atomic_save_with(path, lambda f: img.save(f, format="PNG"))
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
-    """The ``splatdd fit`` handler: fit, print one line per method and a table."""
-    from splatdd.cli import CLIError
+    """The ``splatdd fit`` handler: fit, print one line per method and a table; every output
+    (stdout, the table, ``--json``, ``--png``) states where the images came from."""
+    from splatdd.cli import CLIError, resolve_device, set_threads
     from splatdd.io_utils import atomic_write_json
     from splatdd.registry import PluginLoadError, UnknownPluginError
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    device = resolve_device(args.device)
     lrs = dict(args.lr)
     options: dict[str, dict[str, Any]] = {}
     for method, key, value in args.option:
         options.setdefault(method, {})[key] = value
     try:
+        source, _ = resolve_source(args.source)
         images, desc = load_images(args.source, args.images, args.resolution, seed=args.seed)
     except (OSError, ValueError, ImportError) as exc:
         raise CLIError(f"--source {args.source!r}: {exc}") from None
     budget = 4.0 * args.floats_per_image
     print(f"images: {desc}")
     print(f"budget: {args.floats_per_image:g} fp32 floats = {budget:.0f} bytes per image; "
-          f"{args.steps} steps; machine: {machine_description()}")
-    results = []
+          f"{args.steps} steps; machine: {machine_description()}", flush=True)
+    results, renders = [], []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        keep: dict[str, Any] = {}
         try:
             res = fit_method(method, images, budget_bytes=budget, steps=args.steps,
                              lr=lrs.get(method), options=options.get(method), seed=args.seed,
-                             device=args.device)
+                             device=device, keep=keep if args.png else None)
         except (UnknownPluginError, PluginLoadError, ValueError, TypeError) as exc:
             raise CLIError(f"fit {method}: {exc}") from None
         mem = "n/a" if math.isnan(res.peak_memory_mb) else f"{res.peak_memory_mb:.1f} MB"
         print(f"{method}: PSNR {res.psnr:.2f} dB, {res.seconds:.2f} s, peak memory {mem}, "
               f"{res.bytes_per_image:.0f} bytes/image  [{res.detail}]", flush=True)
         results.append(res)
+        if args.png:
+            renders.append((method, keep["render"]))
     print()
-    print(format_table(results))
+    print(format_table(results, source=desc))
     if args.json:
-        atomic_write_json(args.json, {"images": desc, "budget_bytes_per_image": budget,
-                                      "steps": args.steps,
+        atomic_write_json(args.json, {"source": source, "images": desc,
+                                      "budget_bytes_per_image": budget, "steps": args.steps,
                                       "results": [r.as_dict() for r in results]})
+        print(f"wrote {args.json}")
+    if args.png:
+        title = (f"images: {desc}. Fits at {budget:.0f} bytes per image, {args.steps} steps: "
+                 + ", ".join(f"{r.method} {r.psnr:.2f} dB" for r in results))
+        print(f"picture: {write_png(args.png, images, renders, title)}")
     return 0
