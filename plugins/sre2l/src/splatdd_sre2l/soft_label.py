@@ -88,8 +88,8 @@ def train_student(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, te
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc=desc, unit="step", leave=False)
+        from splatdd.progress import progress_bar
+        bar = progress_bar(total=steps, desc=desc, unit="step", leave=False)
     perm, pos = torch.randperm(n, generator=g), 0
     try:
         for _ in range(steps):

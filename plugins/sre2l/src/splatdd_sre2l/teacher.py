@@ -199,8 +199,8 @@ def train_teacher(train: RealData, test: RealData | None, out_dir: str | os.Path
         say(f"resuming teacher training at epoch {start + 1}/{epochs}")
     bar = None
     if progress and start < epochs:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=epochs, initial=start, desc=f"teacher {model}", unit="ep")
+        from splatdd.progress import progress_bar
+        bar = progress_bar(total=epochs, initial=start, desc=f"teacher {model}", unit="ep")
     try:
         for ep in range(start, epochs):
             net.train()
