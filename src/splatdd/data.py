@@ -56,7 +56,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 #: How to give a dataset's folder, in every place a user meets the loader.
-_ROOT_HINT = "--data-root DIR on the command line, dataset.root in a config, root= in Python"
+_ROOT_HINT = "pass --data-root DIR (dataset.root in a config file)"
 
 #: Names accepted by :func:`load_dataset`.
 DATASETS = tuple(NORMALIZATION)
@@ -220,9 +220,9 @@ def _load_idx_pair(root: Path, key: str):
         if key == "fashion_mnist":
             hint = ("FashionMNIST is packaged by Debian/Ubuntu; install it with\n"
                     "    apt-get update && apt-get install -y dataset-fashion-mnist\n"
-                    f"or point ${FASHION_MNIST_ENV} (or --data-root / dataset.root / root=) at a folder holding the IDX files.")
+                    f"or point ${FASHION_MNIST_ENV} (or --data-root / dataset.root) at a folder holding the IDX files.")
         else:
-            hint = "pass --data-root (dataset.root in a config, root= in Python): a folder holding the MNIST IDX files."
+            hint = "pass --data-root DIR (dataset.root in a config file): a folder holding the MNIST IDX files."
         raise FileNotFoundError(f"{key}: looked in {root} and did not find "
                                 f"{', '.join(missing)}.\n{hint}")
     arrays = {sk: read_idx(p) for sk, p in found.items()}

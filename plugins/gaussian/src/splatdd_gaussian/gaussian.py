@@ -91,7 +91,11 @@ BF16_BYTES = 2
 
 
 def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and value >= 1
+    except (TypeError, ValueError):        # e.g. "abc" from --param-opt gpc=abc
+        ok = False
+    if not ok:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
@@ -200,7 +204,7 @@ class GaussianImages(Parameterization):
               **options: Any) -> "GaussianImages":
         reject_unknown_options("gaussian", options, _OPTIONS)
         gpc = options.pop("gpc", None)
-        gpc = default_gpc(spec, ipc) if gpc is None else int(gpc)
+        gpc = default_gpc(spec, ipc) if gpc is None else _positive("gpc", gpc)
         points = options.pop("points", None)
         if points is None:
             values = 6 + spec.channels - (0 if options.get("opacity", True) else 1)
@@ -209,7 +213,7 @@ class GaussianImages(Parameterization):
             if points < 1:
                 raise ValueError(f"gaussian: gpc={gpc} leaves less than one Gaussian per image "
                                  f"within the budget of ipc={ipc}; lower gpc")
-        return cls(spec, gpc, int(points), generator=generator, **options)
+        return cls(spec, gpc, _positive("points", points), generator=generator, **options)
 
     @classmethod
     def storage_options(cls, spec: DatasetSpec, items_per_class: int,
