@@ -424,6 +424,13 @@ def _read_header(f: BinaryIO, size: int, where: str) -> _Header:
         raise TruncatedFile(where, "header length", f"file has {size} bytes; a safetensors file "
                                                     f"starts with an 8-byte header length")
     (n,) = struct.unpack("<Q", _read_exact(f, 8, where, "header length"))
+    # a length beyond the file and no JSON object after it: another format (e.g. a text file,
+    # whose first 8 characters read as a length of ~10^18), not a truncated safetensors file
+    if n > size - 8 and size > 8 and f.read(1) != b"{":
+        raise NotADistilledFile(where, "header", "not a safetensors file (a distilled file is a "
+                                "safetensors file: an 8-byte header length, then a JSON header "
+                                "starting with '{')")
+    f.seek(8)
     if n > MAX_HEADER_BYTES:
         if n > size - 8:
             raise TruncatedFile(where, "header length", f"claims {n} bytes, the file has "
@@ -914,19 +921,20 @@ def grid_title(source: Any, images: torch.Tensor, spec: DatasetSpec | None,
 
 def export_png(source: Any, path: str | os.PathLike, *, spec: DatasetSpec | None = None,
                nrow: int | None = None, resolution: tuple[int, int] | None = None,
-               padding: int = 2, scale: int | None = None, annotate: bool = True,
+               padding: int = 2, scale: int | None = None, annotate: bool = False,
                title: str | None = None) -> Path:
     """Write a grid PNG of the decoded images (de-normalised with ``spec``'s mean/std).
 
     ``source``: a :class:`Distilled`, a file path, a :class:`Parameterization` (pass ``spec=``
     unless it has a ``spec`` attribute) or an ``(N, C, H, W)`` tensor. Default layout: one column
-    per class. With ``annotate`` (default) the grid gets a title (``title``, default
-    :func:`grid_title`: parameterization, GPC, points, resolution) and each column its class name
-    (:func:`splatdd.grids.class_names`); ``annotate=False`` writes the bare grid. ``scale``
-    upsamples by pixel replication (default: :func:`splatdd.grids.readable_scale` when annotating,
-    e.g. 3x for 28 px images; 1 for a bare grid)::
+    per class. With ``annotate=True`` (what ``splatdd render`` and ``splatdd distill`` write) the
+    grid gets a title (``title``, default :func:`grid_title`: parameterization, GPC, points,
+    resolution) and each column its class name (:func:`splatdd.grids.class_names`); the default
+    writes the bare grid. ``scale`` upsamples by pixel replication (default:
+    :func:`splatdd.grids.readable_scale` when annotating, e.g. 3x for 28 px images; 1 for a bare
+    grid)::
 
-        export_png("runs/fm/distilled.safetensors", "grid.png")
+        export_png("runs/fm/distilled.safetensors", "grid.png", annotate=True)
     """
     from splatdd.grids import annotated_grid, class_names
 
