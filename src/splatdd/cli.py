@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from splatdd.experiment.config import parse_value
 
-__all__ = ["main", "build_parser", "parse_kv", "CLIError"]
+__all__ = ["main", "build_parser", "parse_kv", "CLIError", "HelpFormatter", "command_names"]
 
 class CLIError(Exception):
     """A user error: printed as ``splatdd: error: ...`` with exit status 2."""
@@ -63,6 +63,19 @@ _positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a posit
 
 #: Public argparse ``type=`` helpers for plugins that add commands (``splatdd.commands``).
 positive_int, nonneg_int, positive_float = _positive_int, _nonneg_int, _positive_float
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default shown once: as its help text states it, or else
+    appended as ``(default: X)``; never for a default of None or False (required options, flags).
+    For plugins' commands: ``subparsers.add_parser(..., formatter_class=HelpFormatter)``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS or action.required):
+            return text
+        return super()._get_help_string(action)
 
 
 def parse_resolution(text: str | None, option: str = "--resolution") -> tuple[int, int] | None:

@@ -516,7 +516,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=nonneg_int, default=0,
                    help="seed of the crops and the initialisations (default 0)")
     p.add_argument("--threads", type=nonneg_int, default=0,
-                   help="torch threads (default 0: torch's default)")
+                   help="torch threads (default 0: as many as torch picks)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the results as JSON here")
     p.add_argument("--png", default=None, metavar="PATH",

@@ -13,7 +13,7 @@ import argparse
 from typing import Any
 
 from splatdd.cli import load_data, parse_resolution, resolve_device, set_threads
-from splatdd.cli import CLIError, positive_float, positive_int
+from splatdd.cli import CLIError, HelpFormatter, positive_float, positive_int
 
 
 def register(subparsers: Any) -> None:
@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
                     "momentum 0.9, wd 5e-4, cosine lr, random crop + flip. Writes "
                     "OUT/teacher.pt (model, dataset, normalisation, test accuracy, weights); "
                     "checkpoints after every epoch, so running the same command again resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist",
                    help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the dataset's)")
@@ -34,10 +34,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--width", type=positive_int, default=128, help="ConvNet width")
     p.add_argument("--depth", type=positive_int, default=None,
                    help="ConvNet depth (default: by resolution)")
-    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--epochs", type=positive_int, default=10, help="training epochs")
     p.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate (cosine)")
     p.add_argument("--batch", type=positive_int, default=256, help="batch size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
