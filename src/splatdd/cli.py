@@ -609,9 +609,10 @@ def build_parser(*, plugin_commands: bool = True) -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_render)
 
     sp = sub.add_parser("export", help="write decoded images + labels as a torch .pt file")
-    sp.add_argument("file")
+    sp.add_argument("file", help="a distilled .safetensors file")
     sp.add_argument("--out", required=True, help="output .pt")
-    sp.add_argument("--resolution", type=_resolution, default=None)
+    sp.add_argument("--resolution", type=_resolution, default=None,
+                    help="decode at R or HxW (default: the file's)")
     sp.set_defaults(func=cmd_export)
 
     from splatdd import fit
