@@ -197,3 +197,88 @@ def test_steps_with_dc():
     losses = run_steps(algo, p, opt, 2)
     assert all(math.isfinite(v) for v in losses)
     assert not torch.equal(p.images.detach(), before)
+
+
+# ---- samples = k: GSDD's form of the baseline (k-times more images, each sqrt(k) smaller) -------
+def test_samples_sizes_follow_gsdd_table19():
+    """GSDD appendix B.4: down-scaled by sqrt(k), k-times more samples. At 224 px, k = 20 (IPC 1)
+    gives 20 images of 50 x 50 per stored image (floor(224 / sqrt 20) = floor(50.09)), k = 5
+    (IPC 10) 5 of 100 x 100 (floor(100.17)); both within the budget of one 224 x 224 image."""
+    from splatdd_idc import samples_sub_size
+    spec = DatasetSpec("imagenet", 3, 224, 224, 2, (0.0,) * 3, (1.0,) * 3)
+    for k, ipc, side in ((20, 1, 50), (5, 10, 100)):
+        assert samples_sub_size(224, 224, k) == (side, side)
+        assert side <= 224 / k ** 0.5 < side + 1                          # the floor, by hand
+        p = IDCImages.build(spec, ipc, samples=k, init="zeros")
+        assert p.sub_size == (side, side) and p.factor is None
+        assert len(p.labels) == 2 * ipc * k
+        assert p.num_bytes() == 2 * ipc * k * 3 * side * side * 4 <= budget_bytes(spec, ipc)
+        assert p.decode(torch.tensor([0])).shape == (1, 3, 224, 224)
+
+
+def test_samples_hand_built_decode():
+    """Decoded image d is stored sub-image d upsampled (bilinear, align_corners=False)."""
+    spec = DatasetSpec("toy", 1, 4, 4, 2, (0.0,), (1.0,))
+    stored = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(6, 1, 2, 2)   # k=3 -> 2x2 subs
+    p = IDCImages(spec, 1, None, stored, samples=3)
+    assert p.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    dec = p.decode()
+    assert dec.shape == (6, 1, 4, 4)
+    # sub-image 4 is [[16, 17], [18, 19]]: corners replicate, interior (1, 1) by hand
+    # 16*(.75*.75) + 17*(.75*.25) + 18*(.25*.75) + 19*(.25*.25) = 16.75
+    q = dec[4, 0]
+    assert (q[0, 0], q[0, 3], q[3, 0], q[3, 3]) == (16, 17, 18, 19)
+    assert torch.isclose(q[1, 1], torch.tensor(16.75))
+    assert torch.equal(p.decode(torch.tensor([4, 1])), dec[[4, 1]])
+    with pytest.raises(IndexError, match="indices"):
+        p.decode(torch.tensor([6]))
+    p.decode(torch.tensor([5])).sum().backward()
+    g = p.images.grad
+    assert g[5].abs().min() > 0 and g[:5].abs().sum() == 0
+
+
+def test_samples_square_equals_factor_grid():
+    """samples = f^2 with f dividing the size is IDC's factor-f grid: same sub-images, same
+    decoded images from the same real initialisation, same storage."""
+    from splatdd.testing import make_tiny_real
+    real = make_tiny_real()
+    spec = real.spec
+    grid = IDCImages.build(spec, 1, factor=2, init="zeros")
+    flat = IDCImages.build(spec, 1, samples=4, init="zeros")
+    assert torch.equal(grid.labels, flat.labels) and grid.num_bytes() == flat.num_bytes()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(len(grid.labels), spec.channels, spec.height, spec.width, generator=g)
+    grid.init_from_real(x, grid.labels)
+    flat.init_from_real(x, flat.labels)
+    assert torch.allclose(flat.sub_images(), grid.sub_images(), atol=1e-6)
+    assert torch.allclose(flat.decode(), grid.decode(), atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(c=st.integers(1, 3), h=st.integers(2, 12), w=st.integers(2, 12), n=st.integers(1, 3),
+       ipc=st.integers(1, 3), k=st.integers(1, 30))
+def test_samples_storage_within_budget(c, h, w, n, ipc, k):
+    spec = DatasetSpec("toy", c, h, w, n, (0.0,) * c, (1.0,) * c)
+    k = min(k, min(h, w) ** 2)
+    p = IDCImages.build(spec, ipc, samples=k, init="zeros")
+    sh, sw = p.sub_size
+    assert sh >= 1 and sw >= 1 and sh * sh * k <= h * h and sw * sw * k <= w * w
+    assert (sh + 1) ** 2 * k > h * h and (sw + 1) ** 2 * k > w * w       # the largest that fits
+    assert p.num_bytes() <= budget_bytes(spec, ipc)
+    assert len(p.labels) == n * ipc * k
+
+
+def test_samples_bad_options_and_round_trip():
+    with pytest.raises(ValueError, match="not both"):
+        IDCImages.build(SPEC, 1, factor=2, samples=4)
+    for bad in (0, 17, 2.5, "4", True):                   # 4x4 images: at most 16 samples
+        with pytest.raises(ValueError, match="samples"):
+            IDCImages.build(SPEC, 1, samples=bad)
+    p = IDCImages.build(SPEC, 2, generator=torch.Generator().manual_seed(3), samples=3)
+    assert p.config() == {"ipc": 2, "samples": 3}
+    q = IDCImages.from_state(SPEC, p.state_tensors(), p.config())
+    assert q.samples == 3 and torch.equal(q.decode(), p.decode().detach())
+    with pytest.raises(ValueError, match="exactly one"):
+        IDCImages.from_state(SPEC, p.state_tensors(), {"ipc": 2, "samples": 3, "factor": 2})
+    with pytest.raises(ValueError, match="shape"):
+        IDCImages.from_state(SPEC, p.state_tensors(), {"ipc": 2, "samples": 2})
