@@ -65,6 +65,160 @@ def test_two_processes_match_one(fmnist_root, tmp_path):
     assert (tmp_path / "two/history.json").is_file() and h1
 
 
+def _same_tensors(one, two, moved_from=None, rel=1e-5):
+    """``one`` and ``two`` (safetensors files) hold the same tensors within ``rel`` of each
+    tensor's scale; with ``moved_from``, every float tensor differs from that file's (it trained)."""
+    a, b = _tensors(one), _tensors(two)
+    assert a.keys() == b.keys()
+    init = _tensors(moved_from) if moved_from is not None else {}
+    for k in a:
+        scale = a[k].float().abs().max().item()
+        assert torch.allclose(a[k].float(), b[k].float(), atol=rel * scale, rtol=0), k
+        if k in init and a[k].is_floating_point():
+            assert not torch.equal(a[k], init[k]), k
+
+
+def test_dc_two_processes_match_one(fmnist_root, tmp_path):
+    """dc: classes split over 2 ranks, gradients summed, the inner network trained identically on
+    both ranks (outer_loop 3: the network of steps 1-3 is trained twice in between); the same
+    parameters as 1 process within 1e-5 of their scale (fp32)."""
+    pytest.importorskip("splatdd_dc")
+    args = ["--param", "pixel", "--algo", "dc", "--ipc", "1", "--iterations", "4",
+            "--algo-opt", "batch_real=4", "--algo-opt", "net_width=8",
+            "--algo-opt", "outer_loop=3", "--algo-opt", "inner_loop=2",
+            "--eval-runs", "0", "--no-progress", "--threads", "1"]
+    one = _distill([*args, "--out", str(tmp_path / "one")], fmnist_root, tmp_path)
+    out1, err1 = one.communicate(timeout=600)
+    assert one.returncode == 0, err1
+    two = _distill([*args, "--out", str(tmp_path / "two")], fmnist_root, tmp_path, nproc=2)
+    out2, err2 = two.communicate(timeout=600)
+    assert two.returncode == 0, err2
+    assert "2 processes, backend gloo" in out2
+    _same_tensors(tmp_path / "one/distilled.safetensors", tmp_path / "two/distilled.safetensors",
+                  moved_from=tmp_path / "one/initial.safetensors")
+
+
+def _splatdd(args, fmnist_root, cwd, nproc=None, **kw):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={nproc}", "-m", "splatdd"] if nproc
+                else [sys.executable, "-m", "splatdd"])
+    return subprocess.run([*launcher, *args], env=_env(fmnist_root), cwd=cwd, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def _distilled_file(fmnist_root, path, monkeypatch):
+    """A pixel set initialised from real images of the tiny FashionMNIST, saved as a distilled
+    file."""
+    from splatdd import distilled_file
+    from splatdd.data import load_dataset
+    from splatdd.initialise import init_from_real
+    from splatdd.registry import default_registry
+    monkeypatch.setenv("SPLATDD_FASHION_MNIST", str(fmnist_root))
+    train, _ = load_dataset("fashion_mnist", progress=False)
+    gen = torch.Generator().manual_seed(0)
+    param = default_registry().get("parameterization", "pixel").build(train.spec, 1,
+                                                                      generator=gen)
+    init_from_real(param, train, gen)
+    distilled_file.save(path, param, spec=train.spec, ipc=1)
+    return path
+
+
+def test_eval_four_nets_on_two_ranks_match_one(fmnist_root, tmp_path, monkeypatch):
+    import json
+    f = _distilled_file(fmnist_root, tmp_path / "set.safetensors", monkeypatch)
+    args = ["eval", str(f), "--runs", "4", "--epochs", "3", "--data-root", str(fmnist_root),
+            "--no-progress"]
+    one = _splatdd([*args, "--json", str(tmp_path / "one.json")], fmnist_root, tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = _splatdd([*args, "--json", str(tmp_path / "two.json")], fmnist_root, tmp_path, nproc=2)
+    assert two.returncode == 0, two.stderr
+    a = json.loads((tmp_path / "one.json").read_text())["rows"][0]
+    b = json.loads((tmp_path / "two.json").read_text())["rows"][0]
+    assert len(a["accs"]) == 4 and len(set(a["accs"])) > 1      # the 4 nets differ
+    assert b["accs"] == a["accs"] and b["mean"] == a["mean"]
+    assert two.stdout.count("test accuracy") == 1               # rank 0 alone reports
+
+
+def test_evaluate_trains_only_its_ranks_nets(monkeypatch):
+    """Rank 1 of 2 trains runs 1 and 3 with the seeds one process gives them, and returns every
+    run's accuracy in run order (rank 0's part comes from the gather)."""
+    from splatdd import evaluate as ev
+    from splatdd.testing import make_tiny_real
+    seeds = []
+    monkeypatch.setattr(ev, "train_network", lambda net, *a, seed, **k: seeds.append(seed))
+    monkeypatch.setattr(ev, "test_accuracy", lambda net, test, **k: float(seeds[-1] % 97))
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "wait_for_all", lambda: None)
+    rank0 = {0: (11.0, 1.0, 0.5), 2: (12.0, 1.0, 0.5)}
+    monkeypatch.setattr(distributed, "gather", lambda obj: [rank0, obj])
+    real = make_tiny_real()
+    res = ev.evaluate(real.images[:10], real.labels[:10], real, runs=4, epochs=1, seed=5,
+                      progress=False)
+    assert seeds == [ev.run_seed(5, 1), ev.run_seed(5, 3)]
+    assert res.accs == [11.0, ev.run_seed(5, 1) % 97, 12.0, ev.run_seed(5, 3) % 97]
+    assert res.train_seconds >= 2.0
+
+
+BUFFER = ["buffer", "--dataset", "fashion_mnist", "--net-width", "8", "--batch", "64",
+          "--no-progress", "--threads", "1"]
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if not p.name.startswith(".")}
+
+
+def test_buffer_experts_spread_over_two_ranks(fmnist_root, tmp_path):
+    """3 experts on 2 ranks (rank 0 trains experts 0 and 2, rank 1 expert 1): each rank writes its
+    own experts, and the files are the bytes one process writes."""
+    pytest.importorskip("splatdd_tm")
+    args = [*BUFFER, "--experts", "3", "--epochs", "2", "--data-root", str(fmnist_root)]
+    one = _splatdd([*args, "--out", str(tmp_path / "one")], fmnist_root, tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = _splatdd([*args, "--out", str(tmp_path / "two")], fmnist_root, tmp_path, nproc=2)
+    assert two.returncode == 0, two.stderr
+    assert "spread over 2 processes" in two.stdout
+    for rank, expert in ((0, 0), (1, 1), (0, 2)):
+        assert f"[rank {rank}] expert {expert}: train loss" in two.stdout, two.stdout
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")
+    assert len(_files(tmp_path / "one")) == 4                   # buffer.json + 3 experts
+
+
+def test_buffer_ctrl_c_keeps_the_expert_in_progress(fmnist_root, tmp_path):
+    """SIGINT to `splatdd buffer` (as Ctrl-C): exit 130, a message and no traceback, the epochs
+    of the expert in progress on disk as the message says; the same command then finishes with
+    the bytes of an uninterrupted run."""
+    import re
+
+    from splatdd_tm.buffer import partial_path
+    args = [*BUFFER, "--experts", "1", "--epochs", "30", "--no-eval",
+            "--data-root", str(fmnist_root)]
+    full = _splatdd([*args, "--out", str(tmp_path / "full")], fmnist_root, tmp_path)
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "part"
+    job = subprocess.Popen([sys.executable, "-m", "splatdd", *args, "--out", str(out)],
+                           env=_env(fmnist_root), cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not partial_path(out, 0).exists():                   # expert 0 has an epoch saved
+        assert job.poll() is None, job.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130, err
+    assert "Traceback" not in err and "run the same command again to resume" in err, err
+    m = re.search(r"expert (\d) has (\d+) of 30 epochs saved in (\S+\.partial\.pt)", err)
+    assert m, err
+    saved = torch.load(m.group(3), weights_only=True)
+    assert m.group(3) == str(partial_path(out, int(m.group(1))))
+    assert saved["epochs_done"] == int(m.group(2)) and 0 < saved["epochs_done"] < 30
+    again = _splatdd([*args, "--out", str(out)], fmnist_root, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"expert {m.group(1)}: continuing after epoch {m.group(2)}" in again.stdout
+    assert _files(out) == _files(tmp_path / "full")
+
+
 def _children(pid):
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]

@@ -343,6 +343,9 @@ def _run_pictures(out_dir: Path, file: Path) -> None:
                      + " (the distilled images)")
     except (CLIError, RunFolderError, OSError) as exc:
         _print(f"note: no {out_dir / GRID_NAME}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a picture must not fail a finished run
+        _print(f"note: no {out_dir / GRID_NAME} ({type(exc).__name__}: {exc}); draw it with "
+               f"`splatdd render {file} --out {out_dir / GRID_NAME}`")
     if (out_dir / LOSS_PLOT_NAME).is_file():
         shown.append(f"{out_dir / LOSS_PLOT_NAME} (the loss curve)")
     for line in shown:
@@ -388,8 +391,25 @@ def _load_file(path: str, device: str = "cpu"):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from splatdd.experiment.run import evaluate_rows
+    """Under torchrun the evaluation nets are spread over the ranks (docs/distributed.md); rank 0
+    prints and writes ``--json``."""
+    from splatdd import distributed
     device = resolve_device(args.device)
+    try:
+        ctx = distributed.init_from_env(str(device))
+    except (RuntimeError, ValueError) as exc:
+        raise CLIError(f"cannot join the torchrun process group: {exc}") from None
+    try:
+        return _eval(args, resolve_device(ctx.device) if ctx.distributed else device,
+                     distributed.is_main())
+    finally:
+        distributed.shutdown()
+
+
+def _eval(args: argparse.Namespace, device: Any, main: bool) -> int:
+    from splatdd.experiment.run import evaluate_rows
+    say = _print if main else (lambda _: None)
+    progress = not args.no_progress and main
     reg = _registry()
     try:
         options = parse_kv(args.protocol_opt, "--protocol-opt")
@@ -405,22 +425,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     spec = d.spec
     root = args.data_root or (d.meta.get("extra") or {}).get("dataset_root")
     res_hw = args.resolution or (spec.height, spec.width)
-    train, test = load_data(spec.name, root, res_hw, spec.zca, device, not args.no_progress)
+    train, test = load_data(spec.name, root, res_hw, spec.zca, device, progress)
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     if not models:
         raise CLIError(f"--model expects NAME[,NAME...], got {args.model!r}")
     images = d.images(resolution=tuple(res_hw))
-    _print(f"{args.file}: {d.param.name} ({d.algorithm or '?'}), {len(d.labels)} images, "
-           f"ipc {d.ipc}, {spec.name}; evaluating at {res_hw[0]}x{res_hw[1]}, "
-           f"{protocol.describe()}"
-           + (f", learned lr {d.learned_lr:g}" if d.learned_lr is not None else ""))
+    say(f"{args.file}: {d.param.name} ({d.algorithm or '?'}), {len(d.labels)} images, "
+        f"ipc {d.ipc}, {spec.name}; evaluating at {res_hw[0]}x{res_hw[1]}, "
+        f"{protocol.describe()}"
+        + (f", learned lr {d.learned_lr:g}" if d.learned_lr is not None else ""))
     try:
         rows = evaluate_rows(protocol, images, d.labels, test, models=models, runs=args.runs,
                              seed=args.seed, learned_lr=d.learned_lr,
-                             progress=not args.no_progress, train=train, log=_print)
+                             progress=progress, train=train, log=say)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    if args.json:
+    if args.json and main:
         from splatdd.io_utils import atomic_write_json
         atomic_write_json(args.json, {"file": args.file, "dataset": spec.name,
                                       "resolution": list(res_hw), "rows": rows})

@@ -38,13 +38,17 @@ import torch
 
 __all__ = ["Context", "env_requests_distributed", "init_from_env", "shutdown", "rank",
            "world_size", "is_main", "owned", "item_generator", "reduce_gradients", "all_reduce_sum", "gather",
-           "broadcast_object", "barrier", "DEFAULT_TIMEOUT_S", "GRADIENT_REDUCTIONS"]
+           "broadcast_object", "barrier", "wait_for_all", "DEFAULT_TIMEOUT_S", "DEFAULT_WAIT_S",
+           "GRADIENT_REDUCTIONS"]
 
 T = TypeVar("T")
 
 #: Seconds a collective waits for a rank before it fails (a rank that crashed or hangs makes the
 #: others stop with an error instead of waiting forever). ``SPLATDD_DIST_TIMEOUT`` overrides it.
 DEFAULT_TIMEOUT_S = 120
+#: Seconds :func:`wait_for_all` lets ranks wait for each other after unevenly long work (evaluation
+#: nets, experts: one rank may train one more net than another). ``SPLATDD_DIST_WAIT`` overrides it.
+DEFAULT_WAIT_S = 24 * 3600
 #: How an algorithm's gradients combine over ranks: ``"sum"`` of per-class parts, ``"mean"`` of
 #: independent replicas.
 GRADIENT_REDUCTIONS = ("sum", "mean")
@@ -71,14 +75,15 @@ def env_requests_distributed(env: dict[str, str] | None = None) -> bool:
     return "RANK" in env and "WORLD_SIZE" in env
 
 
-def _timeout() -> datetime.timedelta:
-    text = os.environ.get("SPLATDD_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+def _timeout(var: str = "SPLATDD_DIST_TIMEOUT", default: float = DEFAULT_TIMEOUT_S
+             ) -> datetime.timedelta:
+    text = os.environ.get(var, str(default))
     try:
         seconds = float(text)
     except ValueError:
-        raise ValueError(f"SPLATDD_DIST_TIMEOUT must be a number of seconds, got {text!r}") from None
+        raise ValueError(f"{var} must be a number of seconds, got {text!r}") from None
     if not seconds > 0:
-        raise ValueError(f"SPLATDD_DIST_TIMEOUT must be positive, got {text!r}")
+        raise ValueError(f"{var} must be positive, got {text!r}")
     return datetime.timedelta(seconds=seconds)
 
 
@@ -214,3 +219,30 @@ def barrier() -> None:
     if _active() and world_size() > 1:
         import torch.distributed as dist
         dist.barrier()
+
+
+def wait_for_all() -> None:
+    """Wait for every rank after work of uneven length (the evaluation nets or experts
+    :func:`owned` gave each rank), up to ``SPLATDD_DIST_WAIT`` seconds (:data:`DEFAULT_WAIT_S`)
+    instead of the short collective timeout; nothing in one process. A rank that died ends the job
+    through torchrun before that. Call it on every rank, then gather.
+
+    Example::
+
+        mine = {r: train_and_test(r) for r in distributed.owned(range(runs))}
+        distributed.wait_for_all()
+        parts = distributed.gather(mine)
+    """
+    if not _active() or world_size() == 1:
+        return
+    import torch.distributed as dist
+    timeout = _timeout("SPLATDD_DIST_WAIT", DEFAULT_WAIT_S)
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+        return
+    # NCCL: a CPU (gloo) group of its own for the long wait, then it is destroyed
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
+    finally:
+        dist.destroy_process_group(group)

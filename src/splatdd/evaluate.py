@@ -10,6 +10,12 @@ As in DSA's ``evaluate_synset``, the SGD optimiser is rebuilt (momentum reset) a
 training-time DSA draws its random parameters per sample. Every random choice derives from
 ``(seed, run)``: the shuffling and the per-step DSA seeds come from one private generator per run,
 so the same arguments give the same accuracies (up to the backend's own nondeterminism on GPU).
+
+On K processes (``torchrun``, :mod:`splatdd.distributed`) :func:`evaluate` spreads the runs over
+the ranks (run ``r`` on rank ``r mod K``) and gathers their accuracies in run order: every rank
+must call it (it is a collective) and every rank gets the whole result. Run ``r``'s seed is
+:func:`run_seed` ``(seed, r)`` whichever rank trains it, so K processes report the accuracies one
+process reports.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .augment import DEFAULT_STRATEGY, DSAParams, dsa as dsa_fn
 from .models import get_network
 from .plugin_api import DatasetSpec, RealData
@@ -255,6 +262,14 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: RealData, *,
     ``spec`` (default ``test.spec``) gives channels / classes; the resolution is the images'.
     Extra keyword arguments go to :func:`splatdd.models.get_network` (e.g. ``width``, ``norm``);
     ``optimizer``/``schedule`` as in :func:`train_network`.
+
+    Under torchrun the runs are spread over the ranks and gathered (every rank must call it; only
+    rank 0 shows a progress bar); ``train_seconds``/``test_seconds`` stay sums over all runs.
+
+    Example::
+
+        res = evaluate(images, labels, test, runs=2, epochs=300, progress=False)
+        print(res.mean, res.accs)     # the same on 1 or K processes
     """
     spec = spec or test.spec
     device = torch.device(device) if device is not None else test.device
@@ -264,33 +279,38 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: RealData, *,
         raise ValueError(f"distilled images are {tuple(images.shape[-2:])} but the test images "
                          f"are {tuple(test.images.shape[-2:])}; decode at the test resolution")
     im_size = tuple(images.shape[-2:])
-    accs: list[float] = []
-    t_train = t_test = 0.0
+    mine = distributed.owned(range(runs))          # all runs in one process
+    done: dict[int, tuple[float, float, float]] = {}     # run -> (accuracy, train s, test s)
     outer = None
-    if progress:
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
-        outer = tqdm(total=runs, desc=f"eval {model}", unit="run")
+        outer = tqdm(total=len(mine), desc=f"eval {model}", unit="run")
     try:
-        for r in range(runs):
+        for r in mine:
             s = run_seed(seed, r)
             net = get_network(model, spec.channels, spec.num_classes, im_size, seed=s,
                               device=device, **net_kwargs)
             t0 = time.perf_counter()
             train_network(net, images, labels, epochs=epochs, lr=lr, batch_size=batch_size,
                           dsa=dsa, dsa_strategy=dsa_strategy, dsa_params=dsa_params, seed=s,
-                          device=device, progress=progress, desc=f"run {r + 1}/{runs}",
-                          optimizer=optimizer, schedule=schedule)
+                          device=device, progress=outer is not None,
+                          desc=f"run {r + 1}/{runs}", optimizer=optimizer, schedule=schedule)
             t1 = time.perf_counter()
             acc = test_accuracy(net, test, batch_size=test_batch_size, device=device)
-            t_test += time.perf_counter() - t1
-            t_train += t1 - t0
-            accs.append(acc)
+            done[r] = (acc, t1 - t0, time.perf_counter() - t1)
             if outer is not None:
                 outer.update(1)
                 outer.set_postfix(acc=f"{acc:.2f}")
     finally:
         if outer is not None:
             outer.close()
+    if distributed.world_size() > 1:
+        distributed.wait_for_all()                 # a rank may have had one net more
+        for part in distributed.gather(done):
+            done.update(part)
+    accs = [done[r][0] for r in range(runs)]
+    t_train = sum(done[r][1] for r in range(runs))
+    t_test = sum(done[r][2] for r in range(runs))
     t = torch.tensor(accs, dtype=torch.float64)
     mean = float(t.mean()) if accs else float("nan")
     std = float(t.std(unbiased=False)) if accs else float("nan")

@@ -59,6 +59,52 @@ def test_resume_after_interrupt_gives_identical_files(tmp_path, make_real, buffe
     assert ExpertBuffer.open(part).num_experts == 4
 
 
+def test_interrupted_expert_continues_from_its_last_epoch(tmp_path, make_real, buffer_kw):
+    """Ctrl-C inside expert 1 after 3 of 4 epochs: its state is on disk, the message says so,
+    the rerun trains only its 4th epoch and then expert 2, and the files are the bytes of an
+    uninterrupted run (the oracle); no partial file is left."""
+    from splatdd_tm.buffer import BufferInterrupted, partial_path
+    real, test = make_real(), make_real(5, seed=1)
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_experts(real, full, experts=3, test=test, progress=False, **buffer_kw)
+
+    def stop(expert, epoch, loss):
+        if (expert, epoch) == (1, 2):
+            raise KeyboardInterrupt
+    with pytest.raises(BufferInterrupted) as info:
+        train_experts(real, part, experts=3, test=test, progress=False, on_epoch=stop,
+                      **buffer_kw)
+    msg = info.value.message
+    assert "1 of 3 expert files" in msg and "expert 1 has 3 of 4 epochs saved" in msg, msg
+    assert str(partial_path(part, 1)) in msg
+    saved = torch.load(partial_path(part, 1), weights_only=True)
+    assert saved["epochs_done"] == 3 and saved["snapshots"].shape[0] == 4
+    seen, lines = [], []
+    train_experts(real, part, experts=3, test=test, progress=False, log=lines.append,
+                  on_epoch=lambda e, ep, loss: seen.append((e, ep)), **buffer_kw)
+    assert seen == [(1, 3)] + [(2, e) for e in range(4)]
+    assert any("expert 1: continuing after epoch 3" in line for line in lines), lines
+    assert not partial_path(part, 1).exists()
+    assert _files(part) == _files(full)
+
+
+def test_partial_state_of_other_settings_is_ignored(tmp_path, make_real, buffer_kw):
+    """A partial file that is not this expert's (another seed) is not resumed: the expert starts
+    again and ends as in an uninterrupted run."""
+    from splatdd_tm.buffer import partial_path
+    real = make_real()
+    kw = dict(buffer_kw, epochs=2)
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_experts(real, full, experts=1, progress=False, **kw)
+    part.mkdir()
+    torch.save({"format": "splatdd-expert-partial", "seed": 1, "epochs_done": 1},
+               partial_path(part, 0))
+    seen = []
+    train_experts(real, part, experts=1, progress=False,
+                  on_epoch=lambda e, ep, loss: seen.append(ep), **kw)
+    assert seen == [0, 1] and _files(part) == _files(full)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, make_real, buffer_kw):
     real = make_real()
     kw = dict(buffer_kw, epochs=1)

@@ -276,16 +276,14 @@ def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *
                     "experiment": config.name})
     seconds = time.perf_counter() - t0
     file = out / distill_mod.DISTILLED_NAME
-    if not distributed.is_main():         # rank 0 evaluates and writes the results
-        return RunResult(out_dir=out, distilled_file=file, iterations=iterations,
-                         distill_seconds=seconds, final_loss=None,
-                         budget={"used": report.used, "allowed": report.allowed})
-    history = json.loads((out / distill_mod.HISTORY_NAME).read_text())
+    main = distributed.is_main()          # every rank evaluates (nets spread); rank 0 writes
+    history = json.loads((out / distill_mod.HISTORY_NAME).read_text()) if main else {}
     losses = history.get("losses") or []
     learned = learned_eval_lr(algo)
-    say(f"wrote {file} ({file.stat().st_size:,} bytes) in {seconds:.1f} s")
+    if main:
+        say(f"wrote {file} ({file.stat().st_size:,} bytes) in {seconds:.1f} s")
 
-    if protocol is not None and config.eval.before and not before:
+    if distributed.broadcast_object(protocol is not None and config.eval.before and not before):
         with _phase("the evaluation before distillation", f"the distilled set is saved in {file}",
                     f"evaluate the initial set with `splatdd eval {out / INITIAL_NAME}`"):
             init_set = distilled_file.load(out / INITIAL_NAME, registry=registry, device=device)
@@ -293,7 +291,8 @@ def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *
                                    models=config.eval.models, runs=config.eval.runs,
                                    seed=config.seed, learned_lr=None, progress=progress,
                                    train=train, log=say, what="before distillation, ")
-        atomic_write_json(out / BEFORE_NAME, {"init": init_diag, "rows": before})
+        if main:
+            atomic_write_json(out / BEFORE_NAME, {"init": init_diag, "rows": before})
     after: list[dict[str, Any]] = []
     if protocol is not None:
         with _phase("the evaluation", f"the distilled set is saved in {file}",
@@ -306,6 +305,8 @@ def _run_locked(config: ExperimentConfig, pcls: Any, acls: Any, protocol: Any, *
                        distill_seconds=seconds, final_loss=losses[-1] if losses else None,
                        budget={"used": report.used, "allowed": report.allowed},
                        init=init_diag, before=before, after=after, learned_lr=learned)
+    if not main:
+        return result
     ran = config.replace(out=str(out), iterations=iterations)
     ran.save(out / CONFIG_NAME)
     atomic_write_json(out / RESULTS_NAME, {

@@ -17,6 +17,15 @@ Mapping of the paper's loops onto :class:`splatdd.plugin_api.Algorithm`:
 
 So the paper's ``Iteration = 1000`` is ``1000 * outer_loop`` calls of :meth:`loss` here; the class's
 ``default_iterations`` (1000) counts calls, see ``docs/dc.md``.
+
+Randomness and multi-process runs (``docs/distributed.md``): the algorithm's generator (saved in
+checkpoints) draws the network's seed, one step seed per outer step and the inner training's
+shuffles and DSA seeds; class ``c``'s real batch and siamese DSA seed come from
+:func:`splatdd.distributed.item_generator` (step seed, ``c``). On K processes each rank computes the
+matching terms of the classes :func:`splatdd.distributed.owned` gives it and the parameterization's
+gradients are summed (``gradient_reduction = "sum"``); every rank then holds the same synthetic set,
+so the inner training, which draws only from the shared generator, updates every rank's network
+identically: no network gradient is communicated, and K processes take the steps one process takes.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from splatdd import distributed
 from splatdd.augment import DEFAULT_STRATEGY, dsa
 from splatdd.models import get_network
 from splatdd.plugin_api import (PLUGIN_API_VERSION, Algorithm, Parameterization, RealData,
@@ -115,6 +125,9 @@ class GradientMatching(Algorithm):
     api_version = PLUGIN_API_VERSION
     regime = "gradient"
     default_iterations = 1000
+    #: Multi-process: each rank matches its classes' gradients; the parameterization's gradients
+    #: are summed (the inner network is trained identically on every rank).
+    gradient_reduction = "sum"
 
     def __init__(self, real: RealData, *, ipc: int, generator: torch.Generator,
                  model: str = "ConvNet", net_width: int = 128, net_depth: int | None = None,
@@ -202,8 +215,8 @@ class GradientMatching(Algorithm):
         return total
 
     def matching_loss(self, param: Parameterization) -> torch.Tensor:
-        """The gradient-matching loss, summed over classes, for the current network (no change of
-        network, no inner training)."""
+        """The gradient-matching loss, summed over the classes this rank owns (all of them in one
+        process), for the current network (no change of network, no inner training)."""
         if self._net is None:
             self._new_network()
         net = self._net
@@ -212,16 +225,23 @@ class GradientMatching(Algorithm):
         weights = self._weights()
         images = param.decode()
         labels = param.labels.to(images.device)
+        step_seed = draw_seed(self.generator)          # shared by every rank
+        indices = {c: param.class_indices(c).to(images.device)
+                   for c in range(self.spec.num_classes)}
+        present = [c for c, idx in indices.items() if idx.numel() > 0]
+        if not present:
+            raise ValueError("dc: the parameterization has no images of any class")
         total = images.new_zeros(())
-        matched = 0
-        for c in range(self.spec.num_classes):
-            idx = param.class_indices(c).to(images.device)
-            if idx.numel() == 0:
-                continue
-            img_real = self.real.sample(c, self.batch_real, self.generator).to(self.device)
+        mine = distributed.owned(present)
+        if not mine:                                   # a rank with no class: a zero gradient
+            return images.sum() * 0.0
+        for c in mine:
+            idx = indices[c]
+            g = distributed.item_generator(step_seed, c)
+            img_real = self.real.sample(c, self.batch_real, g).to(self.device)
             img_syn = images.index_select(0, idx).to(self.device)
             if self.dsa:
-                seed = draw_seed(self.generator)       # siamese: one transform for both batches
+                seed = draw_seed(g)                    # siamese: one transform for both batches
                 img_real = dsa(img_real, self.dsa_strategy, seed=seed, per_sample=False)
                 img_syn = dsa(img_syn, self.dsa_strategy, seed=seed, per_sample=False)
             lab_real = torch.full((img_real.shape[0],), c, dtype=torch.long, device=self.device)
@@ -230,9 +250,6 @@ class GradientMatching(Algorithm):
             loss_syn = F.cross_entropy(net(img_syn), lab_syn)
             g_syn = torch.autograd.grad(loss_syn, weights, create_graph=True)
             total = total + match_loss(g_real, g_syn)
-            matched += 1
-        if matched == 0:
-            raise ValueError("dc: the parameterization has no images of any class")
         return total
 
     def real_gradient(self, net: torch.nn.Module, weights: Sequence[torch.Tensor],

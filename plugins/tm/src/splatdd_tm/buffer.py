@@ -10,10 +10,17 @@ A buffer is a directory::
 
 Experts are trained as in MTT: a fresh network, plain SGD (lr 0.01, momentum 0, weight decay 0),
 batch 256, DSA on every batch (per-sample random transforms) unless disabled, cross-entropy, one
-snapshot per epoch. Every expert file is written atomically when its expert is done, so an
-interrupted run loses at most the expert in progress; running the same command again skips the
-finished experts. Expert ``i``'s randomness (initialisation, shuffling, augmentation) comes only
-from ``(seed, i)``, so a resumed run writes the same bytes as an uninterrupted one.
+snapshot per epoch. Every expert file is written atomically when its expert is done; the expert
+in progress is saved after every epoch (``expert_NNNNN.partial.pt``: its snapshots, network,
+optimiser and generator state; removed when the expert file is written), so an interrupted or
+killed run loses at most the epoch in progress, and running the same command again skips the
+finished experts and continues the partial one. Expert ``i``'s randomness (initialisation,
+shuffling, augmentation) comes only from ``(seed, i)``, so a resumed run writes the same bytes as an
+uninterrupted one.
+
+On K processes (``torchrun ... -m splatdd buffer``) the experts to train are spread over the ranks
+(expert ``todo[j]`` on rank ``j mod K``, :func:`splatdd.distributed.owned`); each rank writes the
+files of the experts it trained, and the files are the ones one process writes.
 """
 from __future__ import annotations
 
@@ -29,14 +36,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from splatdd import distributed
 from splatdd.augment import DEFAULT_STRATEGY
 from splatdd.plugin_api import DatasetSpec, RealData, draw_seed
 
 from . import _core
 from .unroll import flatten_params, param_layout
 
-__all__ = ["BUFFER_FORMAT", "BUFFER_VERSION", "ExpertBuffer", "BufferError", "buffer_config",
-           "train_experts", "expert_seed", "expert_path", "expert_metadata"]
+__all__ = ["BUFFER_FORMAT", "BUFFER_VERSION", "ExpertBuffer", "BufferError", "BufferInterrupted",
+           "buffer_config", "train_experts", "expert_seed", "expert_path", "partial_path",
+           "expert_metadata"]
 
 BUFFER_FORMAT = "splatdd-expert-buffer"
 BUFFER_VERSION = 1
@@ -49,8 +58,21 @@ class BufferError(ValueError):
     """A buffer directory is missing, empty, inconsistent or was made with other settings."""
 
 
+class BufferInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`train_experts`; ``message`` says what is saved and how to resume."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 def expert_path(out_dir: str | os.PathLike, i: int) -> Path:
     return Path(out_dir) / f"expert_{i:05d}.safetensors"
+
+
+def partial_path(out_dir: str | os.PathLike, i: int) -> Path:
+    """Where expert ``i``'s state is saved after each epoch while it trains."""
+    return Path(out_dir) / f"expert_{i:05d}.partial.pt"
 
 
 def expert_seed(seed: int, i: int) -> int:
@@ -192,9 +214,33 @@ def _accuracy(net: torch.nn.Module, data: RealData, batch: int = 1024) -> float:
     return correct / max(len(data.labels), 1)
 
 
+PARTIAL_FORMAT = "splatdd-expert-partial"
+
+
+def _load_partial(path: Path, cfg_sha: str, seed: int, epochs: int) -> dict[str, Any] | None:
+    """The saved state of an expert in progress, or None (absent, unreadable, other settings)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable: start the expert again
+        return None
+    if (not isinstance(state, dict) or state.get("format") != PARTIAL_FORMAT
+            or state.get("config_sha256") != cfg_sha or state.get("seed") != seed
+            or not 0 < int(state.get("epochs_done", 0)) < epochs):
+        return None
+    return state
+
+
 def _train_one_expert(train: RealData, cfg: Mapping[str, Any], seed: int, *,
-                      on_epoch: Callable[[int, float], None] | None = None
+                      on_epoch: Callable[[int, float], None] | None = None,
+                      partial: Path | None = None, cfg_sha: str = "",
+                      saved: Callable[[int], None] | None = None,
+                      restored: Callable[[int], None] | None = None,
                       ) -> tuple[torch.Tensor, torch.nn.Module, float]:
+    """Train one expert. With ``partial``, continue from the state saved there (if it is this
+    expert's, with these settings: ``restored(epochs_done)`` is called) and save the state after
+    every epoch but the last (``saved(epochs_done)`` is called after each save)."""
     g = torch.Generator().manual_seed(seed)
     spec = train.spec
     net_seed = draw_seed(g, 2**62)
@@ -205,7 +251,17 @@ def _train_one_expert(train: RealData, cfg: Mapping[str, Any], seed: int, *,
     opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.0, weight_decay=0.0)
     snapshots = [flatten_params(net).cpu().clone()]
     last_loss = float("nan")
-    for e in range(cfg["epochs"]):
+    start = 0
+    state = _load_partial(partial, cfg_sha, seed, cfg["epochs"]) if partial is not None else None
+    if state is not None:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["generator"])
+        snapshots = list(state["snapshots"].unbind(0))
+        start, last_loss = int(state["epochs_done"]), float(state["last_loss"])
+        if restored is not None:
+            restored(start)
+    for e in range(start, cfg["epochs"]):
         total, count = 0.0, 0
         for x, y in train.batches(cfg["batch_size"], generator=g):
             if cfg["dsa"]:
@@ -219,6 +275,16 @@ def _train_one_expert(train: RealData, cfg: Mapping[str, Any], seed: int, *,
             count += len(y)
         last_loss = total / max(count, 1)
         snapshots.append(flatten_params(net).cpu().clone())
+        if partial is not None and e + 1 < cfg["epochs"]:
+            from splatdd.io_utils import atomic_torch_save
+            atomic_torch_save({"format": PARTIAL_FORMAT, "config_sha256": cfg_sha, "seed": seed,
+                               "epochs_done": e + 1, "last_loss": last_loss,
+                               "snapshots": torch.stack(snapshots),
+                               "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                               "optimizer": opt.state_dict(), "generator": g.get_state()},
+                              partial)
+            if saved is not None:
+                saved(e + 1)
         if on_epoch is not None:
             on_epoch(e, last_loss)
     return torch.stack(snapshots), net, last_loss
@@ -261,17 +327,24 @@ def train_experts(train: RealData, out_dir: str | os.PathLike, *, experts: int,
                   progress: bool = True,
                   on_epoch: Callable[[int, int, float], None] | None = None,
                   log: Callable[[str], None] | None = None) -> list[Path]:
-    """Train experts ``0 .. experts-1`` into ``out_dir`` (resuming: finished ones are skipped).
+    """Train experts ``0 .. experts-1`` into ``out_dir`` (resuming: finished ones are skipped,
+    the one in progress continues from its last saved epoch).
 
     ``on_epoch(expert, epoch, train_loss)`` is called after every epoch (tests use it to interrupt
-    a run). Returns the paths of all ``experts`` files.
+    a run). Returns the paths of all ``experts`` files. Under torchrun the experts are spread over
+    the ranks (every rank must call it; each writes the files of its experts; ``log`` lines of
+    other ranks than 0 say their rank). Ctrl-C raises :class:`BufferInterrupted` whose message
+    says what is saved.
+
+    Example::
+
+        train_experts(train, "buffers/fmnist", experts=10, epochs=50, progress=False)
     """
     if experts < 1 or epochs < 1:
         raise ValueError(f"need experts >= 1 and epochs >= 1, got {experts}, {epochs}")
     if not (lr > 0):
         raise ValueError(f"lr must be > 0, got {lr}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = buffer_config(train.spec, model=model, net_width=net_width, net_depth=net_depth,
                         epochs=epochs, lr=lr,
                         batch_size=batch_size, dsa=dsa, dsa_strategy=dsa_strategy, seed=seed)
@@ -283,6 +356,104 @@ def train_experts(train: RealData, out_dir: str | os.PathLike, *, experts: int,
     cfg["param_names"] = names
     cfg["param_shapes"] = [list(s) for s in shapes]
     cfg["num_params"] = int(sum(int(torch.Size(s).numel()) for s in shapes))
+    sha = _config_sha(cfg)
+    paths = [expert_path(out, i) for i in range(experts)]
+    # rank 0 checks the folder and decides what is left; every rank gets the same list
+    error, todo = None, []
+    if distributed.is_main():
+        try:
+            _prepare_folder(out, cfg)
+        except BufferError as exc:
+            error = str(exc)
+        else:
+            todo = [i for i in range(experts)
+                    if not _valid_expert_file(paths[i], epochs + 1, cfg["num_params"], sha)]
+    error, todo = distributed.broadcast_object((error, todo))
+    if error is not None:
+        raise BufferError(error)
+    k, rank = distributed.world_size(), distributed.rank()
+    tag = f"[rank {rank}] " if k > 1 else ""
+    say = log if log is not None else (lambda s: None)
+    mine = distributed.owned(todo)
+    if distributed.is_main():
+        say(f"expert buffer {out}: {experts - len(todo)} of {experts} experts already done, "
+            f"{len(todo)} to train ({epochs} epochs each, {cfg['num_params']:,} parameters)"
+            + (f", spread over {k} processes" if k > 1 else ""))
+    bar = None
+    if progress and mine and distributed.is_main():
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(mine) * epochs, unit="epoch", desc="experts", dynamic_ncols=True)
+    current: dict[str, Any] = {"expert": None, "saved": 0}
+    try:
+        for n_done, i in enumerate(mine):
+            s = expert_seed(seed, i)
+            current.update(expert=i, saved=0)
+
+            def _epoch(e: int, loss: float, i: int = i, n_done: int = n_done) -> None:
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_description(f"expert {n_done + 1}/{len(mine)} (#{i})")
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                if on_epoch is not None:
+                    on_epoch(i, e, loss)
+
+            def _saved(done: int) -> None:
+                current["saved"] = done
+
+            def _restored(done: int) -> None:
+                current["saved"] = done
+                if bar is not None:
+                    bar.update(done)                   # epochs restored from the partial file
+                say(f"{tag}expert {i}: continuing after epoch {done} "
+                    f"({partial_path(out, i).name})")
+
+            traj, net, last_loss = _train_one_expert(train, cfg, s, on_epoch=_epoch,
+                                                     partial=partial_path(out, i), cfg_sha=sha,
+                                                     saved=_saved, restored=_restored)
+            meta: dict[str, Any] = {"expert": i, "seed": s, "config_sha256": sha,
+                                    "train_loss": round(last_loss, 6)}
+            msg = f"{tag}expert {i}: train loss {last_loss:.4f}"
+            if test is not None:
+                acc = _accuracy(net, test)
+                meta["test_acc"] = round(acc, 6)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.3f}", test_acc=f"{acc:.4f}")
+                msg += f", test accuracy {acc:.4f}"
+            _save_expert(paths[i], traj, meta)
+            partial_path(out, i).unlink(missing_ok=True)
+            current.update(expert=None, saved=0)
+            if bar is not None and log is not None:
+                bar.write(msg)
+            else:
+                say(msg)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, BufferInterrupted):
+            raise
+        raise BufferInterrupted(_interrupt_message(out, experts, current, epochs, tag)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    distributed.wait_for_all()                     # every rank's files exist before returning
+    return paths
+
+
+def _interrupt_message(out: Path, experts: int, current: Mapping[str, Any], epochs: int,
+                       tag: str) -> str:
+    done = sum(expert_path(out, i).is_file() for i in range(experts))
+    msg = f"{tag}interrupted: {done} of {experts} expert files are in {out}"
+    i = current.get("expert")
+    if i is not None and current.get("saved"):
+        msg += (f"; expert {i} has {current['saved']} of {epochs} epochs saved in "
+                f"{partial_path(out, i)}")
+    elif i is not None:
+        msg += f"; expert {i} had no finished epoch (it starts again)"
+    return msg + "; run the same command again to resume"
+
+
+def _prepare_folder(out: Path, cfg: Mapping[str, Any]) -> None:
+    """Create ``out``, check (or write) its ``buffer.json``, remove temporary files a killed write
+    left."""
+    out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / CONFIG_NAME
     if cfg_path.is_file():
         try:
@@ -292,48 +463,6 @@ def train_experts(train: RealData, out_dir: str | os.PathLike, *, experts: int,
         _check_same_config(old, cfg, out)
     else:
         from splatdd.io_utils import atomic_write_json
-        atomic_write_json(cfg_path, cfg)
-    sha = _config_sha(cfg)
+        atomic_write_json(cfg_path, dict(cfg))
     for stale in out.glob(".expert_*.tmp"):       # left by a run killed while writing
         stale.unlink(missing_ok=True)
-
-    paths = [expert_path(out, i) for i in range(experts)]
-    todo = [i for i in range(experts)
-            if not _valid_expert_file(paths[i], epochs + 1, cfg["num_params"], sha)]
-    say = log if log is not None else (lambda s: None)
-    say(f"expert buffer {out}: {experts - len(todo)} of {experts} experts already done, "
-        f"{len(todo)} to train ({epochs} epochs each, {cfg['num_params']:,} parameters)")
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo) * epochs, unit="epoch", desc="experts", dynamic_ncols=True)
-    try:
-        for n_done, i in enumerate(todo):
-            s = expert_seed(seed, i)
-
-            def _epoch(e: int, loss: float, i: int = i, n_done: int = n_done) -> None:
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_description(f"expert {n_done + 1}/{len(todo)} (#{i})")
-                    bar.set_postfix(loss=f"{loss:.3f}")
-                if on_epoch is not None:
-                    on_epoch(i, e, loss)
-
-            traj, net, last_loss = _train_one_expert(train, cfg, s, on_epoch=_epoch)
-            meta: dict[str, Any] = {"expert": i, "seed": s, "config_sha256": sha,
-                                    "train_loss": round(last_loss, 6)}
-            if test is not None:
-                acc = _accuracy(net, test)
-                meta["test_acc"] = round(acc, 6)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.3f}", test_acc=f"{acc:.4f}")
-                msg = f"expert {i}: train loss {last_loss:.4f}, test accuracy {acc:.4f}"
-                if bar is not None and log is not None:
-                    bar.write(msg)
-                else:
-                    say(msg)
-            _save_expert(paths[i], traj, meta)
-    finally:
-        if bar is not None:
-            bar.close()
-    return paths

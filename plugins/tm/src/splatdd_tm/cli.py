@@ -63,18 +63,37 @@ def _user_error(msg: str) -> Exception:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .buffer import BufferError, ExpertBuffer, train_experts
-    from .unroll import activation_bytes, estimate_unroll_bytes
+    """``splatdd buffer``; under torchrun the experts are spread over the ranks
+    (docs/distributed.md) and rank 0 prints the summary. Ctrl-C: a message, exit 130."""
+    from splatdd import distributed
 
     device = resolve_device(args.device)
+    try:
+        ctx = distributed.init_from_env(str(device))
+    except (RuntimeError, ValueError) as exc:
+        raise _user_error(f"cannot join the torchrun process group: {exc}") from None
+    try:
+        return _run(args, resolve_device(ctx.device) if ctx.distributed else device)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args: argparse.Namespace, device: Any) -> int:
+    from splatdd import distributed
+
+    from .buffer import BufferError, BufferInterrupted, ExpertBuffer, train_experts
+    from .unroll import activation_bytes, estimate_unroll_bytes
+
     set_threads(args.threads)
-    progress = not args.no_progress
+    main = distributed.is_main()
+    progress = not args.no_progress and main
     train, test = load_data(args.dataset, args.data_root, parse_resolution(args.resolution),
                             args.zca, device, progress)
     spec = train.spec
-    print(f"dataset {spec.name}: {len(train.labels)} train / {len(test.labels)} test images, "
-          f"{spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes"
-          f"{', ZCA' if spec.zca else ''}", flush=True)
+    if main:
+        print(f"dataset {spec.name}: {len(train.labels)} train / {len(test.labels)} test images, "
+              f"{spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes"
+              f"{', ZCA' if spec.zca else ''}", flush=True)
     try:
         train_experts(train, args.out, experts=args.experts, test=None if args.no_eval else test,
                       model=args.model, net_width=args.net_width, net_depth=args.net_depth,
@@ -84,6 +103,13 @@ def run(args: argparse.Namespace) -> int:
                       log=lambda s: print(s, flush=True))
     except BufferError as exc:
         raise _user_error(str(exc)) from None
+    except BufferInterrupted as exc:
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C: no traceback
+        print(f"\nsplatdd: {exc.message}", file=sys.stderr, flush=True)
+        return 130
+    if not main:
+        return 0
     buf = ExpertBuffer.open(args.out)
     P = buf.num_params
     size = (buf.epochs + 1) * P * 4
