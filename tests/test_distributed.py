@@ -81,12 +81,15 @@ def _same_tensors(one, two, moved_from=None, rel=1e-5):
 def test_dc_two_processes_match_one(fmnist_root, tmp_path):
     """dc: classes split over 2 ranks, gradients summed, the inner network trained identically on
     both ranks (outer_loop 3: the network of steps 1-3 is trained twice in between); the same
-    parameters as 1 process within 1e-5 of their scale (fp32)."""
+    parameters as 1 process within 1e-5 of their scale (fp32). run()'s evaluation (before and
+    after, 3 nets spread over the 2 ranks) reports the 1-process accuracies."""
+    import json
     pytest.importorskip("splatdd_dc")
     args = ["--param", "pixel", "--algo", "dc", "--ipc", "1", "--iterations", "4",
             "--algo-opt", "batch_real=4", "--algo-opt", "net_width=8",
             "--algo-opt", "outer_loop=3", "--algo-opt", "inner_loop=2",
-            "--eval-runs", "0", "--no-progress", "--threads", "1"]
+            "--eval-runs", "3", "--eval-epochs", "2", "--eval-before",
+            "--no-progress", "--threads", "1"]
     one = _distill([*args, "--out", str(tmp_path / "one")], fmnist_root, tmp_path)
     out1, err1 = one.communicate(timeout=600)
     assert one.returncode == 0, err1
@@ -96,6 +99,10 @@ def test_dc_two_processes_match_one(fmnist_root, tmp_path):
     assert "2 processes, backend gloo" in out2
     _same_tensors(tmp_path / "one/distilled.safetensors", tmp_path / "two/distilled.safetensors",
                   moved_from=tmp_path / "one/initial.safetensors")
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    for when in ("before", "after"):
+        assert len(r1[when][0]["accs"]) == 3
+        assert r2[when][0]["accs"] == pytest.approx(r1[when][0]["accs"], abs=1e-9), when
 
 
 def _splatdd(args, fmnist_root, cwd, nproc=None, **kw):
