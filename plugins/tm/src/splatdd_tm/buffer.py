@@ -368,6 +368,8 @@ def train_experts(train: RealData, out_dir: str | os.PathLike, *, experts: int,
         else:
             todo = [i for i in range(experts)
                     if not _valid_expert_file(paths[i], epochs + 1, cfg["num_params"], sha)]
+            for i in sorted(set(range(experts)) - set(todo)):   # killed before its removal
+                partial_path(out, i).unlink(missing_ok=True)
     error, todo = distributed.broadcast_object((error, todo))
     if error is not None:
         raise BufferError(error)
