@@ -226,6 +226,27 @@ def test_buffer_ctrl_c_keeps_the_expert_in_progress(fmnist_root, tmp_path):
     assert _files(out) == _files(tmp_path / "full")
 
 
+def test_wait_for_all_outlasts_the_collective_timeout(tmp_path, fmnist_root):
+    """Uneven work: rank 0 is busy 3x longer than the collective timeout; wait_for_all lets rank 1
+    wait (a plain gather would fail), then the gather returns both ranks' parts."""
+    script = tmp_path / "uneven.py"
+    script.write_text(
+        "import time\n"
+        "from splatdd import distributed\n"
+        "ctx = distributed.init_from_env('cpu')\n"
+        "if ctx.rank == 0:\n"
+        "    time.sleep(6)\n"
+        "distributed.wait_for_all()\n"
+        "print('gathered', distributed.gather(ctx.rank), flush=True)\n"
+        "distributed.shutdown()\n")
+    env = {**_env(fmnist_root), "SPLATDD_DIST_TIMEOUT": "2"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("gathered [0, 1]") == 2, r.stdout
+
+
 def _children(pid):
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]

@@ -225,7 +225,8 @@ def wait_for_all() -> None:
     """Wait for every rank after work of uneven length (the evaluation nets or experts
     :func:`owned` gave each rank), up to ``SPLATDD_DIST_WAIT`` seconds (:data:`DEFAULT_WAIT_S`)
     instead of the short collective timeout; nothing in one process. A rank that died ends the job
-    through torchrun before that. Call it on every rank, then gather.
+    through torchrun before that. Call it on every rank (the same number of times), then
+    gather.
 
     Example::
 
@@ -235,14 +236,14 @@ def wait_for_all() -> None:
     """
     if not _active() or world_size() == 1:
         return
-    import torch.distributed as dist
-    timeout = _timeout("SPLATDD_DIST_WAIT", DEFAULT_WAIT_S)
-    if dist.get_backend() == "gloo":
-        dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
-        return
-    # NCCL: a CPU (gloo) group of its own for the long wait, then it is destroyed
-    group = dist.new_group(backend="gloo", timeout=timeout)
-    try:
-        dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
-    finally:
-        dist.destroy_process_group(group)
+    from torch.distributed import distributed_c10d
+    # Through the process group's own key-value store (torchrun's rendezvous store): a collective
+    # would fail after the short timeout on the rank that waits (gloo's send times out even in a
+    # monitored barrier). Each rank counts its waits in the store, so the n-th wait of every rank
+    # uses the same keys.
+    store = distributed_c10d._get_default_store()
+    r, k = rank(), world_size()
+    n = store.add(f"splatdd/wait_count/{r}", 1)
+    store.set(f"splatdd/wait/{n}/{r}", "1")
+    store.wait([f"splatdd/wait/{n}/{i}" for i in range(k)],
+               _timeout("SPLATDD_DIST_WAIT", DEFAULT_WAIT_S))
