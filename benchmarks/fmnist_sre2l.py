@@ -72,9 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "used 1)")
     ap.add_argument("--temperature", type=float, default=20.0)
     ap.add_argument("--report-only", action="store_true", help="rewrite the report and exit")
-    ap.add_argument("--note", action="append", default=None, metavar="TEXT",
-                    help="with --report-only: replace the report's notes (repeatable; one "
-                         "bullet each) -- observations about the measured cells")
     ap.add_argument("--merge", nargs="*", default=[], metavar="PREFIX",
                     help="with --report-only: add the cells of other results files (a run that "
                          "wrote to its own --results while another was running)")
@@ -109,6 +106,28 @@ def _save(data: dict[str, Any], prefix: str | Path) -> None:
     atomic_write_text(Path(f"{prefix}.md"), report(data))
 
 
+LOSS_TAIL = 50
+
+
+def loss_tail(out_dir: str | Path) -> float | None:
+    """Mean recover loss (CE + r_bn * BN) over the last :data:`LOSS_TAIL` steps of a run folder's
+    ``history.json`` (one step's loss is noisy: every step draws its own crops)."""
+    path = Path(out_dir) / "history.json"
+    if not path.is_file():
+        return None
+    losses = json.loads(path.read_text()).get("losses") or []
+    tail = losses[-LOSS_TAIL:]
+    return sum(tail) / len(tail) if tail else None
+
+
+def _backfill(data: dict[str, Any]) -> None:
+    """Cells measured before the loss tail was recorded get it from their run folder."""
+    for c in data.get("cells", []):
+        if c.get("loss_tail") is None:
+            c["loss_tail"] = loss_tail(c["out_dir"])
+    data.pop("notes", None)      # observations are generated from the cells (observations())
+
+
 # ---- the hard-label reference -------------------------------------------------------------------
 def hard_label_best() -> dict[int, dict[str, Any]]:
     """The best measured cell per IPC of the hard-label table (its own settings)."""
@@ -133,10 +152,53 @@ def _fmt(row: dict[str, Any] | None) -> str:
 
 
 def _label(c: dict[str, Any]) -> str:
-    """The parameterization with its non-default options, e.g. ``gaussian (lr_cholesky 0.000714)``."""
+    """The parameterization with its non-default options, e.g. ``gaussian (gpc 22)``."""
     opts = {k: v for k, v in c["settings"]["param_options"].items() if k != "factor"}
     return c["param"] + (" (" + ", ".join(f"{k} {v:g}" for k, v in opts.items()) + ")"
                          if opts else "")
+
+
+def observations(cells: list[dict[str, Any]]) -> list[str]:
+    """Sentences about the measured cells, each computed from them: per group of equal settings
+    (IPC, iterations, eval runs) the ranking after recovery, what recovery changed, the student's
+    spread, and the recover loss reached."""
+    out: list[str] = []
+    groups = sorted({(c["ipc"], c["settings"]["iterations"], c["settings"]["eval"]["runs"])
+                     for c in cells})
+    for ipc, iters, runs in groups:
+        g = [c for c in cells if (c["ipc"], c["settings"]["iterations"],
+                                  c["settings"]["eval"]["runs"]) == (ipc, iters, runs)
+             and c.get("after")]
+        if not g:
+            continue
+        head = f"IPC {ipc}, {iters} iterations, {runs} student(s) per cell"
+        ranked = sorted(g, key=lambda c: -c["after"][0]["mean"])
+        out.append(f"{head}: after recovery "
+                   + " > ".join(f"{_label(c)} {c['after'][0]['mean']:.2f}" for c in ranked)
+                   + "; before (the initialised set, same protocol) "
+                   + " > ".join(f"{_label(c)} {c['before'][0]['mean']:.2f}" for c in
+                                sorted(g, key=lambda c: -c["before"][0]["mean"])
+                                if c.get("before"))
+                   + ".")
+        changes = [f"{_label(c)} {c['after'][0]['mean'] - c['before'][0]['mean']:+.2f}"
+                   for c in g if c.get("before")]
+        if changes:
+            out.append(f"{head}: recovery changed the accuracy by " + ", ".join(changes)
+                       + " points.")
+        if runs > 1:
+            stds = [r["std"] for c in g for r in (c["after"][0], *(c.get("before") or [])[:1])]
+            out.append(f"{head}: the std over the {runs} students of a cell ranges "
+                       f"{min(stds):.2f}-{max(stds):.2f} points, so gaps below about "
+                       f"{2 * max(stds):.1f} points are within the student's noise.")
+        else:
+            out.append(f"{head}: one student per cell, its spread not measured here (the "
+                       "2-student groups show it).")
+        tails = [(c, c.get("loss_tail")) for c in g if c.get("loss_tail") is not None]
+        if tails:
+            out.append(f"{head}: recover loss over the last {LOSS_TAIL} steps "
+                       + ", ".join(f"{_label(c)} {t:.3f}" for c, t in
+                                   sorted(tails, key=lambda x: x[1])) + ".")
+    return out
 
 
 def report(data: dict[str, Any]) -> str:
@@ -148,7 +210,8 @@ def report(data: dict[str, Any]) -> str:
     lines += ["**Soft-label protocol.** The accuracies below come from students trained on the "
               "distilled images with the teacher's per-crop soft labels (SRe2L/FKD relabel). The "
               "teacher is needed at evaluation time. They are **not comparable** with the "
-              "hard-label accuracies of `fmnist_table.md`, which are shown at the end only as a "
+              "hard-label accuracies of the FashionMNIST table (`fmnist_table*.md`), whose best "
+              "cells are shown at the end only as a "
               "different protocol.", ""]
     if t:
         ts = t["training"]
@@ -160,6 +223,8 @@ def report(data: dict[str, Any]) -> str:
                      "trained by `splatdd teacher` with the same settings (resumable; time not "
                      "recorded)") + f" ({t.get('machine', '')}).", ""]
     s = data.get("settings") or {}
+    idc_factors = sorted({str(c["settings"]["param_options"].get("factor")) for c in cells
+                          if c["param"] == "idc"})
     if s:
         lines += ["## Settings", "",
                   f"- recover (`sre2l`): iterations per row, r_bn {s['r_bn']}, first BN "
@@ -168,9 +233,11 @@ def report(data: dict[str, Any]) -> str:
                   f"parameterization's `recover` optimiser (pixel/idc: Adam lr 0.25 betas "
                   f"(0.5, 0.9); gaussian: its own recover setting); "
                   f"cosine schedule applied by the core loop: {s.get('cosine_in_core', 'unknown')}",
-                  f"- storage: {', '.join(s['params'])} at the budget of IPC fp32 images per "
-                  f"class (gaussian at its default GPC, idc factor {s['idc_factor']}); initialised "
-                  f"from random real images (gaussian: {s['init_steps']} fit steps)",
+                  f"- storage: {', '.join(sorted({c['param'] for c in cells}, key=PARAMS.index))}"
+                  f" at the budget of IPC fp32 images per class (gaussian at its default GPC "
+                  f"unless the row names gpc; idc factor {', '.join(idc_factors)}); "
+                  f"initialised from random real images (gaussian: {s['init_steps']} fit steps); "
+                  f"rows name their non-default options",
                   f"- soft-label evaluation: student ConvNet-3 width {s['eval_width']} (instance "
                   f"norm), {s['eval_steps']} AdamW steps (lr 1e-3, wd 0.01, cosine) of batch "
                   f"{s['eval_batch']}, random resized crop (0.08-1) + flip per image, teacher "
@@ -180,8 +247,9 @@ def report(data: dict[str, Any]) -> str:
                   "evaluated with the same soft-label protocol", ""]
     lines += ["## Results (soft-label protocol, test accuracy %)", "",
               "| IPC | recover iterations | parameterization | images/class | bytes (budget) | "
-              "eval runs | before | after sre2l | recover s | eval s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"eval runs | before | after sre2l | recover loss (last {LOSS_TAIL} steps) | "
+              "recover s | eval s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def group(c: dict[str, Any]) -> tuple[int, int, int]:
         return c["ipc"], c["settings"]["iterations"], c["settings"]["eval"]["runs"]
@@ -193,9 +261,12 @@ def report(data: dict[str, Any]) -> str:
         lines.append(f"| {c['ipc']} | {c['settings']['iterations']} | {_label(c)} | "
                      f"{c['images_per_class']} | {c['budget']['used']:,} "
                      f"({c['budget']['allowed']:,}) | {c['settings']['eval']['runs']} | "
-                     f"{_fmt(b)} | **{_fmt(a)}** | {c['distill_seconds']:.0f} | "
+                     f"{_fmt(b)} | **{_fmt(a)}** | "
+                     f"{'--' if c.get('loss_tail') is None else format(c['loss_tail'], '.3f')} | "
+                     f"{c['distill_seconds']:.0f} | "
                      f"{(a or {}).get('seconds', 0):.0f} |")
     lines += [""]
+    tried: list[tuple[float, str, int, int, bool]] = []
     for ipc, iters, runs in sorted({group(c) for c in cells}):
         by = {_label(c): c["after"][0]["mean"] for c in cells
               if group(c) == (ipc, iters, runs) and c["after"]}
@@ -210,12 +281,23 @@ def report(data: dict[str, Any]) -> str:
                 met = all(by[g] > by[p] for p in others)
                 lines.append(f"  - **target ({g} above pixel and above idc at IPC 1, as GSDD "
                              f"Table 18 on ImageNet-1K): {'met' if met else 'MISSED'}**")
-    if data.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
+                tried.append((by[g] - max(by[p] for p in others), g, iters, runs, met))
+    if tried:
+        margin, g, iters, runs, _ = max(tried)
+        n_met = sum(t[4] for t in tried)
+        lines += ["", f"**Target over all {len(tried)} IPC-1 comparisons: "
+                  + (f"met in {n_met}" if n_met else "MISSED in every one")
+                  + f"; best margin of gaussian over the better of pixel and idc: {margin:+.2f} "
+                  f"points ({g}, {iters} iterations, {runs} student(s) per cell).**"]
+    obs = observations(cells)
+    if obs:
+        lines += ["", "## Observations (generated from the cells above)", ""] + [
+            f"- {o}" for o in obs]
     best = hard_label_best()
     if best:
         lines += ["", "## For orientation only: best hard-label cells (a different protocol)", "",
-                  "From `benchmarks/results/fmnist_table.json` (DSA hard-label protocol, ConvNet-3 "
+                  f"From `benchmarks/results/{TABLE_JSON.name}` (the hard-label table, "
+                  f"`{TABLE_JSON.with_suffix('.md').name}`: DSA hard-label protocol, ConvNet-3 "
                   "width 128, its own reduced settings). Hard labels, no teacher at evaluation: "
                   "**not comparable** with the soft-label numbers above.", "",
                   "| IPC | cell | hard-label accuracy % | eval |", "|---|---|---|---|"]
@@ -309,6 +391,7 @@ def run_cell(a: argparse.Namespace, tdir: Path, ipc: int, param: str) -> dict[st
             "images_per_class": n_images // 10, "budget": res.budget, "init": res.init,
             "distill_seconds": res.distill_seconds, "final_loss": res.final_loss,
             "before": res.before, "after": res.after, "out_dir": str(res.out_dir),
+            "loss_tail": loss_tail(res.out_dir),
             "wall_seconds": time.perf_counter() - t0, "machine": _machine(),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
@@ -322,11 +405,11 @@ def main(argv: list[str] | None = None) -> int:
                 data["cells"] = [c for c in data["cells"] if not (
                     c["ipc"] == cell["ipc"] and c["param"] == cell["param"]
                     and c["key"] == cell["key"])] + [cell]
-        if a.note is not None:
-            data["notes"] = list(a.note)
+        _backfill(data)
         _save(data, a.results)
         return 0
     torch.set_num_threads(a.threads)
+    _backfill(data)
     data["settings"] = {"iterations": a.iterations, "r_bn": a.r_bn,
                         "crop_scale": list(a.crop_scale), "batches_per_step": a.batches_per_step,
                         "params": list(a.params), "idc_factor": a.idc_factor,

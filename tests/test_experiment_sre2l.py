@@ -190,10 +190,10 @@ def test_sre2l_preset_runs_end_to_end(name, teachers, tmp_path):
     from splatdd.distilled_file import load
     cfg = load_preset(name)
     root, teacher = teachers(cfg)
-    # shrunk: the data, the teacher, the class batches recovered per step (2), the student (a width-4 ConvNet instead of the ImageNet
-    # presets' ResNet-18, whose 224 px backward dominates otherwise) and, for Gaussians, the start
-    # geometry (the grid instead of the matching pursuit of 1672 points); the preset's storage
-    # settings (GPC, points, k, factor, lr) are kept
+    # shrunk: the data, the teacher, the class batches recovered per step (2), the student (a
+    # width-4 ConvNet instead of the ImageNet presets' ResNet-18, whose 224 px backward dominates
+    # otherwise) and, for Gaussians, the start geometry (the grid instead of the matching pursuit
+    # of 1672 points); the preset's storage settings (GPC, points, k, factor, lr) are kept
     sets = {"iterations": 2, "checkpoint_every": 0, "out": str(tmp_path / name), "init_steps": 2,
             "threads": 1, "dataset.root": root, "algo_options.teacher": teacher,
             "eval.options.teacher": teacher, "eval.runs": 1, "eval.models": ["ConvNet"],

@@ -21,7 +21,8 @@ stored sub-images of ``floor(H / sqrt(k)) x floor(W / sqrt(k))`` pixels, stored 
 (``k * h * w <= H * W``; equal when ``sqrt(k)`` divides the size, e.g. ``samples = 4`` is
 ``factor = 2`` at 28 px). Decoded image ``d`` is stored sub-image ``d``.
 
-Build options: ``factor`` (2, IDC's default), ``samples`` (GSDD's k; excludes ``factor``), ``init`` (``"noise"``: standard normal, the default before :meth:`IDCImages.init_from_real`;
+Build options: ``factor`` (2, IDC's default), ``samples`` (GSDD's k; excludes ``factor``),
+``init`` (``"noise"``: standard normal, the default before :meth:`IDCImages.init_from_real`;
 ``"zeros"``), ``noise_std`` (1.0).
 
 Optimiser by regime (see :data:`DEFAULT_OPTIMIZER`), ``lr`` overrides the learning rate:
