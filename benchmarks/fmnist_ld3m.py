@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-TABLE = RESULTS / "fmnist_table_v1.json"   # the earlier pipeline's cells
+TABLE = RESULTS / "fmnist_table.json"        # run(config) cells with before/after (the lead's table run)
+TABLE_V1 = RESULTS / "fmnist_table_v1.json"  # the earlier pipeline's cells (fallback, labelled)
 
 
 def machine() -> str:
@@ -179,13 +181,61 @@ def distill_rows(args) -> list[dict]:
     return rows
 
 
-def table_rows() -> list[dict]:
-    data = json.loads(TABLE.read_text())
+def _pooled(cells: list[dict], stage: str) -> dict | None:
+    """Mean +- std (population) over seeds x evaluation nets of the equal-epoch rows, as
+    ``fmnist_table.py`` pools them."""
+    accs = [a for e in cells for r in e.get("rows", {}).get(stage, []) if r.get("mode", "equal epochs")
+            == "equal epochs" for a in r["accs"]]
+    if not accs:
+        return None
+    return {"mean": statistics.fmean(accs), "std": statistics.pstdev(accs), "n": len(accs)}
+
+
+def table_rows(table: Path = TABLE, table_v1: Path = TABLE_V1, ipcs: tuple[int, ...] = (1, 10)) -> list[dict]:
+    """The pixel / gaussian / siren DM cells of ``fmnist_table.json`` (run(config), before/after
+    columns; whatever cells exist when this runs), pooled over the seeds measured; a cell missing
+    there is taken from ``fmnist_table_v1.json`` (the earlier pipeline, no before column), labelled."""
+    new = json.loads(table.read_text()) if table.is_file() else {"cells": []}
+    old = json.loads(table_v1.read_text()) if table_v1.is_file() else {"entries": []}
     out = []
-    for e in data["entries"]:
-        if e.get("algo") == "dm" and e.get("group") == "table" and e.get("param") in ("pixel", "gaussian", "siren"):
-            out.append(e)
+    for ipc in ipcs:
+        for p in ("pixel", "gaussian", "siren"):
+            cells = [e for e in new.get("cells", []) if e.get("ipc") == ipc and e.get("param") == p
+                     and e.get("algo") == "dm" and "rows" in e]
+            after = _pooled(cells, "after")
+            if after is not None:
+                c0 = cells[0]
+                cfg = c0["identity"]["config"]
+                ev = c0.get("eval_settings", {})
+                out.append({"ipc": ipc, "param": p, "source": table.name, "seeds": sorted(e["seed"] for e in cells),
+                            "before": _pooled(cells, "before"), "after": after, "num_images": c0.get("num_images"),
+                            "bytes": c0["bytes"], "budget_bytes": c0["budget_bytes"],
+                            "finished": [e.get("finished") for e in cells],
+                            "settings": f"{cfg.get('iterations')} it, batch_real "
+                                        f"{cfg.get('algo_options', {}).get('batch_real')}; eval {ev.get('runs')} x "
+                                        f"{ev.get('epochs')} ep per seed, seeds "
+                                        + ",".join(str(e["seed"]) for e in cells)})
+                continue
+            for e in old.get("entries", []):
+                if (e.get("algo") == "dm" and e.get("group") == "table" and e.get("param") == p
+                        and e.get("ipc") == ipc):
+                    out.append({"ipc": ipc, "param": p, "source": table_v1.name, "seeds": [e["settings"].get("seed")],
+                                "before": None, "after": {"mean": e["mean"], "std": e["std"], "n": len(e["accs"])},
+                                "num_images": e.get("num_images"), "bytes": e["bytes"],
+                                "budget_bytes": e["budget_bytes"], "finished": [e.get("finished")],
+                                "settings": _settings_text(e)})
+                    break
     return out
+
+
+def table_read_text(rows: list[dict]) -> str:
+    """Which comparison cells were read from which file (for the report)."""
+    parts = []
+    for r in rows:
+        fin = ", ".join(f for f in r["finished"] if f)
+        parts.append(f"IPC {r['ipc']} {r['param']} seed(s) {','.join(map(str, r['seeds']))} from `{r['source']}`"
+                     + (f" (finished {fin})" if fin else ""))
+    return "; ".join(parts)
 
 
 def _settings_text(e: dict) -> str:
@@ -221,38 +271,47 @@ def write_md(res: dict, path: Path) -> None:
         L.append("![class-conditional samples](fmnist_ld3m.png)\n")
     L.append("## Distillation: DM, ConvNet-3 test accuracy (%)\n")
     L.append("Every row: FashionMNIST 28x28, DM, initialised from random real images, evaluated with the "
-             "paper protocol on ConvNet-3 (mean +- std over the evaluation nets). \"before\" = the initialised "
-             "set (for ld3m: encoded real images decoded through the reverse process); the pixel / gaussian / "
-             "siren figures are copied from `benchmarks/results/fmnist_table.json` (no before-distillation "
-             "figure was measured there).\n")
-    L.append("| IPC | parameterization | before | after | stored bytes / pixel budget | settings |")
-    L.append("|---|---|---|---|---|---|")
+             "paper protocol on ConvNet-3 at 150 epochs (mean +- std over the evaluation nets, and over the "
+             "seeds where several were measured). \"before\" = the initialised set, no distillation step "
+             "(for ld3m: encoded real images decoded through the reverse process); \"after\" = the distilled "
+             "set. The pixel / gaussian / siren rows are read from the file named in their row (the "
+             "`fmnist_table.json` cells that existed when this report was written"
+             + (f": {res['table_read']}" if res.get("table_read") else "") + "; a cell missing there is "
+             "taken from `fmnist_table_v1.json`, the earlier pipeline, which has no before column).\n")
+    L.append("| IPC | parameterization | before | after | gain | stored bytes / pixel budget | settings | source |")
+    L.append("|---|---|---|---|---|---|---|---|")
     rows = sorted(res["table"] + res["ld3m"], key=lambda r: (r["ipc"], r["param"] != "ld3m", r["param"]))
+
+    def cell(v):
+        return "-" if v is None else f"{v['mean']:.2f} +- {v['std']:.2f}"
+
     for r in rows:
+        b, a = r["before"], r["after"]
+        gain = "-" if b is None else f"{a['mean'] - b['mean']:+.2f}"
         if r["param"] == "ld3m":
-            b, a = r["before"], r["after"]
             cfg = r["config"]
             po = cfg.get("param_options", {})
-            extra = ", ".join(f"{k}={v}" for k, v in po.items() if k != "model_path")
+            extra = _extra(r)
             st = (f"{cfg['iterations']} it, batch_real {cfg['algo_options'].get('batch_real')}; eval "
-                  f"{cfg['eval']['runs']} x {cfg['eval']['options'].get('epochs')} ep; "
-                  + ("no reverse process (x = D(Z))" if po.get("diffusion") is False else
-                     f"T {r.get('steps', '?')}, guidance {r.get('guidance', '?')}, Eq. 7")
-                  + f", SGD lr {r.get('lr', '?')}"
-                  + (f"; {extra}" if extra else ""))
+                  f"{cfg['eval']['runs']} x {cfg['eval']['options'].get('epochs')} ep, seed {cfg.get('seed')}; "
+                  + ("no reverse process (x = D(Z); Table 6 'w/o diffusion')" if po.get("diffusion") is False else
+                     f"T {r.get('steps', '?')}, guidance {r.get('guidance', '?')}, Eq. 7, eta 0")
+                  + f", SGD lr {r.get('lr', '?')}")
             label = "**ld3m** (this LDM)" + (f", {extra}" if extra else "")
-            L.append(f"| {r['ipc']} | {label} | {b['mean']:.2f} +- {b['std']:.2f} | "
-                     f"**{a['mean']:.2f} +- {a['std']:.2f}** | {r['budget']['used']:,} / {r['budget']['allowed']:,} "
-                     f"({100 * r['budget']['used'] / r['budget']['allowed']:.0f} %) | {st} |")
+            used, allowed = r["budget"]["used"], r["budget"]["allowed"]
+            L.append(f"| {r['ipc']} | {label} | {cell(b)} | **{cell(a)}** | {gain} | {used:,} / {allowed:,} "
+                     f"({100 * used / allowed:.0f} %) | {st} | this run |")
         else:
-            extra = f" (GPC {r['param_config'].get('gpc')})" if r["param"] == "gaussian" else ""
-            L.append(f"| {r['ipc']} | {r['param']}{extra} | - | {r['mean']:.2f} +- {r['std']:.2f} | "
+            L.append(f"| {r['ipc']} | {r['param']} ({r['num_images']} images) | {cell(b)} | {cell(a)} | {gain} | "
                      f"{r['bytes']:,} / {r['budget_bytes']:,} ({100 * r['bytes'] / r['budget_bytes']:.0f} %) | "
-                     f"{_settings_text(r)} |")
+                     f"{r['settings']} | `{r['source']}` |")
     L.append("")
-    L.append(f"ld3m's storage: the latents Z and class embeddings c of every distilled image (fp32). The LDM "
-             f"itself ({m['bytes'] / 1e6:.1f} MB of weights) is a shared prior and is not counted, as in the "
-             "LD3M paper (and as GLaD's generator); the pixel budget counts ipc fp32 28x28 images per class.\n")
+    for line in res.get("not_run", []):
+        L.append(f"Not run: {line}\n")
+    L.append(f"ld3m's storage: the latents Z and class embeddings c of every distilled image (fp32; without "
+             f"diffusion only Z). The LDM itself ({m['bytes'] / 1e6:.1f} MB of weights) is a shared prior and is "
+             "not counted, as in the LD3M paper (and as GLaD's generator); the pixel budget counts ipc fp32 "
+             "28x28 images per class.\n")
     L.append("## Reading\n")
     L += [f"- {n}" for n in res.get("notes", [])]
     path.write_text("\n".join(L) + "\n")
@@ -262,42 +321,78 @@ CLASS_COLS = [{"short": s} for s in ("T-shirt", "Trouser", "Pullover", "Dress", 
                                      "Sneaker", "Bag", "Boot")]
 
 
+def _extra(r: dict) -> str:
+    po = {k: v for k, v in r["config"].get("param_options", {}).items() if k != "model_path"}
+    return ", ".join(f"{k}={v}" for k, v in po.items())
+
+
 def notes(res: dict) -> list[str]:
+    """Plain-language reading computed from the results (no hand-typed figures)."""
     out = []
     q = res.get("samples")
+    m = res.get("model", {})
+    hist = m.get("history") or []
     if q:
         best = max(q["guidance"].items(), key=lambda kv: kv[1]["acc"])
         out.append(f"The LDM's class-conditional samples are recognised as their class {best[1]['acc']:.1f} % of "
                    f"the time at guidance {best[0]} by a ConvNet-3 that scores "
-                   f"{q['classifier']['real_test_acc']:.1f} % on real test images (chance: 10 %).")
+                   f"{q['classifier']['real_test_acc']:.1f} % on real test images (chance: 10 %); per guidance: "
+                   + ", ".join(f"{g} -> {v['acc']:.1f} %" for g, v in q["guidance"].items()) + ".")
+        prev = q.get("previous")
+        if prev:
+            out.append(f"The same measurement on the earlier model ({prev['model']}): "
+                       + ", ".join(f"guidance {g} -> {v:.1f} %" for g, v in prev["acc"].items()) + ".")
     tab = {(r["ipc"], r["param"]): r for r in res["table"]}
+    plain = {r["ipc"]: r for r in res["ld3m"] if not _extra(r)}
     for r in res["ld3m"]:
         a, b = r["after"], r["before"]
         gain = a["mean"] - b["mean"]
-        po = {k: v for k, v in r["config"].get("param_options", {}).items() if k != "model_path"}
-        tag = (" (" + ", ".join(f"{k}={v}" for k, v in po.items()) + ")") if po else ""
+        extra = _extra(r)
+        tag = f" ({extra})" if extra else ""
         line = (f"IPC {r['ipc']}: ld3m{tag} + DM {b['mean']:.2f} -> {a['mean']:.2f} "
-                f"({'+' if gain >= 0 else ''}{gain:.2f} points from distillation)")
+                f"({gain:+.2f} points from distillation)")
+        if extra and r["ipc"] in plain:
+            line += f"; the plain ld3m row: {plain[r['ipc']]['after']['mean']:.2f} after"
         comps = []
         for p in ("pixel", "gaussian", "siren"):
             t = tab.get((r["ipc"], p))
             if t:
-                comps.append(f"{p} {t['mean']:.2f} ({a['mean'] - t['mean']:+.2f})")
+                bt = f"before {t['before']['mean']:.2f}, " if t["before"] else ""
+                comps.append(f"{p} {bt}after {t['after']['mean']:.2f} (ld3m after minus it: "
+                             f"{a['mean'] - t['after']['mean']:+.2f}; `{t['source']}`)")
         if comps:
-            line += "; against the table's DM cells (ld3m minus them): " + ", ".join(comps)
+            line += "; the table's DM cells: " + ", ".join(comps)
         line += (f". Distillation took {r['distill_seconds']:.0f} s for {r['config']['iterations']} iterations "
                  f"(1 thread, load average {r['load_at_start']:.1f} at the start of the run)")
         out.append(line + ".")
-    if res["ld3m"]:
-        out.append("Why ld3m is far below the others here: its images are what this LDM generates from "
-                   "z_T = sqrt(a_T) Z + sqrt(1 - a_T) eps at the first DDIM timestep (a_T ~ 0.001 on the cin256 "
-                   "schedule, so z_T is nearly pure noise) steered by c and Eq. 7's residual, i.e. samples of "
-                   "a weak generator (see the classifier figure above), not the encoded real images; the "
-                   "'before' column (the initialised set) already shows this, and 30 DM iterations add only a "
-                   "little. LD3M's advantage in the paper rests on a strong pretrained prior (the ImageNet "
-                   "LDM); with this briefly trained one the parameterization costs accuracy. The settings are "
-                   "also lighter than the table's (30 instead of 100 DM iterations, 2 instead of 3 evaluation "
-                   "nets): CPU time on the shared machine.")
+    for r in res["ld3m"]:
+        t = tab.get((r["ipc"], "pixel"))
+        if t and t["before"] and not _extra(r):
+            d = r["before"]["mean"] - t["before"]["mean"]
+            out.append(f"Before distillation, at IPC {r['ipc']}: ld3m's initialised set (real images encoded, "
+                       f"then decoded through the reverse process from z_T) scores {r['before']['mean']:.2f}, "
+                       f"random real images (pixel before) {t['before']['mean']:.2f}: the reverse process "
+                       f"{'costs' if d < 0 else 'adds'} {abs(d):.2f} points before any distillation step "
+                       f"(z_T = sqrt(a_T) Z + sqrt(1 - a_T) eps carries Z with weight sqrt(a_T) = "
+                       f"{r.get('sqrt_alpha_T', float('nan')):.3f} at the first of the T = {r.get('steps', '?')} "
+                       "DDIM timesteps of the cin256 schedule, so the images are largely the LDM's own "
+                       "class-conditional samples, steered by c and Eq. 7's residual).")
+    for pr in res.get("previous_model_rows", []):
+        out.append(f"Earlier model ({pr['model']}): IPC {pr['ipc']} ld3m"
+                   + (f" ({pr['options']})" if pr["options"] else "")
+                   + f" + DM {pr['before']:.2f} -> {pr['after']:.2f} ({pr['iterations']} it, "
+                   f"{pr['eval_runs']} eval nets).")
+    stop = [h for h in hist if h.get("phase") == "unet" and "stopped_at" in h]
+    sessions = [h for h in hist if h.get("phase") == "unet-session"]
+    if stop and not m.get("stop_unet_at"):
+        out.append(f"Model history: trained to UNet step {stop[0]['stopped_at']}, exported early, then resumed "
+                   f"from its checkpoint to the end of the {stop[0]['of']}-step schedule (the model used here).")
+    for h in sessions:
+        la = h.get("load_start") or [float("nan")]
+        lb = h.get("load_end") or [float("nan")]
+        out.append(f"UNet training run, steps {h['from']} -> {h['to']}: {h['seconds']:.0f} s wall "
+                   f"({(h['to'] - h['from']) / h['seconds']:.2f} steps/s, {h['threads']} thread, load average "
+                   f"{la[0]:.1f} at the start, {lb[0]:.1f} at the end).")
     return out
 
 
@@ -326,6 +421,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-distill", action="store_true", help="keep part 2 from the previous JSON")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the previous JSON")
     ap.add_argument("--append", action="store_true", help="keep the previous JSON's ld3m rows and add these")
+    ap.add_argument("--not-run", action="append", default=None, metavar="TEXT",
+                    help="a row that was not run and why (printed in the report; repeatable)")
     args = ap.parse_args(argv)
     import warnings
 
@@ -343,6 +440,7 @@ def main(argv=None) -> int:
     tr = man.get("train", {})
     res = {"machine": machine(), "threads": args.threads,
            "model": {"path": str(model), "bytes": ldm_bytes(model), "train": tr, "history": man.get("history"),
+                     "stop_unet_at": man.get("stop_unet_at"),
                      "summary": (f"KL autoencoder f{ldm.vae_factor}, {ldm.latent_channels} latent channels "
                                  f"({ldm.image_size} px -> {ldm.latent_size}x{ldm.latent_size}), "
                                  f"UNet2DModel {tr.get('unet_channels')} with class embeddings "
@@ -354,6 +452,10 @@ def main(argv=None) -> int:
                                  f"{tr.get('ema_decay')}; cin256 noise schedule")}}
     if args.report_only:
         prev["model"] = res["model"]
+        prev["table"] = table_rows()
+        prev["table_read"] = table_read_text(prev["table"])
+        if args.not_run is not None:
+            prev["not_run"] = list(args.not_run)
         prev["notes"] = notes(prev)
         from splatdd.io_utils import atomic_write_json
 
@@ -374,9 +476,23 @@ def main(argv=None) -> int:
             from splatdd_ld3m import LatentDiffusionImages
 
             p = LatentDiffusionImages.build(train.spec, r["ipc"], model_path=str(model))
-            r.update(steps=p.steps, guidance=p.guidance, lr=p.optimizer_spec("distribution").params[0]["lr"])
+            r.update(steps=p.steps, guidance=p.guidance, lr=p.optimizer_spec("distribution").params[0]["lr"],
+                     sqrt_alpha_T=p._schedule[0].alpha ** 0.5)
         res["ld3m"] = (list(prev.get("ld3m", [])) if args.append else []) + rows
     res["table"] = table_rows()
+    res["table_read"] = table_read_text(res["table"])
+    res["not_run"] = list(args.not_run or [])
+    if prev.get("model") and prev["model"].get("summary") != res["model"]["summary"]:
+        # the previous results were made with another model (e.g. the early export): keep its figures
+        if prev.get("samples") and res.get("samples") and "previous" not in res["samples"]:
+            res["samples"]["previous"] = {"model": prev["model"]["summary"],
+                                          "acc": {g: v["acc"] for g, v in prev["samples"]["guidance"].items()}}
+        res["previous_model_rows"] = [{"model": prev["model"]["summary"], "ipc": r["ipc"], "options": _extra(r),
+                                       "before": r["before"]["mean"], "after": r["after"]["mean"],
+                                       "iterations": r["config"]["iterations"], "eval_runs": r["config"]["eval"]["runs"]}
+                                      for r in prev.get("ld3m", [])]
+    elif prev.get("previous_model_rows"):
+        res["previous_model_rows"] = prev["previous_model_rows"]
     res["notes"] = notes(res)
     from splatdd.io_utils import atomic_write_json
 

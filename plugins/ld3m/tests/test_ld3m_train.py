@@ -128,12 +128,28 @@ def test_stop_unet_at_exports_early_and_a_rerun_continues_the_schedule(tmp_path,
     man = json.loads((early / "splatdd_ld3m.json").read_text())
     assert man["stop_unet_at"] == 4 and man["history"][-1] == {"phase": "unet", "stopped_at": 4, "of": 5}
     a4 = _weights(early)
+    # the directory holds an early export of these same settings: the rerun may replace it without
+    # overwrite (scripts/train_ldm.sh resumes with the same command)
     lines: list[str] = []
-    train_ldm(_cfg(early, idx_root, checkpoint_every=1), log=lines.append, overwrite=True, log_every=1)
+    train_ldm(_cfg(early, idx_root, checkpoint_every=1), log=lines.append, log_every=1)
     assert "phase unet, step 4" in lines[0]
     a, b = _weights(full), _weights(early)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a4[k], b[k]) for k in a)      # step 5 changed the EMA weights
+    man = json.loads((early / "splatdd_ld3m.json").read_text())
+    assert man["stop_unet_at"] is None
+    # each run's UNet steps are recorded with their wall time and load (the timing record)
+    sessions = [h for h in man["history"] if h["phase"] == "unet-session"]
+    assert [(h["from"], h["to"]) for h in sessions] == [(0, 4), (4, 5)]
+    assert all(h["seconds"] >= 0 and h["threads"] >= 1 for h in sessions)
+    # a finished model is not an early export: rerunning into it still needs overwrite
+    with pytest.raises(FileExistsError, match="not empty"):
+        train_ldm(_cfg(early, idx_root, checkpoint_every=1), log=lambda s: None)
+    # nor is an early export written with other settings
+    other = tmp_path / "other"
+    train_ldm(_cfg(other, idx_root, checkpoint_every=1, stop_unet_at=2, unet_lr=5e-4), log=lambda s: None)
+    with pytest.raises(FileExistsError, match="not empty"):
+        train_ldm(_cfg(other, idx_root, checkpoint_every=1, work_dir=str(tmp_path / "w2")), log=lambda s: None)
     with pytest.raises(ValueError, match="stop_unet_at"):
         train_ldm(_cfg(tmp_path / "x", idx_root, stop_unet_at=9))
 

@@ -274,6 +274,14 @@ def _class_names(spec) -> list[str]:
     return list(names)
 
 
+def _loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the platform has none), for timing records."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -293,7 +301,7 @@ def train_ldm(cfg: TrainLDMConfig, *, log: Callable[[str], None] | None = None, 
     cfg.validate()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(cfg.out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and any(out.iterdir()) and not overwrite and not _is_early_export(out, cfg.settings()):
         raise FileExistsError(f"out_dir {out} exists and is not empty (pass overwrite=True / --overwrite)")
     work = Path(cfg.work_dir) if cfg.work_dir else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
@@ -405,6 +413,9 @@ def train_ldm(cfg: TrainLDMConfig, *, log: Callable[[str], None] | None = None, 
         unet.train()
         prog = _Progress("unet", state["step"], cfg.unet_steps, log, log_every)
         end = cfg.unet_steps if cfg.stop_unet_at is None else cfg.stop_unet_at
+        session = {"phase": "unet-session", "from": int(state["step"]), "threads": torch.get_num_threads(),
+                   "load_start": _loadavg()}
+        t_session = time.monotonic()
         while state["step"] < end:
             s = state["step"]
             for g_ in unet_opt.param_groups:
@@ -428,9 +439,16 @@ def train_ldm(cfg: TrainLDMConfig, *, log: Callable[[str], None] | None = None, 
                 save_checkpoint()
             if state["step"] % cfg.sample_every == 0 and state["step"] != cfg.unet_steps:
                 grid(f"unet-step{state['step']:06d}")
+        if state["step"] > session["from"]:
+            session.update(to=int(state["step"]), seconds=round(time.monotonic() - t_session, 1),
+                           load_end=_loadavg())
+            state["history"].append(session)     # this run's UNet steps, wall time and load (timing record)
         if end < cfg.unet_steps:
             # early export: the checkpoint stays resumable (phase unet); the model records the stop
-            state["history"].append({"phase": "unet", "stopped_at": end, "of": cfg.unet_steps})
+            stop = {"phase": "unet", "stopped_at": end, "of": cfg.unet_steps}
+            if not state["history"] or state["history"][-1] != stop:
+                state["history"].append(stop)
+            save_checkpoint()                    # the history (timing, early export) survives a resume
             log(f"[unet] stopped at step {end} of {cfg.unet_steps} (stop_unet_at)")
         else:
             state.update(phase="done", step=0)
@@ -442,6 +460,19 @@ def train_ldm(cfg: TrainLDMConfig, *, log: Callable[[str], None] | None = None, 
                                                     "model": str(out)})
     log(f"wrote {out}")
     return out
+
+
+def _is_early_export(out: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``out`` holds a model this configuration wrote early (``stop_unet_at``), which a
+    resumed run may replace without ``overwrite``."""
+    import json
+
+    try:
+        manifest = json.loads((out / "splatdd_ld3m.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and manifest.get("stop_unet_at") is not None
+            and manifest.get("train") == settings)
 
 
 def _write_model(cfg: TrainLDMConfig, out: Path, vae, ema, k: int, spec, state: dict[str, Any],
@@ -467,7 +498,7 @@ def _write_model(cfg: TrainLDMConfig, out: Path, vae, ema, k: int, spec, state: 
     try:
         save_ldm(parts, tmp, manifest=manifest)
         if out.exists():
-            if not overwrite and any(out.iterdir()):
+            if not overwrite and any(out.iterdir()) and not _is_early_export(out, settings):
                 raise FileExistsError(f"out_dir {out} appeared during training")
             shutil.rmtree(out)
         os.replace(tmp, out)
