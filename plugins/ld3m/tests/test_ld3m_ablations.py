@@ -179,6 +179,29 @@ def test_noise_init_of_c(spec_two, tiny_dir):
         _build(spec_two, tiny_dir, init_c="zeros")
 
 
+def test_noise_init_of_z_and_c_are_the_generators_draws(spec_two, tiny_dir):
+    """Table 8's noise initialisation of both Z and c (``init_c='noise'`` and no init_from_real, i.e.
+    ``--init noise``): Z and c are the generator's N(0, 1) draws, in that order after the noise
+    seed, recomputed here from the same seed; the default init_c keeps the same Z and takes c from
+    the embedder's rows."""
+    p = _build(spec_two, tiny_dir, ipc=3, seed=7, init_c="noise")
+    g = torch.Generator().manual_seed(7)
+    torch.randint(0, 2 ** 62, (1,), generator=g)                       # the noise seed
+    z = torch.randn(p.latents.shape, generator=g)
+    c = torch.randn(p.class_embeddings.shape, generator=g)
+    assert torch.equal(p.latents.detach(), z)
+    assert torch.equal(p.class_embeddings.detach(), c)
+    q = _build(spec_two, tiny_dir, ipc=3, seed=7)
+    assert torch.equal(q.latents.detach(), z)
+    torch.testing.assert_close(q.class_embeddings.detach(), q.ldm.class_embedder.embedding.weight[q.labels])
+
+
+def test_c_only_without_diffusion_is_refused(spec_two, tiny_dir):
+    """'c only' freezes Z and 'w/o diffusion' does not use c: together nothing is learned."""
+    with pytest.raises(ValueError, match="nothing to learn"):
+        _build(spec_two, tiny_dir, learn="c", diffusion=False)
+
+
 def test_budget_override_allows_and_reports_an_over_budget_run(tiny_dir):
     """8x8 gray images: a pixel budget of 64 floats per image against 3*8*8 + 32 = 224 stored floats."""
     small = DatasetSpec("small", 1, 8, 8, 2, (0.5,), (0.5,))

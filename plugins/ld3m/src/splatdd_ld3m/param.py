@@ -118,6 +118,9 @@ class LatentDiffusionImages(Parameterization):
         self.learn = str(s.get("learn", "both"))
         if self.learn not in LEARN_MODES:
             raise ValueError(f"learn must be one of {LEARN_MODES}, got {self.learn!r}")
+        if self.learn == "c" and not self.diffusion:
+            raise ValueError("learn='c' (Z frozen) with diffusion=False (c unused) leaves nothing to learn: "
+                             "use one of the two ablations")
         self.init_c = str(s.get("init_c", "class"))
         if self.init_c not in INIT_C_MODES:
             raise ValueError(f"init_c must be one of {INIT_C_MODES}, got {self.init_c!r}")
