@@ -271,7 +271,7 @@ def write_md(res: dict, path: Path) -> None:
         L.append("![class-conditional samples](fmnist_ld3m.png)\n")
     L.append("## Distillation: DM, ConvNet-3 test accuracy (%)\n")
     L.append("Every row: FashionMNIST 28x28, DM, initialised from random real images, evaluated with the "
-             "paper protocol on ConvNet-3 at 150 epochs (mean +- std over the evaluation nets, and over the "
+             "paper protocol on ConvNet-3 (length in each row's settings; mean +- std over the evaluation nets, and over the "
              "seeds where several were measured). \"before\" = the initialised set, no distillation step "
              "(for ld3m: encoded real images decoded through the reverse process); \"after\" = the distilled "
              "set. The pixel / gaussian / siren rows are read from the file named in their row (the "
