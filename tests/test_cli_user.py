@@ -306,7 +306,7 @@ def test_sigint_during_eval_and_closed_pipe(tiny_run, fmnist_root):
                   fmnist_root, out.parent)
     time.sleep(0.5)
     line = proc.stdout.readline()                         # the header: evaluation has begun
-    assert "evaluating at 28x28" in line, line
+    assert "10 images (GPC 1) in the budget of IPC 1" in line and "evaluating at 28x28" in line
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr

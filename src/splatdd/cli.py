@@ -430,8 +430,10 @@ def _eval(args: argparse.Namespace, device: Any, main: bool) -> int:
     if not models:
         raise CLIError(f"--model expects NAME[,NAME...], got {args.model!r}")
     images = d.images(resolution=tuple(res_hw))
-    say(f"{args.file}: {d.param.name} ({d.algorithm or '?'}), {len(d.labels)} images, "
-        f"ipc {d.ipc}, {spec.name}; evaluating at {res_hw[0]}x{res_hw[1]}, "
+    gpc = len(d.labels) / spec.num_classes
+    say(f"{args.file}: {d.param.name} ({d.algorithm or '?'}), {len(d.labels)} images "
+        f"(GPC {gpc:g}) in the budget of IPC {d.ipc}, {spec.name}; evaluating at "
+        f"{res_hw[0]}x{res_hw[1]}, "
         f"{protocol.describe()}"
         + (f", learned lr {d.learned_lr:g}" if d.learned_lr is not None else ""))
     try:
