@@ -49,6 +49,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 TIMEOUT = 60.0
+#: A child's start (python + torch import) and first steps on a loaded 2-core machine.
+CHILD_TIMEOUT = 180.0
 
 
 def _corpus_module():
@@ -84,26 +86,18 @@ def _toy_algorithm():
 ITERATIONS, EVERY = 8, 2
 
 
-def run_distill(out: Path, *, resume: bool, on_step: Callable | None = None,
-                locked: bool = True) -> None:
+def run_distill(out: Path, *, resume: bool, on_step: Callable | None = None) -> None:
     """The tiny run (TinyPixels + a toy objective, 8 steps, checkpoints every 2), as the next
-    start of a run does it: lock, clean stale temps, resume."""
+    start of a run does it: ``distill`` takes the run folder's lock, cleans stale temps and
+    resumes."""
     from splatdd import distill as D
-    from splatdd.registry import Registry
-    from splatdd.run_folder import RunLock, clean_stale_temps
     from splatdd.testing import TINY_SPEC, TinyPixels, make_tiny_real
 
     torch.set_num_threads(1)
-    reg = Registry(entry_points=False)
-    reg.register("parameterization", TinyPixels)
     p = TinyPixels.build(TINY_SPEC, 1, generator=torch.Generator().manual_seed(1))
     a = _toy_algorithm()(make_tiny_real(8), ipc=1, generator=torch.Generator().manual_seed(0))
-    ctx = RunLock(out) if locked else contextlib.nullcontext()
-    with ctx as lock:
-        if locked:
-            clean_stale_temps(out, lock=lock)
-        D.distill(p, a, iterations=ITERATIONS, out_dir=out, progress=False, plot=False, seed=0,
-                  resume=resume, checkpoint_every=EVERY, on_step=on_step, registry=reg)
+    D.distill(p, a, iterations=ITERATIONS, out_dir=out, progress=False, plot=False, seed=0,
+              resume=resume, checkpoint_every=EVERY, on_step=on_step, registry=_registry())
 
 
 def _registry():
@@ -182,12 +176,25 @@ def _in_thread(fn: Callable[[], Any], timeout: float = TIMEOUT) -> tuple[str, An
 
 
 def _readline(proc: subprocess.Popen, timeout: float) -> str | None:
-    import selectors
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    if not sel.select(timeout):
+    """The child's next stdout line ('' at its end), or None after ``timeout`` s.
+
+    A thread reads the pipe: select() on the file descriptor would miss lines that the text
+    wrapper already buffered (two lines arriving together), and wait out the timeout."""
+    import queue
+    import threading
+    q = getattr(proc, "_lines", None)
+    if q is None:
+        q = proc._lines = queue.Queue()  # type: ignore[attr-defined]
+
+        def pump() -> None:
+            for line in proc.stdout:
+                q.put(line.strip())
+            q.put("")
+        threading.Thread(target=pump, daemon=True).start()
+    try:
+        return q.get(timeout=timeout)
+    except queue.Empty:
         return None
-    return proc.stdout.readline().strip()
 
 
 def _remove_inside(p: Path, tmp: Path) -> None:
@@ -375,7 +382,7 @@ def kills(tally: Tally, tmp: Path, reference: torch.Tensor) -> None:
         target = f"step {after}" if after else "midwrite"
         seen = False
         while True:
-            line = _readline(p, TIMEOUT)
+            line = _readline(p, CHILD_TIMEOUT)
             if line is None or line == "" or line == "done":
                 break
             if line == target:
@@ -383,8 +390,9 @@ def kills(tally: Tally, tmp: Path, reference: torch.Tensor) -> None:
                 break
         if not seen:
             p.kill()
-            tally.add("kill -9 at several moments", "crash", what,
-                      f"child never reached the moment: {p.stderr.read()[-300:]}")
+            tally.add("kill -9 at several moments", "hang" if line is None else "crash", what,
+                      f"child never reached the moment (last line {line!r}): "
+                      f"{p.stderr.read()[-300:]}")
             continue
         p.send_signal(signal.SIGKILL)
         p.wait(TIMEOUT)
@@ -482,8 +490,8 @@ def read_only(tally: Tally, tmp: Path) -> None:
         ("read-only file system (EROFS, simulated)", lambda: check_writable(tmp / "ro-dir"), erofs),
         ("permission denied (EACCES, simulated)", lambda: check_writable(tmp / "ro-dir"), eacces),
         ("lock in a file's place", lambda: RunLock(f).acquire(), None),
-        ("distill run on an EROFS folder", lambda: run_distill(tmp / "ro-dir" / "r", resume=False,
-                                                               locked=False), erofs),
+        ("distill run on an EROFS folder", lambda: run_distill(tmp / "ro-dir" / "r", resume=False),
+         erofs),
     ]
     for what, fn, patch in cases:
         if patch is not None:
@@ -548,7 +556,7 @@ def integration(tally: Tally, tmp: Path) -> None:
     out = tmp / "int-lock"
     with RunLock(out):
         try:
-            run_distill(out, resume=False, locked=False)
+            run_distill(out, resume=False)
             tally.add(cat, "silent", "second writer while the folder is locked",
                       "distill ran although another writer holds the lock")
         except RunFolderError:
@@ -558,14 +566,14 @@ def integration(tally: Tally, tmp: Path) -> None:
     out = tmp / "int-temp"
     out.mkdir()
     (out / ".checkpoint.pt.stale.tmp").write_bytes(b"")
-    run_distill(out, resume=True, locked=False)
+    run_distill(out, resume=True)
     left = (out / ".checkpoint.pt.stale.tmp").exists()
     tally.add(cat, "silent" if left else "clean", "stale temp file at start",
               "not removed" if left else "")
     f = tmp / "int-file"
     f.write_text("x")
     try:
-        run_distill(f, resume=False, locked=False)
+        run_distill(f, resume=False)
         tally.add(cat, "silent", "--out is a file", "accepted")
     except RunFolderError:
         tally.add(cat, "clean", "--out is a file")
