@@ -44,23 +44,9 @@ def thin_row(gen: torch.Generator, H: int, W: int, ssaa: int) -> list:
     else:  # sub-sample: both axes below ~2 samples
         major = 10.0 ** (-5.0 + (5.0 + math.log10(4.0 / (ssaa * max(H, W)))) * r[1])
         ratio = 10.0 ** (-r[2])
-    theta = math.pi * r[3]
-    c, s = math.cos(theta), math.sin(theta)
-    s1, s2 = major, major * ratio
-    sxx = c * c * s1 * s1 + s * s * s2 * s2
-    sxy = c * s * (s1 * s1 - s2 * s2)
-    syy = s * s * s1 * s1 + c * c * s2 * s2
-    l11 = math.sqrt(sxx)
-    l21 = sxy / l11
-    l22 = math.sqrt(max(syy - l21 * l21, 0.0))
     sign = 1.0 if r[6] < 0.5 else -1.0
-    return [2 * r[4] - 1, 2 * r[5] - 1, sign * l11, l21, l22, 1.0, 1.0]
-
-
-def window(row: torch.Tensor, H: int, W: int, size: int = 24) -> tuple:
-    h, w = min(H, size), min(W, size)
-    cx, cy = (float(row[0]) + 1) * W / 2, (float(row[1]) + 1) * H / 2
-    return (min(max(int(cy) - h // 2, 0), H - h), min(max(int(cx) - w // 2, 0), W - w), h, w)
+    return reference.thin_gaussian(math.pi * r[3], major, ratio, 2 * r[4] - 1, 2 * r[5] - 1,
+                                   sign)
 
 
 def main(argv=None) -> int:
@@ -84,7 +70,7 @@ def main(argv=None) -> int:
             out = splatdd.render(p[None], H, W, ssaa=ssaa, prefilter=prefilter)[0]
             if float(out.min()) < 0.0 or float(out.max()) > 1.0:
                 violations += 1
-            r0, c0, h, w = window(p[0], H, W)
+            r0, c0, h, w = reference.window_around(float(p[0, 0]), float(p[0, 1]), H, W)
             ref = reference.render_window(p.double()[None], H, W, (r0, c0, h, w), ssaa=ssaa,
                                           prefilter=prefilter)[0]
             err = float((out[:, r0:r0 + h, c0:c0 + w].double() - ref).abs().max())

@@ -4,7 +4,7 @@ for the user), hangs and silently accepted changes. Target: 0 crashes, 0 hangs, 
 
 Categories:
 
-* the hostile-file corpus of tests/hostile_corpus.py (corrupted bytes, truncations, metadata and
+* the hostile-file corpus of splatdd/testing_hostile.py (corrupted bytes, truncations, metadata and
   tensor edits with and without recomputed digests, hostile sizes, FIFO/sparse/special files),
   through ``distilled_file.load`` and through the CLI (``splatdd export``, in-process);
 * random byte mutations of a valid file (seeded): a clean error or an unchanged decode;
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -54,35 +53,11 @@ CHILD_TIMEOUT = 180.0
 
 
 def _corpus_module():
-    if "hostile_corpus" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("hostile_corpus",
-                                                      ROOT / "tests" / "hostile_corpus.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["hostile_corpus"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["hostile_corpus"]
+    from splatdd import testing_hostile
+    return testing_hostile
 
 
 # ---- a tiny distillation, shared by the in-process runs and the child processes ------------------
-def _toy_algorithm():
-    from splatdd.plugin_api import Algorithm
-
-    class Toy(Algorithm):
-        name = "toyproj"
-        regime = "distribution"
-
-        def loss(self, param, step):
-            syn = param.decode()
-            w = torch.randn(64, 4, generator=self.generator) / 8
-            loss = syn.new_zeros(())
-            for c in range(self.real.spec.num_classes):
-                fr = self.real.sample(c, 4, self.generator).flatten(1) @ w
-                fs = syn[param.class_indices(c)].flatten(1) @ w
-                loss = loss + ((fr.mean(0) - fs.mean(0)) ** 2).sum()
-            return loss
-    return Toy
-
-
 ITERATIONS, EVERY = 8, 2
 
 
@@ -91,11 +66,11 @@ def run_distill(out: Path, *, resume: bool, on_step: Callable | None = None) -> 
     start of a run does it: ``distill`` takes the run folder's lock, cleans stale temps and
     resumes."""
     from splatdd import distill as D
-    from splatdd.testing import TINY_SPEC, TinyPixels, make_tiny_real
+    from splatdd.testing import TINY_SPEC, TinyPixels, ToyProjection, make_tiny_real
 
     torch.set_num_threads(1)
     p = TinyPixels.build(TINY_SPEC, 1, generator=torch.Generator().manual_seed(1))
-    a = _toy_algorithm()(make_tiny_real(8), ipc=1, generator=torch.Generator().manual_seed(0))
+    a = ToyProjection(make_tiny_real(8), ipc=1, generator=torch.Generator().manual_seed(0))
     D.distill(p, a, iterations=ITERATIONS, out_dir=out, progress=False, plot=False, seed=0,
               resume=resume, checkpoint_every=EVERY, on_step=on_step, registry=_registry())
 
@@ -694,7 +669,7 @@ def write_report(data: dict[str, Any], out: Path) -> None:
               "bytes or 100 bytes in), then a resume. Read-only folders: `/sys` is a real "
               "non-writable folder (even for root); EROFS/EACCES are simulated at `open` (no "
               "read-only mount is available to an unprivileged test). The corpus is "
-              "`tests/hostile_corpus.py`; the same cases run as tests in "
+              "`splatdd/testing_hostile.py`; the same cases run as tests in "
               "`tests/test_hostile_files.py`. `--update-renderer` rewrites this report from "
               "robustness.json with a fresh renderer line, without rerunning the sweep.", ""]
     atomic_write_text(out, "\n".join(lines))

@@ -12,35 +12,16 @@ import torch
 
 from splatdd import distill as D
 from splatdd import io_utils
-from splatdd.plugin_api import Algorithm
 from splatdd.run_folder import WriteFailed
-from splatdd.testing import TINY_SPEC, TinyPixels, make_tiny_real
+from splatdd.testing import TINY_SPEC, TinyPixels, ToyProjection, make_tiny_real
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Toy(Algorithm):
-    """Matches random projections of real and synthetic class means; all randomness from
-    ``self.generator``."""
-
-    name = "toyproj"
-    regime = "distribution"
-
-    def loss(self, param, step):
-        syn = param.decode()
-        w = torch.randn(64, 4, generator=self.generator) / 8
-        loss = syn.new_zeros(())
-        for c in range(self.real.spec.num_classes):
-            fr = self.real.sample(c, 4, self.generator).flatten(1) @ w
-            fs = syn[param.class_indices(c)].flatten(1) @ w
-            loss = loss + ((fr.mean(0) - fs.mean(0)) ** 2).sum()
-        return loss
 
 
 def _make(seed: int = 0):
     real = make_tiny_real(8)
     p = TinyPixels.build(TINY_SPEC, 1, generator=torch.Generator().manual_seed(1))
-    return p, Toy(real, ipc=1, generator=torch.Generator().manual_seed(seed))
+    return p, ToyProjection(real, ipc=1, generator=torch.Generator().manual_seed(seed))
 
 
 def _run(out, iterations, *, seed=0, lr=None, resume=False, p_a=None, **kw):
@@ -137,7 +118,7 @@ def test_resume_may_change_the_data_location(run_dir):
 def test_other_identity_lists_the_differences(run_dir):
     real = make_tiny_real(8)
     p = TinyPixels.build(TINY_SPEC, 2, generator=torch.Generator().manual_seed(1))
-    a = Toy(real, ipc=2, generator=torch.Generator().manual_seed(0))
+    a = ToyProjection(real, ipc=2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(D.CheckpointMismatch, match=r"different run \(.*ipc: 1 -> 2") as e:
         _run(run_dir, 6, resume=True, p_a=(p, a))
     assert "param_config.ipc: 1 -> 2" in str(e.value)

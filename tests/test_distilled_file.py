@@ -10,69 +10,17 @@ from safetensors.torch import save as st_save
 
 from splatdd import distilled_file as F
 from splatdd.io_utils import atomic_open, atomic_write_bytes
-from splatdd.plugin_api import DatasetSpec, OptimizerSpec, Parameterization
+from splatdd.plugin_api import DatasetSpec
 from splatdd.registry import Registry, UnknownPluginError
-
-SPEC = DatasetSpec("toy", 3, 4, 5, 2, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+from splatdd.testing_hostile import SPEC, TinyBF16, registry
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class TinyBF16(Parameterization):
-    """Images stored as bf16 values plus an fp32 per-image scale (exercises mixed dtypes)."""
-    name = "tinybf16"
-
-    def __init__(self, spec, ipc, values=None, scale=None):
-        super().__init__()
-        self.spec, self.ipc = spec, ipc
-        n = spec.num_classes * ipc
-        self.values = torch.nn.Parameter(values if values is not None else
-                                         torch.zeros(n, spec.channels, spec.height, spec.width))
-        self.scale = torch.nn.Parameter(scale if scale is not None else torch.ones(n))
-
-    @classmethod
-    def build(cls, spec, ipc, *, generator=None, **options):
-        n = spec.num_classes * ipc
-        return cls(spec, ipc, torch.randn(n, spec.channels, spec.height, spec.width,
-                                          generator=generator), torch.rand(n, generator=generator))
-
-    def init_from_real(self, images, labels, *, steps=None, progress=False):
-        return {}
-
-    @property
-    def labels(self):
-        return torch.arange(self.spec.num_classes).repeat_interleave(self.ipc)
-
-    def decode(self, indices=None, *, resolution=None):
-        x = self.values.to(torch.bfloat16).float() * self.scale.view(-1, 1, 1, 1)
-        return x if indices is None else x[indices]
-
-    def optimizer_spec(self, algorithm, lr=None):
-        return OptimizerSpec([{"params": list(self.parameters()), "lr": lr or 0.1}])
-
-    def num_bytes(self):
-        return self.values.numel() * 2 + self.scale.numel() * 4
-
-    def state_tensors(self):
-        return {"values": self.values.detach().to(torch.bfloat16).clone(),
-                "scale": self.scale.detach().clone()}
-
-    def config(self):
-        return {"ipc": self.ipc, "note": "tiny"}
-
-    @classmethod
-    def from_state(cls, spec, tensors, config):
-        if "values" not in tensors:
-            raise ValueError("missing tensor 'values'")
-        return cls(spec, config["ipc"], tensors["values"].float(), tensors["scale"].float())
-
-
 @pytest.fixture
 def reg():
-    r = Registry(entry_points=False)
-    r.register("parameterization", TinyBF16)
-    return r
+    return registry()
 
 
 @pytest.fixture

@@ -1,12 +1,10 @@
-"""Hostile distilled files: every case of the corpus (tests/hostile_corpus.py) raises its specific
+"""Hostile distilled files: every case of the corpus (splatdd/testing_hostile.py) raises its specific
 ``DistilledFileError`` subclass naming the field, fast and without allocating what the metadata
 claims; random byte mutations of a valid file give a clean error or an unchanged decode."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 import threading
 from pathlib import Path
 
@@ -16,21 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splatdd import distilled_file as F
+from splatdd import testing_hostile as H
 from splatdd.testing import parameterization_class
 
-
-def _import_corpus():
-    """tests/hostile_corpus.py (pytest's importlib mode puts no test folder on sys.path)."""
-    if "hostile_corpus" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "hostile_corpus", Path(__file__).with_name("hostile_corpus.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["hostile_corpus"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["hostile_corpus"]
-
-
-H = _import_corpus()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,31 +28,6 @@ FWD_BOUND = 4e-6
 GRAD_BOUND = 1e-4
 
 
-def thin_params(theta: float, major: float, ratio: float, u: float, v: float, sign: float,
-                colour: float = 1.0, alpha: float = 1.0) -> list:
-    """[u, v, l11, l21, l22, c, alpha] of a Gaussian with standard deviations `major` and
-    `major * ratio` (normalised units) along direction theta: L = chol(R diag(s1^2, s2^2) R^T)."""
-    c, s = math.cos(theta), math.sin(theta)
-    s1, s2 = major, major * ratio
-    sxx = c * c * s1 * s1 + s * s * s2 * s2
-    sxy = c * s * (s1 * s1 - s2 * s2)
-    syy = s * s * s1 * s1 + c * c * s2 * s2
-    l11 = math.sqrt(sxx)
-    l21 = sxy / l11
-    l22 = math.sqrt(max(syy - l21 * l21, 0.0))
-    return [u, v, sign * l11, l21, l22, colour, alpha]
-
-
-def window_around(p: torch.Tensor, H: int, W: int, size: int = 24) -> tuple:
-    """A size x size pixel window (clipped to the image) centred on the first Gaussian's mean."""
-    h, w = min(H, size), min(W, size)
-    cx = (float(p[0, 0]) + 1) * W / 2
-    cy = (float(p[0, 1]) + 1) * H / 2
-    r0 = min(max(int(cy) - h // 2, 0), H - h)
-    c0 = min(max(int(cx) - w // 2, 0), W - w)
-    return r0, c0, h, w
-
-
 def check_window(p: torch.Tensor, H: int, W: int, **kw) -> float:
     """Max |render - fp64 reference| over the window, relative to sum |alpha c| (the bound's unit);
     also checks 0 <= render <= sum alpha c on the whole image (non-negative inputs)."""
@@ -60,7 +35,7 @@ def check_window(p: torch.Tensor, H: int, W: int, **kw) -> float:
     scale = float((p[:, 5:-1].double().abs() * p[:, -1:].double().abs()).sum(0).max())
     assert float(out.min()) >= 0.0
     assert float(out.max()) <= scale
-    r0, c0, h, w = window_around(p, H, W)
+    r0, c0, h, w = reference.window_around(float(p[0, 0]), float(p[0, 1]), H, W)
     ref = reference.render_window(p.double()[None], H, W, (r0, c0, h, w), **kw)[0]
     return float((out[:, r0 : r0 + h, c0 : c0 + w].double() - ref).abs().max()) / scale
 
@@ -117,7 +92,7 @@ def thin_case(draw):
         major = (draw(st.floats(-3.5, 0.0)) if kind == "thin"
                  else draw(st.floats(-5.0, math.log10(4.0 / (ssaa * max(H, W))))))
         ratio = draw(st.floats(-6.0, 0.0)) if kind == "thin" else draw(st.floats(-1.0, 0.0))
-        rows.append(thin_params(
+        rows.append(reference.thin_gaussian(
             theta=draw(st.floats(0.0, math.pi)), major=10.0**major, ratio=10.0**ratio,
             u=draw(st.floats(-1.0, 1.0)), v=draw(st.floats(-1.0, 1.0)),
             sign=draw(st.sampled_from([1.0, -1.0])), colour=draw(st.floats(0.0, 2.0)),
@@ -137,7 +112,7 @@ def test_thin_and_subsample_hypothesis(case):
 
 
 def test_bf16_equals_fp32_on_thin():
-    p = torch.tensor([thin_params(0.7, 0.4, 1e-5, 0.1, -0.2, 1.0)]).bfloat16()
+    p = torch.tensor([reference.thin_gaussian(0.7, 0.4, 1e-5, 0.1, -0.2, 1.0)]).bfloat16()
     a = splatdd.render(p[None], 300, 200, prefilter=False)
     b = splatdd.render(p.float()[None], 300, 200, prefilter=False)
     assert torch.equal(a, b)
@@ -161,7 +136,7 @@ def test_thin_gradient_fp32_vs_fp64(prefilter, R):
     rows = []
     for i in range(4):
         t = torch.rand(6, generator=gen, dtype=torch.float64).tolist()
-        rows.append(thin_params(theta=t[0] * math.pi, major=0.05 + 0.3 * t[1],
+        rows.append(reference.thin_gaussian(theta=t[0] * math.pi, major=0.05 + 0.3 * t[1],
                                 ratio=10.0 ** (-1 - 5 * t[2]), u=t[3] - 0.5, v=t[4] - 0.5,
                                 sign=1.0 if t[5] < 0.5 else -1.0, colour=1.0, alpha=0.7))
     p = torch.tensor([rows], dtype=torch.float64).float()
@@ -176,8 +151,8 @@ def test_thin_gradient_fp32_vs_fp64(prefilter, R):
 def test_thin_gradient_fp64_matches_reference_autograd():
     """The fp64 gradient used as the oracle above agrees with autograd through the dense
     reference on a thin Gaussian (an independent implementation of the chain rule)."""
-    p = torch.tensor([[thin_params(0.8, 0.3, 1e-4, 0.05, -0.1, 1.0, 0.9, 0.8),
-                       thin_params(2.0, 0.1, 3e-3, -0.2, 0.2, -1.0, 0.5, 1.1)]],
+    p = torch.tensor([[reference.thin_gaussian(0.8, 0.3, 1e-4, 0.05, -0.1, 1.0, 0.9, 0.8),
+                       reference.thin_gaussian(2.0, 0.1, 3e-3, -0.2, 0.2, -1.0, 0.5, 1.1)]],
                      dtype=torch.float64)
     v = torch.randn(1, 1, 20, 22, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     for prefilter in (True, False):

@@ -143,3 +143,38 @@ def render_window(
     if not (0 <= r0 and 0 <= c0 and h >= 1 and w >= 1 and r0 + h <= H and c0 + w <= W):
         raise ValueError(f"window {window!r} must lie inside the {H} x {W} image and be non-empty")
     return _render_dense(params, H, W, ssaa, prefilter, True, window=(r0, c0, h, w))
+
+
+def thin_gaussian(theta: float, major: float, ratio: float, u: float, v: float,
+                  sign: float = 1.0, colour: float = 1.0, alpha: float = 1.0) -> list[float]:
+    """One Gaussian's row ``[u, v, l11, l21, l22, colour, alpha]`` with standard deviations
+    ``major`` and ``major * ratio`` (normalised units) along direction ``theta``: the Cholesky
+    factor of ``R diag(major^2, (major*ratio)^2) R^T``, its first column times ``sign``. Thin
+    (near-singular) Gaussians for the renderer's accuracy checks.
+
+    >>> row = thin_gaussian(0.0, 0.2, 1e-3, 0.0, 0.0)
+    >>> [round(x, 6) for x in row[2:5]]
+    [0.2, 0.0, 0.0002]
+    """
+    import math
+    c, s = math.cos(theta), math.sin(theta)
+    s1, s2 = major, major * ratio
+    sxx = c * c * s1 * s1 + s * s * s2 * s2
+    sxy = c * s * (s1 * s1 - s2 * s2)
+    syy = s * s * s1 * s1 + c * c * s2 * s2
+    l11 = math.sqrt(sxx)
+    l21 = sxy / l11
+    l22 = math.sqrt(max(syy - l21 * l21, 0.0))
+    return [u, v, sign * l11, l21, l22, colour, alpha]
+
+
+def window_around(u: float, v: float, H: int, W: int, size: int = 24) -> Tuple[int, int, int, int]:
+    """``(row0, col0, h, w)``: a ``size`` x ``size`` pixel window (clipped to the image) centred on
+    the normalised point ``(u, v)``, for :func:`render_window`.
+
+    >>> window_around(0.0, 0.0, 100, 100, size=10)
+    (45, 45, 10, 10)
+    """
+    h, w = min(H, size), min(W, size)
+    cx, cy = (float(u) + 1) * W / 2, (float(v) + 1) * H / 2
+    return (min(max(int(cy) - h // 2, 0), H - h), min(max(int(cx) - w // 2, 0), W - w), h, w)

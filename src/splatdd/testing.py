@@ -106,6 +106,32 @@ class TinyPixels(Parameterization):
         return cls(spec, int(config["ipc"]), tensors["images"].clone())
 
 
+class ToyProjection(Algorithm):
+    """A tiny distribution-matching objective for loop and checkpoint tests: matches random
+    projections (64 -> 4) of real and synthetic class means of 8x8 single-channel images; all
+    randomness comes from ``self.generator``, so a resumed run equals an uninterrupted one.
+
+    >>> p = TinyPixels.build(TINY_SPEC, 1, generator=torch.Generator().manual_seed(1))
+    >>> a = ToyProjection(make_tiny_real(8), ipc=1, generator=torch.Generator().manual_seed(0))
+    >>> float(a.loss(p, 0)) > 0
+    True
+    """
+
+    name = "toyproj"
+    api_version = PLUGIN_API_VERSION
+    regime = "distribution"
+
+    def loss(self, param: Parameterization, step: int) -> torch.Tensor:
+        syn = param.decode()
+        w = torch.randn(64, 4, generator=self.generator) / 8
+        loss = syn.new_zeros(())
+        for c in range(self.real.spec.num_classes):
+            fr = self.real.sample(c, 4, self.generator).flatten(1) @ w
+            fs = syn[param.class_indices(c)].flatten(1) @ w
+            loss = loss + ((fr.mean(0) - fs.mean(0)) ** 2).sum()
+        return loss
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Run the body with one intra-op torch thread, restoring the previous count afterwards.
