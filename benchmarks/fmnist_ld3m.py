@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -326,6 +327,13 @@ def _extra(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in po.items())
 
 
+def _model_label(summary: str) -> str:
+    """A short name for an earlier model in the notes (its full description is in the JSON)."""
+    m = re.search(r"UNet stopped after (\d+) of (\d+) scheduled steps", summary or "")
+    return (f"the early export, UNet stopped after {m.group(1)} of {m.group(2)} scheduled steps" if m
+            else "an earlier model")
+
+
 def notes(res: dict) -> list[str]:
     """Plain-language reading computed from the results (no hand-typed figures)."""
     out = []
@@ -340,7 +348,7 @@ def notes(res: dict) -> list[str]:
                    + ", ".join(f"{g} -> {v['acc']:.1f} %" for g, v in q["guidance"].items()) + ".")
         prev = q.get("previous")
         if prev:
-            out.append(f"The same measurement on the earlier model ({prev['model']}): "
+            out.append(f"The same measurement on {_model_label(prev['model'])}: "
                        + ", ".join(f"guidance {g} -> {v:.1f} %" for g, v in prev["acc"].items()) + ".")
     tab = {(r["ipc"], r["param"]): r for r in res["table"]}
     plain = {r["ipc"]: r for r in res["ld3m"] if not _extra(r)}
@@ -378,7 +386,7 @@ def notes(res: dict) -> list[str]:
                        "DDIM timesteps of the cin256 schedule, so the images are largely the LDM's own "
                        "class-conditional samples, steered by c and Eq. 7's residual).")
     for pr in res.get("previous_model_rows", []):
-        out.append(f"Earlier model ({pr['model']}): IPC {pr['ipc']} ld3m"
+        out.append(f"With {_model_label(pr['model'])}: IPC {pr['ipc']} ld3m"
                    + (f" ({pr['options']})" if pr["options"] else "")
                    + f" + DM {pr['before']:.2f} -> {pr['after']:.2f} ({pr['iterations']} it, "
                    f"{pr['eval_runs']} eval nets).")

@@ -63,8 +63,9 @@ CHECKPOINT_FORMAT = 1
 class TrainLDMConfig:
     """Settings of :func:`train_ldm` (all recorded in the model's ``splatdd_ld3m.json``).
 
-    The defaults are sized for FashionMNIST on one CPU core in about 40 minutes (see
-    ``scripts/train_ldm.sh``)."""
+    The defaults are sized for FashionMNIST on one CPU core: the UNet phase ran at 3.2 steps/s with
+    1 thread at load average ~3-4 (1500 steps in about 8 minutes), far slower on a busier machine
+    (see ``scripts/train_ldm.sh`` and docs/ld3m.md)."""
 
     out_dir: str
     work_dir: str | None = None          # checkpoint + sample grids; default OUT_DIR.work
