@@ -62,7 +62,9 @@ def _option_blocks(help_text: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("command", ["distill", "eval", "render", "export", "fit", "plugins",
-                                     "config"])
+                                     "config", pytest.param("teacher", marks=pytest.mark.skipif(
+                                         not __import__("importlib").util.find_spec(
+                                             "splatdd_sre2l"), reason="sre2l not installed"))])
 def test_help_documents_every_option_with_one_default(command, capsys):
     from splatdd.cli import main        # the parser the entry point runs (in-process: fast)
     with pytest.raises(SystemExit) as exc:
