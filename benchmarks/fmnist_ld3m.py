@@ -299,7 +299,10 @@ def write_md(res: dict, path: Path) -> None:
             st = (f"{cfg['iterations']} it, batch_real {cfg['algo_options'].get('batch_real')}; eval "
                   f"{cfg['eval']['runs']} x {cfg['eval']['options'].get('epochs')} ep, seed {cfg.get('seed')}; "
                   + ("no reverse process (x = D(Z); Table 6 'w/o diffusion')" if po.get("diffusion") is False else
-                     f"T {r.get('steps', '?')}, guidance {r.get('guidance', '?')}, Eq. 7, eta 0")
+                     f"T {r.get('steps', '?')}, guidance {r.get('guidance', '?')}, "
+                     + {"x0": "the released code's x0 residual", "False": "plain DDIM (no residual)",
+                        "false": "plain DDIM (no residual)"}.get(str(po.get("residual", "")), "Eq. 7")
+                     + f", eta {po.get('eta', 0)}")
                   + f", SGD lr {r.get('lr', '?')}")
             label = "**ld3m** (this LDM)" + (f", {extra}" if extra else "")
             used, allowed = r["budget"]["used"], r["budget"]["allowed"]
