@@ -182,3 +182,38 @@ def test_cli_train_ldm_errors_exit_2(tmp_path, idx_root, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train-ldm", str(tmp_path / "o"), "--unet-steps", "-3"])
     assert e.value.code == 2
+
+
+def _script_args(tmp_path: Path, *args: str) -> list[str]:
+    """The arguments scripts/train_ldm.sh hands to `splatdd` (a stand-in `splatdd` on PATH records them)."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[3] / "scripts" / "train_ldm.sh"
+    assert script.is_file(), f"{script} is missing"
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    fake = bindir / "splatdd"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "args.txt"
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", ARGS_OUT=str(out))
+    subprocess.run(["bash", str(script), *args], check=True, env=env)
+    return out.read_text().splitlines()
+
+
+def test_train_ldm_script_runs_the_full_schedule_and_later_flags_override(tmp_path):
+    """scripts/train_ldm.sh: default OUT_DIR, the full --unet-steps schedule (no --stop-unet-at), and
+    options after OUT_DIR come last, so the train-ldm parser takes them over the script's own."""
+    import argparse
+
+    from splatdd_ld3m.cli import add_train_parser
+
+    ap = argparse.ArgumentParser()
+    add_train_parser(ap.add_subparsers(dest="command"))
+    args = _script_args(tmp_path)
+    assert args[:2] == ["train-ldm", "runs/ldm-fmnist"]
+    ns = ap.parse_args(args)
+    assert ns.stop_unet_at is None and ns.unet_steps == 1500 and ns.threads == 1
+    ns = ap.parse_args(_script_args(tmp_path, "m", "--stop-unet-at", "500", "--threads", "2"))
+    assert ns.out_dir == "m" and ns.stop_unet_at == 500 and ns.threads == 2
