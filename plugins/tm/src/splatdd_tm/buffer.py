@@ -237,6 +237,7 @@ def _train_one_expert(train: RealData, cfg: Mapping[str, Any], seed: int, *,
                       partial: Path | None = None, cfg_sha: str = "",
                       saved: Callable[[int], None] | None = None,
                       restored: Callable[[int], None] | None = None,
+                      on_batch: Callable[[], None] | None = None,
                       ) -> tuple[torch.Tensor, torch.nn.Module, float]:
     """Train one expert. With ``partial``, continue from the state saved there (if it is this
     expert's, with these settings: ``restored(epochs_done)`` is called) and save the state after
@@ -273,6 +274,8 @@ def _train_one_expert(train: RealData, cfg: Mapping[str, Any], seed: int, *,
             opt.step()
             total += float(loss.detach()) * len(y)
             count += len(y)
+            if on_batch is not None:
+                on_batch()
         last_loss = total / max(count, 1)
         snapshots.append(flatten_params(net).cpu().clone())
         if partial is not None and e + 1 < cfg["epochs"]:
@@ -382,9 +385,10 @@ def train_experts(train: RealData, out_dir: str | os.PathLike, *, experts: int,
             f"{len(todo)} to train ({epochs} epochs each, {cfg['num_params']:,} parameters)"
             + (f", spread over {k} processes" if k > 1 else ""))
     bar = None
-    if progress and mine and distributed.is_main():
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(mine) * epochs, unit="epoch", desc="experts", dynamic_ncols=True)
+    n_batches = -(-len(train.labels) // batch_size)
+    if progress and mine and distributed.is_main():     # per batch: an ETA within the epoch
+        from splatdd.progress import progress_bar
+        bar = progress_bar(total=len(mine) * epochs * n_batches, unit="batch", desc="experts")
     current: dict[str, Any] = {"expert": None, "saved": 0}
     try:
         for n_done, i in enumerate(mine):
@@ -393,8 +397,8 @@ def train_experts(train: RealData, out_dir: str | os.PathLike, *, experts: int,
 
             def _epoch(e: int, loss: float, i: int = i, n_done: int = n_done) -> None:
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_description(f"expert {n_done + 1}/{len(mine)} (#{i})")
+                    bar.set_description(f"expert {n_done + 1}/{len(mine)} (#{i}), "
+                                        f"{e + 1}/{epochs} epochs done")
                     bar.set_postfix(loss=f"{loss:.3f}")
                 if on_epoch is not None:
                     on_epoch(i, e, loss)
@@ -405,13 +409,15 @@ def train_experts(train: RealData, out_dir: str | os.PathLike, *, experts: int,
             def _restored(done: int) -> None:
                 current["saved"] = done
                 if bar is not None:
-                    bar.update(done)                   # epochs restored from the partial file
+                    bar.update(done * n_batches)       # epochs restored from the partial file
                 say(f"{tag}expert {i}: continuing after epoch {done} "
                     f"({partial_path(out, i).name})")
 
             traj, net, last_loss = _train_one_expert(train, cfg, s, on_epoch=_epoch,
                                                      partial=partial_path(out, i), cfg_sha=sha,
-                                                     saved=_saved, restored=_restored)
+                                                     saved=_saved, restored=_restored,
+                                                     on_batch=None if bar is None
+                                                     else (lambda: bar.update(1)))
             meta: dict[str, Any] = {"expert": i, "seed": s, "config_sha256": sha,
                                     "train_loss": round(last_loss, 6)}
             msg = f"{tag}expert {i}: train loss {last_loss:.4f}"
