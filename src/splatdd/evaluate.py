@@ -190,8 +190,8 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
     opt = make_opt(lr)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=epochs, desc=desc, unit="ep", leave=False)
+        from .progress import progress_bar
+        bar = progress_bar(total=epochs, desc=desc, unit="ep", leave=False)
     net.train()
     try:
         for ep in range(epochs):
@@ -283,8 +283,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: RealData, *,
     done: dict[int, tuple[float, float, float]] = {}     # run -> (accuracy, train s, test s)
     outer = None
     if progress and distributed.is_main():
-        from tqdm.auto import tqdm
-        outer = tqdm(total=len(mine), desc=f"eval {model}", unit="run")
+        from .progress import progress_bar
+        outer = progress_bar(total=len(mine), desc=f"eval {model}", unit="run")
     try:
         for r in mine:
             s = run_seed(seed, r)
