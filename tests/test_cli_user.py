@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from splatdd.testing import default_sigint
+
 pytest.importorskip("splatdd_pixel")
 pytest.importorskip("splatdd_dm")
 
@@ -275,7 +277,7 @@ def test_fit_with_scikit_image_uses_its_photographs(fmnist_root, tmp_path):
 def _popen(args, fmnist_root, cwd, **kw):
     return subprocess.Popen([sys.executable, "-m", "splatdd", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env=_env(fmnist_root), **kw)
+                            env=_env(fmnist_root), preexec_fn=default_sigint, **kw)
 
 
 def _wait_for(path: Path, proc, timeout: float = 120.0) -> None:

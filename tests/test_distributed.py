@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from splatdd import distributed
+from splatdd.testing import default_sigint
 
 pytest.importorskip("splatdd_pixel")
 pytest.importorskip("splatdd_dm")
@@ -27,7 +28,8 @@ def _distill(args, fmnist_root, cwd, nproc=None, **kw):
                  f"--nproc_per_node={nproc}", "-m", "splatdd"] if nproc
                 else [sys.executable, "-m", "splatdd"])
     return subprocess.Popen([*launcher, "distill", *args], env=_env(fmnist_root), cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint, **kw)
 
 
 def _tensors(path):
@@ -205,7 +207,7 @@ def test_buffer_ctrl_c_keeps_the_expert_in_progress(fmnist_root, tmp_path):
     out = tmp_path / "part"
     job = subprocess.Popen([sys.executable, "-m", "splatdd", *args, "--out", str(out)],
                            env=_env(fmnist_root), cwd=tmp_path, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not partial_path(out, 0).exists():                   # expert 0 has an epoch saved
         assert job.poll() is None, job.communicate()

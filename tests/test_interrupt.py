@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from splatdd.testing import default_sigint
+
 pytest.importorskip("splatdd_pixel")
 pytest.importorskip("splatdd_dm")
 
@@ -18,7 +20,7 @@ def _start(args, fmnist_root, tmp_path):
            "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "splatdd", "distill", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=tmp_path)
+                            cwd=tmp_path, preexec_fn=default_sigint)
 
 
 def _wait_for(path, proc, timeout=120.0):

@@ -132,6 +132,21 @@ class ToyProjection(Algorithm):
         return loss
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for a child process that a test interrupts with SIGINT (Ctrl-C).
+
+    A job that a non-interactive shell starts in the background (``cmd &``, CI runners, nohup)
+    inherits SIGINT *ignored*, its children too, and Python then installs no KeyboardInterrupt
+    handler: the test's SIGINT would do nothing. The child gets the default disposition back.
+
+    >>> import subprocess, sys
+    >>> subprocess.run([sys.executable, "-c", "pass"], preexec_fn=default_sigint).returncode
+    0
+    """
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Run the body with one intra-op torch thread, restoring the previous count afterwards.
