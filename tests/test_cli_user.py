@@ -293,10 +293,20 @@ def test_sigint_during_distills_evaluation(fmnist_root, tmp_path):
     proc = _popen(["distill", *TINY, "--param", "pixel", "--iterations", "1", "--no-progress",
                    "--eval-runs", "1", "--eval-epochs", "100000", "--out", out],
                   fmnist_root, tmp_path)
-    _wait_for(out / "distilled.safetensors", proc)
+    for line in proc.stdout:                              # "wrote FILE ...": then it evaluates
+        if line.startswith("wrote "):
+            break
+    else:
+        pytest.fail(f"no 'wrote' line; stderr: {proc.communicate()[1]}")
     time.sleep(1.5)                                       # into the evaluation
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"still running 180 s after Ctrl-C; stdout: {stdout[-2000:]}\n"
+                    f"stderr: {stderr[-2000:]}")
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "interrupted during the evaluation" in stderr
