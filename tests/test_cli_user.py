@@ -329,3 +329,34 @@ def test_sigint_during_eval_and_closed_pipe(tiny_run, fmnist_root):
     proc.stdout.close()                                   # like `| head -0`
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 0 and "Traceback" not in stderr, stderr
+
+
+def test_ctrl_c_in_the_last_step_stops_before_the_evaluation(tmp_path, capsys):
+    """The loop's Ctrl-C message promises a stop after the current step: in the last step too
+    (else the run would go on into its evaluation). Then --resume writes the file."""
+    import torch
+
+    from splatdd import distill as D
+    from splatdd.testing import TINY_SPEC, TinyPixels, ToyProjection, make_tiny_real
+
+    def build():
+        p = TinyPixels.build(TINY_SPEC, 1, generator=torch.Generator().manual_seed(1))
+        a = ToyProjection(make_tiny_real(8), ipc=1, generator=torch.Generator().manual_seed(0))
+        return p, a
+
+    def ctrl_c_at(k):
+        def hook(step, loss, param, algo):
+            if step == k:
+                os.kill(os.getpid(), signal.SIGINT)      # handled by the loop's handler
+        return hook
+    p, a = build()
+    with pytest.raises(D.Interrupted) as exc:
+        D.distill(p, a, iterations=3, out_dir=tmp_path, progress=False, plot=False,
+                  checkpoint_every=0, on_step=ctrl_c_at(3))
+    assert exc.value.step == 3 and exc.value.checkpoint == D.checkpoint_path(tmp_path)
+    assert "finishing the current step" in capsys.readouterr().err
+    assert torch.load(D.checkpoint_path(tmp_path), weights_only=False)["step"] == 3
+    assert not (tmp_path / D.DISTILLED_NAME).exists()
+    p, a = build()
+    D.distill(p, a, iterations=3, out_dir=tmp_path, progress=False, plot=False, resume=True)
+    assert (tmp_path / D.DISTILLED_NAME).is_file()

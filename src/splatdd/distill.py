@@ -422,6 +422,9 @@ def _distill_body(param: Parameterization, algo: Algorithm, *, iterations: int,
                 save_checkpoint(done)
             if on_step is not None:
                 on_step(done, value, param, algo)
+        if stop.requested and iterations > start:   # Ctrl-C in the last step: stop, as promised
+            save_checkpoint(iterations)
+            raise Interrupted(iterations, checkpoint_path(out_dir))
     except KeyboardInterrupt as exc:           # a second Ctrl-C, mid-step: keep what was saved
         if isinstance(exc, Interrupted):
             raise
