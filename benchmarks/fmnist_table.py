@@ -535,7 +535,10 @@ def best_eval(a: argparse.Namespace) -> dict[str, Any]:
                          progress=True)
     out = {"benchmark": "fmnist_best_eval", "cell": {"ipc": 1, "param": p, "algo": al,
                                                       "seed": entry["seed"], "out": entry["out"]},
-           "table_accuracy": {"reduced_eval": v["after"], "eval_settings": entry["eval_settings"]},
+           "table_accuracy": {"this_seed_after": entry["rows"]["after"],
+                              "seeds_at_selection": sorted(e["seed"] for e in _cells(results, 1, p, al)),
+                              "mean_after_at_selection": v["after"],
+                              "eval_settings": entry["eval_settings"]},
            "protocol": "paper: 3 ConvNet-3 nets x 1000 epochs (the papers' evaluation)",
            "result": row, "seconds": time.perf_counter() - t0, "machine": _machine(a),
            "command": "python benchmarks/fmnist_table.py --best-eval"}
