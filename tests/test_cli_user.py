@@ -66,7 +66,10 @@ def _option_blocks(help_text: str) -> dict[str, str]:
 @pytest.mark.parametrize("command", ["distill", "eval", "render", "export", "fit", "plugins",
                                      "config", pytest.param("teacher", marks=pytest.mark.skipif(
                                          not __import__("importlib").util.find_spec(
-                                             "splatdd_sre2l"), reason="sre2l not installed"))])
+                                             "splatdd_sre2l"), reason="sre2l not installed")),
+                                     pytest.param("buffer", marks=pytest.mark.skipif(
+                                         not __import__("importlib").util.find_spec(
+                                             "splatdd_tm"), reason="tm not installed"))])
 def test_help_documents_every_option_with_one_default(command, capsys):
     from splatdd.cli import main        # the parser the entry point runs (in-process: fast)
     with pytest.raises(SystemExit) as exc:

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from splatdd.augment import DEFAULT_STRATEGY
-from splatdd.cli import load_data, parse_resolution, resolve_device, set_threads
+from splatdd.cli import HelpFormatter, load_data, parse_resolution, resolve_device, set_threads
 from splatdd.cli import positive_float as _positive_float
 from splatdd.cli import positive_int as _positive_int
 
@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
                     "per-epoch parameters (MTT's buffer.py): plain SGD, momentum 0, batch 256, "
                     "DSA. One file per expert, written atomically when the expert is done; "
                     "running the same command again resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist",
                    help="fashion_mnist | mnist | cifar10 | cifar100 | imagefolder")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the dataset's)")
@@ -39,12 +39,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch", type=_positive_int, default=256, help="expert batch size")
     p.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True,
                    help="DSA augmentation while training experts")
-    p.add_argument("--dsa-strategy", default=DEFAULT_STRATEGY)
+    p.add_argument("--dsa-strategy", default=DEFAULT_STRATEGY,
+                   help="DSA transforms, '_'-separated")
     p.add_argument("--model", default="ConvNet", help="expert (and student) network")
     p.add_argument("--net-width", type=_positive_int, default=128, help="ConvNet width")
     p.add_argument("--net-depth", type=_positive_int, default=None,
                    help="ConvNet depth (default: by resolution)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="run seed; expert k draws its own stream from (seed, k)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--no-eval", action="store_true",
