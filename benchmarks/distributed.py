@@ -76,14 +76,9 @@ def _load() -> list[float]:
 
 def _machine() -> dict[str, Any]:
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+
+    from splatdd.runtime import cpu_model
+    cpu = cpu_model()
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(),
             "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
 

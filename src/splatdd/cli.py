@@ -15,12 +15,13 @@ Plugins can add subcommands through the ``splatdd.commands`` entry-point group (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from splatdd.experiment.config import parse_value
 
@@ -390,20 +391,32 @@ def _load_file(path: str, device: str = "cpu"):
         raise CLIError(f"{exc}" + (f" ({notes})" if notes else "")) from None
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Under torchrun the evaluation nets are spread over the ranks (docs/distributed.md); rank 0
-    prints and writes ``--json``."""
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[str]:
+    """Join torchrun's process group when the command was launched by it (a ``CLIError`` when
+    that fails) and yield the device this rank uses; leave the group on exit. Without torchrun's
+    variables it yields ``device`` unchanged. Shared by ``eval`` and the plugins' commands::
+
+        with process_group(resolve_device(args.device)) as device:
+            ...
+    """
     from splatdd import distributed
-    device = resolve_device(args.device)
     try:
         ctx = distributed.init_from_env(str(device))
     except (RuntimeError, ValueError) as exc:
         raise CLIError(f"cannot join the torchrun process group: {exc}") from None
     try:
-        return _eval(args, resolve_device(ctx.device) if ctx.distributed else device,
-                     distributed.is_main())
+        yield resolve_device(ctx.device) if ctx.distributed else device
     finally:
         distributed.shutdown()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Under torchrun the evaluation nets are spread over the ranks (docs/distributed.md); rank 0
+    prints and writes ``--json``."""
+    from splatdd import distributed
+    with process_group(resolve_device(args.device)) as device:
+        return _eval(args, device, distributed.is_main())
 
 
 def _eval(args: argparse.Namespace, device: Any, main: bool) -> int:

@@ -418,15 +418,9 @@ def fit_method(method: str, images: torch.Tensor, *, budget_bytes: float, steps:
 def machine_description() -> str:
     """CPU model, core count and torch version (plus the GPU name when CUDA is available)."""
     import os
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+
+    from splatdd.runtime import cpu_model
+    cpu = cpu_model()
     text = (f"{cpu}, {os.cpu_count()} logical cores visible, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads)")
     if torch.cuda.is_available():

@@ -45,3 +45,21 @@ def resolve_device(name: str, *, what: str = "device") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{what} {name!r}: CUDA is not available in this torch build/machine")
     return dev
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows, for the machine
+    line of benchmark results.
+
+    >>> isinstance(cpu_model(), str) and len(cpu_model()) > 0
+    True
+    """
+    import platform
+    from pathlib import Path
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

@@ -14,7 +14,8 @@ import sys
 from typing import Any
 
 from splatdd.augment import DEFAULT_STRATEGY
-from splatdd.cli import HelpFormatter, load_data, parse_resolution, resolve_device, set_threads
+from splatdd.cli import (HelpFormatter, load_data, parse_resolution, process_group, resolve_device,
+                         set_threads)
 from splatdd.cli import positive_float as _positive_float
 from splatdd.cli import positive_int as _positive_int
 
@@ -66,17 +67,8 @@ def _user_error(msg: str) -> Exception:
 def run(args: argparse.Namespace) -> int:
     """``splatdd buffer``; under torchrun the experts are spread over the ranks
     (docs/distributed.md) and rank 0 prints the summary. Ctrl-C: a message, exit 130."""
-    from splatdd import distributed
-
-    device = resolve_device(args.device)
-    try:
-        ctx = distributed.init_from_env(str(device))
-    except (RuntimeError, ValueError) as exc:
-        raise _user_error(f"cannot join the torchrun process group: {exc}") from None
-    try:
-        return _run(args, resolve_device(ctx.device) if ctx.distributed else device)
-    finally:
-        distributed.shutdown()
+    with process_group(resolve_device(args.device)) as device:
+        return _run(args, device)
 
 
 def _run(args: argparse.Namespace, device: Any) -> int:
