@@ -405,8 +405,9 @@ def report_text(results: dict[str, Any]) -> str:
                 gain = (c["after"][0] - c["before"][0]) if c["after"] and c["before"] else None
                 row += [_fmt(c["before"]), _fmt(c["after"]),
                         "-" if gain is None else f"{gain:+.2f}"]
-            seeds = sorted({s for c in cells if c for s in c["seeds"]})
-            lines.append("| " + " | ".join(row + [",".join(map(str, seeds))]) + " |")
+            seeds = "; ".join(f"{al} {','.join(map(str, c['seeds']))}"
+                              for al, c in zip(ALGOS, cells) if c)
+            lines.append("| " + " | ".join(row + [seeds]) + " |")
         steps_rows = [(k, v) for k, v in s_st.items() if v["mode"] == "equal steps"]
         if steps_rows:
             lines += ["", "Equal SGD steps (cells whose sets need more batches per epoch):", "",
