@@ -326,8 +326,10 @@ def test_sigint_during_eval_and_closed_pipe(tiny_run, fmnist_root):
     assert "10 images (GPC 1) in the budget of IPC 1" in line and "evaluating at 28x28" in line
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-    assert "interrupted" in stderr
+    # 130, or death by SIGINT itself (seen once in a loaded, backgrounded full-suite run): both are
+    # the shell's Ctrl-C status; what matters here is the message and no traceback.
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in stderr, stderr
+    assert "splatdd: interrupted" in stderr
     proc = _popen(["config", "list"], fmnist_root, out.parent)
     proc.stdout.close()                                   # like `| head -0`
     stderr = proc.stderr.read()
