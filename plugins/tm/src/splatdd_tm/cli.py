@@ -14,8 +14,8 @@ import sys
 from typing import Any
 
 from splatdd.augment import DEFAULT_STRATEGY
-from splatdd.cli import (HelpFormatter, load_data, parse_resolution, process_group, resolve_device,
-                         set_threads)
+from splatdd.cli import (CLIError, HelpFormatter, load_data, parse_resolution, process_group,
+                         resolve_device, set_threads)
 from splatdd.cli import positive_float as _positive_float
 from splatdd.cli import positive_int as _positive_int
 
@@ -56,14 +56,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _user_error(msg: str) -> Exception:
-    try:
-        from splatdd.cli import CLIError
-        return CLIError(msg)
-    except ImportError:  # pragma: no cover
-        return SystemExit(f"splatdd: error: {msg}")
-
-
 def run(args: argparse.Namespace) -> int:
     """``splatdd buffer``; under torchrun the experts are spread over the ranks
     (docs/distributed.md) and rank 0 prints the summary. Ctrl-C: a message, exit 130."""
@@ -95,7 +87,7 @@ def _run(args: argparse.Namespace, device: Any) -> int:
                       dsa_strategy=args.dsa_strategy, seed=args.seed, progress=progress,
                       log=lambda s: print(s, flush=True))
     except BufferError as exc:
-        raise _user_error(str(exc)) from None
+        raise CLIError(str(exc)) from None
     except BufferInterrupted as exc:
         import signal
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C: no traceback
