@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "norm_act_pool.h"
 #include "render_cpu.h"
 #include "render_params.h"
 #include "splat_math.h"
@@ -156,6 +157,67 @@ void render_batch_backward(const std::string& device, uintptr_t params, int64_t 
 #endif
 }
 
+splatdd::NormActPoolArgs make_nap_args(uintptr_t x, int64_t dtype, uintptr_t weight,
+                                       uintptr_t bias, int64_t N, int64_t C, int64_t H, int64_t W,
+                                       double eps, bool relu, bool pool, uintptr_t out,
+                                       uintptr_t mean, uintptr_t rstd, int64_t num_threads) {
+  require(dtype == splatdd::kFloat32 || dtype == splatdd::kBFloat16,
+          "dtype must be 0 (float32) or 1 (bfloat16), got " + std::to_string(dtype));
+  require(N >= 0 && N <= INT32_MAX, "N must be in 0..2^31-1, got " + std::to_string(N));
+  require(C >= 1 && C <= (1 << 20), "C must be in 1..2^20, got " + std::to_string(C));
+  require(H >= 1 && H <= kMaxSide && W >= 1 && W <= kMaxSide,
+          "H and W must be in 1.." + std::to_string(kMaxSide));
+  require(!pool || (H >= 2 && W >= 2), "pooling needs H >= 2 and W >= 2");
+  require(eps > 0 && eps < 1e30, "eps must be > 0");
+  require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
+  require(N == 0 || (x != 0 && out != 0), "x and out must not be null");
+  splatdd::NormActPoolArgs a;
+  a.x = reinterpret_cast<const void*>(x);
+  a.dtype = static_cast<int>(dtype);
+  a.weight = reinterpret_cast<const float*>(weight);
+  a.bias = reinterpret_cast<const float*>(bias);
+  a.N = N;
+  a.C = C;
+  a.H = H;
+  a.W = W;
+  a.eps = static_cast<float>(eps);
+  a.relu = relu;
+  a.pool = pool;
+  a.out = reinterpret_cast<void*>(out);
+  a.mean = reinterpret_cast<float*>(mean);
+  a.rstd = reinterpret_cast<float*>(rstd);
+  a.num_threads = static_cast<int>(num_threads);
+  return a;
+}
+
+void norm_act_pool_forward(uintptr_t x, int64_t dtype, uintptr_t weight, uintptr_t bias,
+                           int64_t N, int64_t C, int64_t H, int64_t W, double eps, bool relu,
+                           bool pool, uintptr_t out, uintptr_t mean, uintptr_t rstd,
+                           int64_t num_threads) {
+  const splatdd::NormActPoolArgs a =
+      make_nap_args(x, dtype, weight, bias, N, C, H, W, eps, relu, pool, out, mean, rstd, num_threads);
+  py::gil_scoped_release release;
+  splatdd::norm_act_pool_forward_cpu(a);
+}
+
+void norm_act_pool_backward(uintptr_t x, uintptr_t weight, uintptr_t bias, int64_t N, int64_t C,
+                            int64_t H, int64_t W, double eps, bool relu, bool pool,
+                            uintptr_t mean, uintptr_t rstd, uintptr_t grad_out, uintptr_t grad_x,
+                            uintptr_t grad_weight, uintptr_t grad_bias, int64_t num_threads) {
+  splatdd::NormActPoolBackwardArgs b;
+  // `out` is unused by the backward: pass grad_out's address so the forward's null check holds
+  b.fwd = make_nap_args(x, splatdd::kFloat32, weight, bias, N, C, H, W, eps, relu, pool, grad_out,
+                        mean, rstd, num_threads);
+  require(N == 0 || (mean != 0 && rstd != 0 && grad_x != 0 && grad_weight != 0 && grad_bias != 0),
+          "mean, rstd, grad_x, grad_weight and grad_bias must not be null");
+  b.grad_out = reinterpret_cast<const float*>(grad_out);
+  b.grad_x = reinterpret_cast<float*>(grad_x);
+  b.grad_weight = reinterpret_cast<float*>(grad_weight);
+  b.grad_bias = reinterpret_cast<float*>(grad_bias);
+  py::gil_scoped_release release;
+  splatdd::norm_act_pool_backward_cpu(b);
+}
+
 std::vector<std::string> backends() {
   std::vector<std::string> b{"cpu"};
 #ifdef SPLATDD_WITH_CUDA
@@ -194,6 +256,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_params"), py::arg("num_threads") = 0, py::arg("stream") = 0,
         py::arg("state") = py::none(),
         "Add dL/dparams to the zero-initialised `grad_params` (total, 6 + C).");
+  m.def("norm_act_pool_forward", &norm_act_pool_forward, py::arg("x"), py::arg("dtype"),
+        py::arg("weight"), py::arg("bias"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
+        py::arg("eps"), py::arg("relu"), py::arg("pool"), py::arg("out"), py::arg("mean"),
+        py::arg("rstd"), py::arg("num_threads") = 0,
+        "CPU: out = avgpool2x2(relu(instance_norm(x) * weight + bias)) (pool/relu optional); "
+        "mean/rstd (N, C) float32 are written when non-zero. Addresses are ints; use "
+        "splatdd.norm_act_pool.");
+  m.def("norm_act_pool_backward", &norm_act_pool_backward, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("eps"),
+        py::arg("relu"), py::arg("pool"), py::arg("mean"), py::arg("rstd"), py::arg("grad_out"),
+        py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("num_threads") = 0,
+        "CPU, float32: grad_x (N, C, H, W) and per-sample grad_weight / grad_bias (N, C).");
   m.def("backends", &backends, "Compiled backends: [\"cpu\"] or [\"cpu\", \"cuda\"].");
   m.def("cpu_kernel_name", &splatdd::cpu_kernel_name,
         "The CPU backend's inner loops on this machine: \"avx512\", \"avx2\" or \"generic\" "

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "splat_math.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -244,35 +245,6 @@ void validate(const RenderArgs& a, bool need_out) {
       if (a.offsets[b + 1] < a.offsets[b])
         throw std::invalid_argument("offsets must be non-decreasing");
   }
-}
-
-int resolve_threads(int requested, int64_t ntasks) {
-  int n = requested;
-  if (n <= 0) {
-    const unsigned hc = std::thread::hardware_concurrency();
-    n = hc == 0 ? 1 : static_cast<int>(hc);
-  }
-  n = std::min(n, 1024);
-  if (ntasks < n) n = static_cast<int>(std::max<int64_t>(ntasks, 1));
-  return n;
-}
-
-// Runs body(worker) on `n` workers (the calling thread is worker 0). Workers claim their tasks
-// from shared atomic counters, so if the system refuses to start a thread the others still do all
-// the work.
-template <class F>
-void run_parallel(int n, const F& body) {
-  std::vector<std::thread> pool;
-  pool.reserve(n > 1 ? n - 1 : 0);
-  for (int t = 1; t < n; ++t) {
-    try {
-      pool.emplace_back([&body, t] { body(t); });
-    } catch (...) {
-      break;
-    }
-  }
-  body(0);
-  for (auto& th : pool) th.join();
 }
 
 // Scratch floats per worker of the fast float loops (their per-Gaussian row table), for any ISA.

@@ -86,7 +86,10 @@ def test_dm_fp32_loss_and_gradient_match_one_pass():
         grads.append(p.images.grad.clone())
     assert float(losses[1]) > 0
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    # float rounding of different summation orders (chunks, fused norm blocks), relative to the
+    # largest gradient element
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5,
+                               atol=1e-5 * float(grads[1].abs().max()))
 
 
 def test_dm_bf16_real_mean_close_to_fp32():

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .augment import DEFAULT_STRATEGY, DSAParams, dsa as dsa_fn
-from .models import get_network
+from .models import first_order, get_network
 from .plugin_api import DatasetSpec, RealData
 
 __all__ = ["evaluate", "train_and_test", "train_network", "test_accuracy", "EvalResult", "run_seed",
@@ -209,7 +209,8 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                     xb = dsa_fn(xb, dsa_strategy, seed=step_seed, params=dsa_params,
                                 per_sample=True)
                 opt.zero_grad(set_to_none=True)
-                _loss_backward(net, xb, yb, chunk)
+                with first_order(net):     # one derivative per step: fused ConvNet blocks
+                    _loss_backward(net, xb, yb, chunk)
                 opt.step()
             if bar is not None:
                 bar.update(1)

@@ -24,16 +24,17 @@ Differences from DC's ``networks.py`` (documented so results are comparable):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["get_network", "default_depth", "NETWORKS", "ConvNet", "AlexNet", "VGG11", "ResNet18",
-           "ViT"]
+           "ViT", "first_order"]
 
 NETWORKS = ("ConvNet", "ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4", "ConvNetD5",
             "ConvNetD6", "AlexNet", "VGG11", "ResNet18", "ViT")
@@ -92,6 +93,28 @@ def _mnist_pad(channels: int, h: int, w: int) -> int:
     return 3 if channels == 1 and (h, w) == (28, 28) else 1
 
 
+@contextlib.contextmanager
+def first_order(net: nn.Module) -> Iterator[nn.Module]:
+    """Promise that no second derivative is taken through ``net`` inside the block, which lets its
+    ConvNets run their fused (first-order) instance-norm blocks under a graph too; restored on exit.
+
+    >>> net = get_network("ConvNet", 1, 10, 28)
+    >>> with first_order(net):
+    ...     net(torch.zeros(2, 1, 28, 28)).sum().backward()
+    >>> net.first_order_only
+    False
+    """
+    mods = [m for m in net.modules() if isinstance(m, ConvNet)]
+    saved = [m.first_order_only for m in mods]
+    for m in mods:
+        m.first_order_only = True
+    try:
+        yield net
+    finally:
+        for m, v in zip(mods, saved):
+            m.first_order_only = v
+
+
 # ------------------------------------------------------------------------------------------------
 class ConvNet(nn.Module):
     """depth x [conv3x3(width) -> norm -> act -> pool] -> flatten -> linear."""
@@ -120,9 +143,35 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.feature_shape = (width, h, w)
         self.classifier = nn.Linear(width * h * w, num_classes)
+        # instance norm -> ReLU -> avg pool blocks run fused on the CPU (splatdd.norm_act_pool);
+        # under a graph only inside first_order() (the fused backward is first-order only)
+        self._fusable = norm == "instancenorm" and act == "relu" and pool in (
+            "avgpooling", "avg", "none")
+        self._pool = "none" if pool == "none" else "avg"
+        self.first_order_only = False
+
+    def _fused_features(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The feature stack through the fused blocks, or None where they do not apply."""
+        if not self._fusable or x.device.type != "cpu":
+            return None
+        if torch.is_grad_enabled() and not self.first_order_only:
+            return None
+        from .norm_act_pool import fused_available, instance_norm_act_pool
+        if not fused_available(x, grad=torch.is_grad_enabled()):
+            return None
+        mods = list(self.features)
+        step = 3 if self._pool == "none" else 4
+        for i in range(0, len(mods), step):
+            conv, norm = mods[i], mods[i + 1]
+            x = instance_norm_act_pool(conv(x), norm.weight, norm.bias, eps=norm.eps, act="relu",
+                                       pool=self._pool)
+        return x
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Flattened features before the head (what DM matches)."""
+        fused = self._fused_features(x)
+        if fused is not None:
+            return fused.flatten(1)
         return self.features(x).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

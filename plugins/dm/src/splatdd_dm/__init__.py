@@ -47,7 +47,7 @@ __version__ = "0.1.0"
 
 #: Real images per graph-free embedding pass on the CPU, fp32 and bf16 (benchmarks/speed.py).
 REAL_CHUNK = 8
-REAL_CHUNK_BF16 = 32
+REAL_CHUNK_BF16 = 16
 
 
 class DistributionMatching(Algorithm):
@@ -113,6 +113,11 @@ class DistributionMatching(Algorithm):
         net = net.to(device)
         net.train()                      # as in DM's reference code (no-op for instance norm)
         net.requires_grad_(False)
+        # dm's loss is differentiated once (into the synthetic images): ConvNets may run their
+        # fused first-order blocks on the synthetic path too (splatdd.models.first_order)
+        for m in net.modules():
+            if hasattr(m, "first_order_only"):
+                m.first_order_only = True
         if hasattr(net, "embed"):
             return net.embed
         body = torch.nn.Sequential(*list(net.children())[:-1])

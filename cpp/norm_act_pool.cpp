@@ -1,0 +1,144 @@
+// norm_act_pool.cpp -- fused instance norm -> ReLU -> 2x2 average pool on the CPU (see the header).
+//
+// Tasks are (sample, channel) planes in contiguous ranges, one range per worker; each plane is
+// read twice for its statistics and once for the output (forward), twice for the backward, with
+// a row of scratch per worker. The loops (norm_act_pool.inc) are compiled for baseline x86-64,
+// AVX2+FMA and AVX-512 and chosen at run time by the CPU's features.
+#include "norm_act_pool.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_parallel.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SPLATDD_NAP_X86 1
+#endif
+
+namespace splatdd {
+
+namespace nap_generic {
+#include "norm_act_pool.inc"
+}  // namespace nap_generic
+
+#if defined(SPLATDD_NAP_X86)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace nap_avx2 {
+#include "norm_act_pool.inc"
+}  // namespace nap_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#endif
+namespace nap_avx512 {
+#include "norm_act_pool.inc"
+}  // namespace nap_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+namespace {
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa pick_isa() {
+#if defined(SPLATDD_NAP_X86)
+  static const Isa isa = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kGeneric;
+  }();
+  return isa;
+#else
+  return Isa::kGeneric;
+#endif
+}
+
+void check(bool ok, const char* msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+void validate(const NormActPoolArgs& a) {
+  check(a.dtype == 0 || a.dtype == 1, "dtype must be 0 (float32) or 1 (bfloat16)");
+  check(a.N >= 0 && a.C >= 1 && a.H >= 1 && a.W >= 1, "N must be >= 0 and C, H, W >= 1");
+  check(!a.pool || (a.H >= 2 && a.W >= 2), "pooling needs H >= 2 and W >= 2");
+  check(a.N * a.C * a.H * a.W < (int64_t{1} << 40), "tensor too large");
+  check(std::isfinite(a.eps) && a.eps > 0.f, "eps must be finite and > 0");
+  check(a.N == 0 || (a.x != nullptr && a.out != nullptr), "null x or out pointer");
+}
+
+// Splits the N*C planes into one contiguous range per worker and runs body(begin, end, row).
+template <class F>
+void for_planes(const NormActPoolArgs& a, const F& body) {
+  const int64_t planes = a.N * a.C;
+  if (planes == 0) return;
+  const int n = resolve_threads(a.num_threads, planes);
+  std::vector<float> scratch(static_cast<size_t>(n) * static_cast<size_t>(a.W));
+  run_parallel(n, [&](int t) {
+    const int64_t begin = planes * t / n, end = planes * (t + 1) / n;
+    body(begin, end, scratch.data() + static_cast<size_t>(t) * static_cast<size_t>(a.W));
+  });
+}
+
+}  // namespace
+
+void norm_act_pool_forward_cpu(const NormActPoolArgs& a) {
+  validate(a);
+  const Isa isa = pick_isa();
+  for_planes(a, [&](int64_t begin, int64_t end, float* row) {
+#if defined(SPLATDD_NAP_X86)
+    if (isa == Isa::kAvx512) {
+      if (a.dtype == 0) nap_avx512::forward_planes<float>(a, begin, end, row);
+      else nap_avx512::forward_planes<uint16_t>(a, begin, end, row);
+      return;
+    }
+    if (isa == Isa::kAvx2) {
+      if (a.dtype == 0) nap_avx2::forward_planes<float>(a, begin, end, row);
+      else nap_avx2::forward_planes<uint16_t>(a, begin, end, row);
+      return;
+    }
+#endif
+    (void)isa;
+    if (a.dtype == 0) nap_generic::forward_planes<float>(a, begin, end, row);
+    else nap_generic::forward_planes<uint16_t>(a, begin, end, row);
+  });
+}
+
+void norm_act_pool_backward_cpu(const NormActPoolBackwardArgs& b) {
+  const NormActPoolArgs& a = b.fwd;
+  validate(a);
+  check(a.dtype == 0, "the backward needs float32 x");
+  check(a.N == 0 || (a.mean != nullptr && a.rstd != nullptr && b.grad_out != nullptr &&
+                     b.grad_x != nullptr && b.grad_weight != nullptr && b.grad_bias != nullptr),
+        "null mean, rstd or gradient pointer");
+  const Isa isa = pick_isa();
+  for_planes(a, [&](int64_t begin, int64_t end, float* row) {
+#if defined(SPLATDD_NAP_X86)
+    if (isa == Isa::kAvx512) return nap_avx512::backward_planes(b, begin, end, row);
+    if (isa == Isa::kAvx2) return nap_avx2::backward_planes(b, begin, end, row);
+#endif
+    (void)isa;
+    nap_generic::backward_planes(b, begin, end, row);
+  });
+}
+
+}  // namespace splatdd

@@ -1,0 +1,170 @@
+"""Fused instance norm -> ReLU -> 2x2 average pool: the block of ConvNet-D, on the CPU (issue 15).
+
+ConvNet-D's block after each convolution is ``GroupNorm(C, C)`` (instance norm with a per-channel
+affine), ``ReLU`` and ``AvgPool2d(2, 2)``. On the CPU PyTorch runs these as three memory passes
+each (the NCHW average pool alone costs about as much as the convolution before it at 28 px), so
+:func:`instance_norm_act_pool` does all three in one compiled call per block (``splatdd._C``:
+two reads of each plane for its statistics, one for the output; the backward two).
+
+:func:`instance_norm_act_pool_reference` is the pure-PyTorch twin (gsplat style): the same
+maths through ``F.group_norm``, ``F.relu`` and ``F.avg_pool2d``. It serves every case the fused
+kernel does not: other devices, dtypes other than float32 / bfloat16, a bfloat16 input that needs
+a gradient, and double backward. The fused backward is first-order only
+(``once_differentiable``), so models call the fused path under a graph only when told that no
+second derivative will be taken (:func:`splatdd.models.first_order`); without a graph (inference,
+dm's real-batch embeddings, the test pass) it is always safe.
+
+>>> import torch
+>>> x = torch.randn(2, 4, 8, 8)
+>>> w, b = torch.ones(4), torch.zeros(4)
+>>> y = instance_norm_act_pool(x, w, b)
+>>> y.shape
+torch.Size([2, 4, 4, 4])
+>>> torch.allclose(y, instance_norm_act_pool_reference(x, w, b), atol=1e-5)
+True
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .render import _C
+
+__all__ = ["instance_norm_act_pool", "instance_norm_act_pool_reference", "fused_available"]
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+           eps: float, act: str, pool: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-d (N, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    C = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (C,)):
+            raise ValueError(f"{name} must be None or a tensor of shape ({C},), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+    if act not in ("relu", "none"):
+        raise ValueError(f"act must be 'relu' or 'none', got {act!r}")
+    if pool not in ("avg", "none"):
+        raise ValueError(f"pool must be 'avg' or 'none', got {pool!r}")
+    if not (isinstance(eps, (int, float)) and 0 < float(eps) < 1e30):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if pool == "avg" and (x.shape[2] < 2 or x.shape[3] < 2):
+        raise ValueError(f"pool='avg' needs H, W >= 2, got {tuple(x.shape[2:])}")
+
+
+def instance_norm_act_pool_reference(x: torch.Tensor, weight: Optional[torch.Tensor],
+                                     bias: Optional[torch.Tensor], *, eps: float = 1e-5,
+                                     act: str = "relu", pool: str = "avg") -> torch.Tensor:
+    """``avg_pool2d(relu(group_norm(x, C, weight, bias, eps)), 2, 2)`` in plain PyTorch (the
+    twin of :func:`instance_norm_act_pool`; any device, dtype and order of derivative).
+
+    >>> x = torch.randn(1, 2, 4, 4)
+    >>> instance_norm_act_pool_reference(x, None, None, pool="none").shape
+    torch.Size([1, 2, 4, 4])
+    """
+    _check(x, weight, bias, eps, act, pool)
+    y = F.group_norm(x, x.shape[1], weight, bias, eps)
+    if act == "relu":
+        y = F.relu(y)
+    if pool == "avg":
+        y = F.avg_pool2d(y, 2, 2)
+    return y
+
+
+def fused_available(x: torch.Tensor, *, grad: bool) -> bool:
+    """Whether the compiled kernel handles ``x``: a CPU float32 tensor, or bfloat16 when no
+    gradient is needed (``grad``), and a compiled module that has the op.
+
+    >>> fused_available(torch.zeros(1, 1, 2, 2), grad=True)
+    True
+    >>> fused_available(torch.zeros(1, 1, 2, 2, dtype=torch.float64), grad=False)
+    False
+    """
+    if x.device.type != "cpu" or x.dtype not in _DTYPE_CODE or x.dim() != 4:
+        return False
+    if grad and x.dtype != torch.float32:
+        return False
+    try:
+        return hasattr(_C(), "norm_act_pool_forward")
+    except ImportError:
+        return False
+
+
+def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             eps: float, relu: bool, pool: bool, save_stats: bool):
+    N, C, H, W = x.shape
+    out_hw = (H // 2, W // 2) if pool else (H, W)
+    out = torch.empty((N, C) + out_hw, dtype=x.dtype)
+    mean = rstd = None
+    if save_stats:
+        mean = torch.empty((N, C), dtype=torch.float32)
+        rstd = torch.empty((N, C), dtype=torch.float32)
+    _C().norm_act_pool_forward(
+        x.data_ptr(), _DTYPE_CODE[x.dtype], 0 if weight is None else weight.data_ptr(),
+        0 if bias is None else bias.data_ptr(), N, C, H, W, float(eps), relu, pool,
+        out.data_ptr(), 0 if mean is None else mean.data_ptr(),
+        0 if rstd is None else rstd.data_ptr(), torch.get_num_threads())
+    return out, mean, rstd
+
+
+class _NormActPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, relu, pool):
+        out, mean, rstd = _forward(x, weight, bias, eps, relu, pool, save_stats=True)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.meta = (eps, relu, pool)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        eps, relu, pool = ctx.meta
+        N, C, H, W = x.shape
+        grad_out = grad_out.to(torch.float32).contiguous()
+        grad_x = torch.empty_like(x)
+        gw = torch.empty((N, C), dtype=torch.float32)
+        gb = torch.empty((N, C), dtype=torch.float32)
+        _C().norm_act_pool_backward(
+            x.data_ptr(), 0 if weight is None else weight.data_ptr(),
+            0 if bias is None else bias.data_ptr(), N, C, H, W, float(eps), relu, pool,
+            mean.data_ptr(), rstd.data_ptr(), grad_out.data_ptr(), grad_x.data_ptr(),
+            gw.data_ptr(), gb.data_ptr(), torch.get_num_threads())
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (grad_x if need_x else None, gw.sum(0) if need_w else None,
+                gb.sum(0) if need_b else None, None, None, None)
+
+
+def instance_norm_act_pool(x: torch.Tensor, weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], *, eps: float = 1e-5, act: str = "relu",
+                           pool: str = "avg") -> torch.Tensor:
+    """Instance norm with a per-channel affine (``GroupNorm(C, C)``), then ``act`` (``"relu"`` or
+    ``"none"``), then ``pool`` (``"avg"``: 2x2 stride 2, floor; or ``"none"``), fused on the CPU.
+
+    Equal to :func:`instance_norm_act_pool_reference` up to float rounding (tests/test_norm_act_pool.py);
+    first-order differentiable in x, weight and bias. Falls back to the reference where the
+    compiled kernel does not apply (:func:`fused_available`).
+
+    >>> x = torch.randn(3, 8, 6, 6, requires_grad=True)
+    >>> instance_norm_act_pool(x, torch.ones(8), torch.zeros(8)).sum().backward()
+    >>> x.grad.shape
+    torch.Size([3, 8, 6, 6])
+    """
+    _check(x, weight, bias, eps, act, pool)
+    affine = [t for t in (weight, bias) if t is not None]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x] + affine)
+    if not fused_available(x, grad=grad) or any(
+            t.device.type != "cpu" or (grad and t.dtype != torch.float32) for t in affine):
+        return instance_norm_act_pool_reference(x, weight, bias, eps=eps, act=act, pool=pool)
+    relu, pooled = act == "relu", pool == "avg"
+    if not grad:       # the affine in fp32 whatever its dtype (a bf16 copy of a network)
+        weight, bias = (None if t is None else t.detach().float().contiguous()
+                        for t in (weight, bias))
+        return _forward(x.contiguous(), weight, bias, eps, relu, pooled, save_stats=False)[0]
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    return _NormActPool.apply(x.contiguous(), weight, bias, float(eps), relu, pooled)

@@ -1,0 +1,151 @@
+"""The fused instance norm -> ReLU -> avg pool block (splatdd.norm_act_pool) against its pure-PyTorch
+twin in float64 (an independent oracle: F.group_norm, F.relu, F.avg_pool2d), and ConvNet's use of it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from splatdd.models import first_order, get_network
+from splatdd.norm_act_pool import (fused_available, instance_norm_act_pool,
+                                   instance_norm_act_pool_reference)
+
+pytestmark = pytest.mark.skipif(
+    not fused_available(torch.zeros(1, 1, 2, 2), grad=True),
+    reason="splatdd._C has no norm_act_pool op (an old build): rebuild with pip install -e .")
+
+
+def _case(shape, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * scale + 1.0
+    w = torch.randn(shape[1], generator=g, dtype=torch.float64)
+    b = torch.randn(shape[1], generator=g, dtype=torch.float64)
+    return x, w, b
+
+
+def _fused_and_reference(shape, seed, act, pool):
+    """Forward and all three gradients of the fused fp32 op and the float64 reference."""
+    x, w, b = _case(shape, seed)
+    fused_in = [t.float().requires_grad_() for t in (x, w, b)]
+    ref_in = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = instance_norm_act_pool(*fused_in, act=act, pool=pool)
+    y_ref = instance_norm_act_pool_reference(*ref_in, act=act, pool=pool)
+    g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(seed + 1),
+                    dtype=torch.float64)
+    y.backward(g.float())
+    y_ref.backward(g)
+    return y, y_ref, [t.grad for t in fused_in], [t.grad for t in ref_in]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 6), h=st.integers(2, 13), w=st.integers(2, 13),
+       act=st.sampled_from(["relu", "none"]), pool=st.sampled_from(["avg", "none"]),
+       seed=st.integers(0, 2 ** 16))
+def test_fused_matches_float64_reference(n, c, h, w, act, pool, seed):
+    """Forward and gradients (x, weight, bias) within fp32 rounding of the float64 twin, for odd
+    and even sizes (the pool drops an odd last row / column)."""
+    y, y_ref, grads, grads_ref = _fused_and_reference((n, c, h, w), seed, act, pool)
+    assert y.dtype == torch.float32 and y.shape == y_ref.shape
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        # a gradient is a sum over the plane: compare relative to the gradient's scale
+        # (x's gradient is ~0 everywhere when a plane pools to one value: its mean is removed)
+        scale = max(float(want.abs().max()), 1.0)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_fused_matches_reference_at_convnet_size():
+    y, y_ref, grads, grads_ref = _fused_and_reference((4, 128, 32, 32), 3, "relu", "avg")
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4,
+                                   atol=1e-5 * float(want.abs().max()))
+
+
+def test_bf16_forward_close_to_fp32():
+    """bf16 in and out, fp32 arithmetic: within bf16 rounding (8-bit mantissa) of the fp32 result."""
+    x, w, b = (t.float() for t in _case((3, 16, 16, 16), 5))
+    with torch.no_grad():
+        y16 = instance_norm_act_pool(x.bfloat16(), w, b)
+        y32 = instance_norm_act_pool_reference(x, w, b)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=2 ** -7, atol=2 ** -7 * float(y32.abs().max()))
+
+
+def test_bits_do_not_depend_on_threads():
+    x, w, b = (t.float() for t in _case((3, 8, 10, 10), 6))
+    x.requires_grad_()
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            x.grad = None
+            y = instance_norm_act_pool(x, w, b)
+            y.sum().backward()
+            outs.append((y.detach().clone(), x.grad.clone()))
+    finally:
+        torch.set_num_threads(old)
+    for y, g in outs[1:]:
+        assert torch.equal(y, outs[0][0]) and torch.equal(g, outs[0][1])
+
+
+def test_falls_back_to_reference_where_not_fused():
+    """float64 and bf16-with-gradient run the twin (double backward works there)."""
+    x, w, b = _case((2, 3, 6, 6), 7)
+    x.requires_grad_()
+    y = instance_norm_act_pool(x, w, b)
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    g.sum().backward()                       # second derivative through the twin
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert not fused_available(x.bfloat16(), grad=True)
+    assert fused_available(x.bfloat16(), grad=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(x=torch.zeros(2, 3, 4)), "4-d"),
+    (dict(weight=torch.ones(4)), "weight"),
+    (dict(bias=torch.ones(2, 3)), "bias"),
+    (dict(act="gelu"), "act"),
+    (dict(pool="max"), "pool"),
+    (dict(eps=0.0), "eps"),
+    (dict(eps=float("nan")), "eps"),
+    (dict(x=torch.zeros(1, 3, 1, 5)), "H, W >= 2"),
+])
+def test_bad_input_is_a_clear_error(kwargs, match):
+    args = dict(x=torch.zeros(1, 3, 4, 4), weight=torch.ones(3), bias=torch.zeros(3))
+    args.update({k: v for k, v in kwargs.items() if k in args})
+    opts = {k: v for k, v in kwargs.items() if k not in args}
+    with pytest.raises(ValueError, match=match):
+        instance_norm_act_pool(args["x"], args["weight"], args["bias"], **opts)
+
+
+def test_convnet_fused_equals_sequential_and_first_order_restores():
+    """ConvNet's fused path: same logits (inference) and same parameter gradients (inside
+    first_order) as the layer-by-layer modules; outside first_order a graph uses the modules,
+    so second derivatives (dc, tm) still work."""
+    net = get_network("ConvNet", 1, 10, 28, seed=0)
+    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    seq = net.classifier(net.features(x).flatten(1))
+    with torch.no_grad():
+        fused = net(x)
+    torch.testing.assert_close(fused, seq.detach(), rtol=1e-4, atol=1e-5)
+    net.zero_grad()
+    seq.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    with first_order(net):
+        assert net.first_order_only
+        net(x).square().sum().backward()
+    assert not net.first_order_only
+    for name, p in net.named_parameters():
+        if name.endswith("bias") and p.dim() == 1 and name.startswith("features.") and \
+                isinstance(net.features[int(name.split(".")[1])], torch.nn.Conv2d):
+            continue       # a conv bias before instance norm has zero gradient: both are rounding
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-3,
+                                   atol=1e-5 * float(want[name].abs().max()))
+    # a second derivative outside first_order: through the modules, no error
+    xg = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(net(xg).sum(), xg, create_graph=True)
+    g.square().sum().backward()
+    assert xg.grad is not None
