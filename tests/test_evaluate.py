@@ -191,3 +191,35 @@ def test_chunked_test_pass_matches_direct_argmax(toy_test):
     for bs, chunk in ((1000, None), (1000, 1), (7, 3), (30, "auto")):
         assert test_accuracy(net, toy_test, batch_size=bs, chunk=chunk) == pytest.approx(expect)
     assert net.training                                   # mode restored
+
+
+def test_bf16_test_pass_against_fp32_logits(toy_test):
+    """precision="bf16": where the CPU has native bf16 the test pass runs a bf16 copy, and every
+    prediction whose fp32 top-2 logit margin exceeds bf16 rounding agrees with fp32 (oracle: the
+    fp32 logits computed here); elsewhere it falls back to fp32 with a RuntimeWarning."""
+    from splatdd.precision import bf16_native
+    x, y = _toy(5, seed=6, noise=1.0)
+    net = get_network("ConvNet", 1, 2, 16, seed=2, **SMALL)
+    E.train_network(net, x, y, epochs=3, lr=0.05, seed=0)
+    net.eval()
+    with torch.no_grad():
+        logits = net(toy_test.images)
+    fp32 = test_accuracy(net, toy_test)
+    if bf16_native("cpu"):
+        got = test_accuracy(net, toy_test, precision="bf16")
+        top2 = logits.topk(2, dim=1).values
+        unsure = int(((top2[:, 0] - top2[:, 1]) < 0.05 * top2.abs().max()).sum())
+        assert abs(got - fp32) <= 100.0 * unsure / len(toy_test.labels) + 1e-9
+    else:
+        with pytest.warns(RuntimeWarning, match="bf16"):
+            assert test_accuracy(net, toy_test, precision="bf16") == fp32
+    assert next(net.parameters()).dtype == torch.float32           # the net itself untouched
+
+
+def test_protocol_test_precision_option():
+    from splatdd.protocols import get_protocol
+    quick = get_protocol("quick")(test_precision="bf16")
+    assert "test_precision bf16" in quick.describe()
+    assert "test_precision" not in get_protocol("paper")().config()   # fp32: configs unchanged
+    with pytest.raises(ValueError, match="test_precision"):
+        get_protocol("paper")(test_precision="fp16")

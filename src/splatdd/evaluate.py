@@ -91,14 +91,17 @@ def _check_chunk(chunk: int | None) -> None:
 
 def test_accuracy(net: nn.Module, test: RealData, *, batch_size: int = 1000,
                   device: torch.device | str | None = None,
-                  chunk: int | None | str = "auto") -> float:
+                  chunk: int | None | str = "auto", precision: str = "fp32") -> float:
     """Accuracy (%) of ``net`` on every image of ``test`` (batched, no grad, eval mode).
 
     ``batch_size`` images are moved to ``device`` at a time and run through ``net`` in passes
     of ``chunk`` images (``"auto"``: :func:`default_chunk`; ``None``: the whole batch). In eval
     mode every net here is per-sample, so the chunking changes no prediction beyond float
     rounding; on the CPU small passes keep the activations in cache instead of mapping and
-    unmapping ~100 MB buffers per batch.
+    unmapping ~100 MB buffers per batch. ``precision="bf16"`` (opt-in) runs a bfloat16 copy of
+    ``net`` where ``device`` has native bf16 (else fp32, with a warning:
+    :func:`splatdd.precision.resolve_precision`): several times faster on CPUs with AMX/AVX512-BF16,
+    with a few predictions changed by the rounding (benchmarks/results/speed.md measures it).
 
     >>> from splatdd.testing import make_tiny_real
     >>> from splatdd.models import get_network
@@ -113,17 +116,23 @@ def test_accuracy(net: nn.Module, test: RealData, *, batch_size: int = 1000,
     _check_chunk(chunk)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    from .precision import resolve_precision
+    precision = resolve_precision(precision, device, who="test pass")
     was_training = net.training
     net.eval()
+    run, dtype = net, torch.float32
+    if precision == "bf16":
+        import copy
+        run, dtype = copy.deepcopy(net).to(torch.bfloat16), torch.bfloat16
     correct, n = 0, len(test.labels)
     try:
         with torch.inference_mode():
             for i in range(0, n, batch_size):
-                x = test.images[i:i + batch_size].to(device, non_blocking=True)
+                x = test.images[i:i + batch_size].to(device, dtype=dtype, non_blocking=True)
                 y = test.labels[i:i + batch_size].to(device, non_blocking=True)
                 step = x.shape[0] if chunk is None else chunk
                 for j in range(0, x.shape[0], step):
-                    correct += int((net(x[j:j + step]).argmax(1) == y[j:j + step]).sum())
+                    correct += int((run(x[j:j + step]).argmax(1) == y[j:j + step]).sum())
     finally:
         net.train(was_training)
     return 100.0 * correct / max(n, 1)
@@ -256,13 +265,14 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: RealData, *,
              dsa_params: DSAParams = DSAParams(), seed: int = 0, progress: bool = True,
              device: torch.device | str | None = None, spec: DatasetSpec | None = None,
              test_batch_size: int = 1000, optimizer: str = "sgd", schedule: str = "step",
-             **net_kwargs) -> EvalResult:
+             test_precision: str = "fp32", **net_kwargs) -> EvalResult:
     """Evaluate distilled ``images`` ``(n, C, H, W)`` (normalised like ``test``) with ``labels``
     ``(n,)`` by training ``runs`` fresh ``model`` nets and testing them on ``test``.
 
     ``spec`` (default ``test.spec``) gives channels / classes; the resolution is the images'.
     Extra keyword arguments go to :func:`splatdd.models.get_network` (e.g. ``width``, ``norm``);
-    ``optimizer``/``schedule`` as in :func:`train_network`.
+    ``optimizer``/``schedule`` as in :func:`train_network`; ``test_precision`` as
+    :func:`test_accuracy`'s ``precision``.
 
     Under torchrun the runs are spread over the ranks and gathered (every rank must call it; only
     rank 0 shows a progress bar); ``train_seconds``/``test_seconds`` stay sums over all runs.
@@ -297,7 +307,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: RealData, *,
                           device=device, progress=outer is not None,
                           desc=f"run {r + 1}/{runs}", optimizer=optimizer, schedule=schedule)
             t1 = time.perf_counter()
-            acc = test_accuracy(net, test, batch_size=test_batch_size, device=device)
+            acc = test_accuracy(net, test, batch_size=test_batch_size, device=device,
+                                precision=test_precision)
             done[r] = (acc, t1 - t0, time.perf_counter() - t1)
             if outer is not None:
                 outer.update(1)

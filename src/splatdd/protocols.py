@@ -121,16 +121,25 @@ class PaperProtocol(EvalProtocol):
 
     SGD momentum 0.9, weight decay 5e-4, lr ``lr`` (default: the distilled file's learned lr,
     else 0.01) x0.1 at half, ``epochs`` epochs (1000), batch 256, DSA on every batch.
+    ``test_precision="bf16"`` (opt-in, for development) runs the test pass with a bfloat16 copy
+    of each trained net where the CPU/GPU has native bf16 (:mod:`splatdd.precision`); it is
+    recorded in :meth:`config` and so printed next to every accuracy.
     """
 
     name = "paper"
     default_epochs: ClassVar[int] = 1000
 
     def __init__(self, *, epochs: int | None = None, lr: float | None = None,
-                 batch_size: int = 256, dsa: bool = True, **unknown: Any) -> None:
+                 batch_size: int = 256, dsa: bool = True, test_precision: str = "fp32",
+                 **unknown: Any) -> None:
         from splatdd.plugin_api import reject_unknown_options
+        from splatdd.precision import PRECISIONS
         reject_unknown_options(f"protocol {self.name}", unknown,
-                               ("epochs", "lr", "batch_size", "dsa"))
+                               ("epochs", "lr", "batch_size", "dsa", "test_precision"))
+        if test_precision not in PRECISIONS:
+            raise ValueError(f"protocol {self.name}: test_precision must be one of "
+                             f"{', '.join(PRECISIONS)}, got {test_precision!r}")
+        self.test_precision = test_precision
         self.epochs = _check_positive(self.name, "epochs",
                                       self.default_epochs if epochs is None else epochs,
                                       integer=True)
@@ -151,13 +160,16 @@ class PaperProtocol(EvalProtocol):
         from splatdd.evaluate import evaluate
         return evaluate(images, labels, test, model=model, runs=runs, epochs=self.epochs,
                         lr=self.lr_for(model, learned_lr), batch_size=self.batch_size,
-                        dsa=self.dsa, seed=seed, progress=progress)
+                        dsa=self.dsa, seed=seed, progress=progress,
+                        test_precision=self.test_precision)
 
     def config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"epochs": self.epochs, "batch_size": self.batch_size,
                                "dsa": self.dsa}
         if self.lr is not None:
             out["lr"] = self.lr
+        if self.test_precision != "fp32":
+            out["test_precision"] = self.test_precision
         return out
 
 
@@ -196,7 +208,7 @@ class CrossArchProtocol(PaperProtocol):
         return evaluate(images, labels, test, model=model, runs=runs, epochs=self.epochs,
                         lr=self.lr_for(model, learned_lr), batch_size=self.batch_size,
                         dsa=self.dsa, seed=seed, progress=progress, optimizer=self.optimizer,
-                        schedule="cosine")
+                        schedule="cosine", test_precision=self.test_precision)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "optimizer": self.optimizer, "schedule": "cosine"}
