@@ -117,7 +117,7 @@ def _case_eval_epoch(epochs: int) -> dict:
     return {"seconds": min(times), "page_faults": _minflt() - f0}
 
 
-def _case_test_pass(n: int) -> dict:
+def _case_test_pass(n: int, precision: str = "fp32") -> dict:
     from splatdd.evaluate import test_accuracy
     from splatdd.models import get_network
     from splatdd.plugin_api import RealData
@@ -125,10 +125,57 @@ def _case_test_pass(n: int) -> dict:
     sub = RealData(spec=test.spec, images=test.images[:n], labels=test.labels[:n])
     net = get_network("ConvNet", 1, 10, (28, 28), seed=0)
     warm = RealData(spec=test.spec, images=test.images[:64], labels=test.labels[:64])
-    test_accuracy(net, warm)
+    kw = {} if precision == "fp32" else {"precision": precision}
+    test_accuracy(net, warm, **kw)
     f0, t0 = _minflt(), time.perf_counter()
-    acc = test_accuracy(net, sub)
+    acc = test_accuracy(net, sub, **kw)
     return {"seconds": time.perf_counter() - t0, "page_faults": _minflt() - f0, "acc": acc}
+
+
+def _case_conv_floor(iters: int) -> dict:
+    """The convolutions alone (fp32, ConvNet-D3 width 128, 28 px): a dm iteration's real-batch
+    embedding (10 x 256 images in passes of 8, forward) and an evaluation epoch (110 images in
+    passes of 16, forward + both backward products). A floor under the fp32 figures above: the
+    rest of each step can be removed, these multiply-adds cannot (without lower precision)."""
+    import torch
+    from splatdd.models import get_network
+    net = get_network("ConvNet", 1, 10, (28, 28), seed=0)
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    shapes = []
+    x = torch.zeros(1, 1, 28, 28)
+    for c in convs:                      # input of each conv (pooled between blocks)
+        shapes.append(tuple(x.shape[1:]))
+        x = torch.nn.functional.avg_pool2d(c(x), 2, 2)
+
+    g = torch.Generator().manual_seed(0)
+    dm_ins = [torch.randn((8,) + shp, generator=g) for shp in shapes]
+
+    def dm_embed() -> None:
+        with torch.inference_mode():
+            for _ in range(2560 // 8):
+                for c, xi in zip(convs, dm_ins):
+                    c(xi)
+
+    ins = [torch.randn((16,) + shp, generator=g, requires_grad=(i > 0))
+           for i, shp in enumerate(shapes)]
+
+    def eval_epoch() -> None:
+        for _ in range(-(-110 // 16)):
+            for c, xi in zip(convs, ins):
+                y = c(xi)
+                y.backward(torch.ones_like(y))
+
+    out = {}
+    for name, fn in (("dm_embed_conv_s", dm_embed), ("eval_epoch_conv_s", eval_epoch)):
+        fn()
+        best = float("inf")
+        for _ in range(max(1, iters)):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = best
+    out["seconds"] = out["dm_embed_conv_s"]
+    return out
 
 
 def _case_gauss_init() -> dict:
@@ -193,7 +240,8 @@ def _case_tm(steps: int, batch: int, norm: str) -> dict:
             "steps": steps, "batch": batch, "norm": norm}
 
 
-def _case_accuracy(iters: int, epochs: int, runs: int, precision: str) -> dict:
+def _case_accuracy(iters: int, epochs: int, runs: int, precision: str,
+                   test_precision: str = "fp32") -> dict:
     import torch
     from splatdd.evaluate import evaluate
     from splatdd_dm import DistributionMatching
@@ -218,7 +266,9 @@ def _case_accuracy(iters: int, epochs: int, runs: int, precision: str) -> dict:
     t_distill = time.perf_counter() - t0
     with torch.no_grad():
         images = param.decode().detach()
-    res = evaluate(images, param.labels, test, runs=runs, epochs=epochs, seed=0, progress=False)
+    kw = {} if test_precision == "fp32" else {"test_precision": test_precision}
+    res = evaluate(images, param.labels, test, runs=runs, epochs=epochs, seed=0, progress=False,
+                   **kw)
     return {"mean": res.mean, "std": res.std, "accs": res.accs, "distill_seconds": t_distill,
             "train_seconds": res.train_seconds, "test_seconds": res.test_seconds,
             "final_loss": losses[-1] if losses else float("nan")}
@@ -232,7 +282,9 @@ def worker(case: str, args: dict) -> dict:
     if case == "eval_epoch":
         return _case_eval_epoch(int(args["epochs"]))
     if case == "test_pass":
-        return _case_test_pass(int(args["n"]))
+        return _case_test_pass(int(args["n"]), args.get("precision", "fp32"))
+    if case == "conv_floor":
+        return _case_conv_floor(int(args.get("iters", 3)))
     if case == "gauss_init":
         return _case_gauss_init()
     if case == "fit":
@@ -241,7 +293,7 @@ def worker(case: str, args: dict) -> dict:
         return _case_tm(int(args["steps"]), int(args["batch"]), args.get("norm", "instancenorm"))
     if case == "accuracy":
         return _case_accuracy(int(args["iters"]), int(args["epochs"]), int(args["runs"]),
-                              args.get("precision", "fp32"))
+                              args.get("precision", "fp32"), args.get("test_precision", "fp32"))
     raise ValueError(f"unknown case {case!r}")
 
 
@@ -332,7 +384,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--fit-steps", type=int, default=20)
-    ap.add_argument("--cases", default="dm_pixel,dm_gaussian,eval_epoch,test_pass,gauss_init,fit")
+    ap.add_argument("--cases",
+                    default="dm_pixel,dm_gaussian,eval_epoch,test_pass,gauss_init,fit,conv_floor")
     ap.add_argument("--accuracy", action="store_true", help="also the small dm main job")
     ap.add_argument("--tm", action="store_true",
                     help="also tm's unroll: base vs new, and the new side's cost-model grid")
@@ -369,7 +422,7 @@ def main(argv=None) -> int:
     base = _base_tree(a.base_rev, a.base_tree, a.base_compiled)
     cases = [c for c in a.cases.split(",") if c]
     unknown = set(cases) - {"dm_pixel", "dm_gaussian", "eval_epoch", "test_pass", "gauss_init",
-                            "fit"}
+                            "fit", "conv_floor"}
     if unknown:
         ap.error(f"--cases: unknown {sorted(unknown)}")
     bf16 = bf16_native("cpu")
@@ -386,6 +439,10 @@ def main(argv=None) -> int:
             jobs += [(case, s, {"epochs": a.epochs}, s) for s in ("base", "new")]
         elif case == "test_pass":
             jobs += [(case, s, {"n": a.test_images}, s) for s in ("base", "new")]
+            if bf16:
+                jobs.append((case, "new", {"n": a.test_images, "precision": "bf16"}, "new_bf16"))
+        elif case == "conv_floor":
+            jobs.append((case, "new", {"iters": 3}, "new"))
         elif case == "gauss_init":
             jobs += [(case, s, {}, s) for s in ("base", "new")]
         elif case == "fit":
@@ -435,6 +492,9 @@ def main(argv=None) -> int:
         if bf16:
             acc["new_bf16"] = _run("accuracy", "new", base, {**acc_args, "precision": "bf16"},
                                    a.timeout * 3)
+            write("accuracy (new bf16)")
+            acc["new_test_bf16"] = _run("accuracy", "new", base,
+                                        {**acc_args, "test_precision": "bf16"}, a.timeout * 3)
         write("accuracy")
     write("complete")
     print((a.out / "speed.md").read_text())
@@ -463,6 +523,13 @@ def _summarise(a, rows, acc, base: Path, bf16: bool, t_start: float, load_start)
         r = ratio(case)
         if r:
             figures[case] = r
+    r = ratio("test_pass", "new_bf16")
+    if r:
+        figures["test_pass_bf16"] = r
+    if ("conv_floor", "new") in rows:
+        cf = rows[("conv_floor", "new")]
+        figures["conv_floor"] = {k: min(x[k] for x in cf)
+                                 for k in ("dm_embed_conv_s", "eval_epoch_conv_s")}
     if ("fit", "base") in rows and ("fit", "new") in rows:
         side = {}
         for label in ("base", "new"):          # each method's minimum over rounds, then the ratio
@@ -548,6 +615,9 @@ def _markdown(r: dict) -> str:
             row(f"{label} (precision bf16)", f"{case}_bf16", case)
     row("evaluation epoch, 110 images", "eval_epoch", "eval_epoch")
     row(f"test pass, {s['test_images']} images", "test_pass", "test_pass")
+    if "test_pass_bf16" in f:
+        row(f"test pass, {s['test_images']} images (test_precision bf16, opt-in)",
+            "test_pass_bf16", "test_pass")
     gi = f.get("gauss_init")
     extra = "" if gi is None else (f"; steps {gi['base']['steps']:.0f} -> {gi['new']['steps']:.0f}, "
                                    f"MSE {gi['base']['mse']:.5f} -> {gi['new']['mse']:.5f}")
@@ -576,6 +646,23 @@ def _markdown(r: dict) -> str:
     else:
         L.append("| renderer (B 64/1000/256) | benchmarks/results/render_speed.json not there "
                  "when this ran | not measured here |")
+    cf = f.get("conv_floor")
+    if cf:
+        L += ["", "## The fp32 floor: the convolutions alone", "",
+              "Measured in the same run (`conv_floor`): the three convolutions of ConvNet-D3 "
+              "width 128 in fp32, nothing else, on the shapes of each case. They are already "
+              "oneDNN's kernels; no fp32 change outside them can make a step faster than this.", "",
+              "| case | base s | new s | convolutions alone s | new s minus convolutions | "
+              "time the target needs | target below the floor? |", "|---|---|---|---|---|---|---|"]
+        for case, key, tkey in (("dm_pixel", "dm_embed_conv_s", "dm_pixel"),
+                                ("eval_epoch", "eval_epoch_conv_s", "eval_epoch")):
+            x = f.get(case)
+            if x is None:
+                continue
+            need = x["base_s"] / TARGETS[tkey]
+            L.append(f"| {case} (fp32) | {x['base_s']:.3f} | {x['new_s']:.3f} | {cf[key]:.3f} | "
+                     f"{x['new_s'] - cf[key]:.3f} | {need:.3f} | "
+                     f"{'yes: unreachable in fp32' if need < cf[key] else 'no'} |")
     acc = r.get("accuracy") or {}
     if acc:
         a = s["accuracy"]
@@ -588,12 +675,17 @@ def _markdown(r: dict) -> str:
               "statistical agreement is expected; the evaluation's random stream is unchanged. "
               "The fp32 speed changes are tested equal to the one-pass maths "
               "(tests/test_speed_equivalence.py, tests/test_evaluate.py).", "",
-              "| side | accuracy % | per run | distill s | eval train s | eval test s |",
-              "|---|---|---|---|---|---|"]
+              "Sides: `base` (the revision before the issue), `new` (fp32 throughout), "
+              "`new_bf16` (dm's real-batch embedding in bf16, evaluation fp32), `new_test_bf16` "
+              "(fp32 distillation and training, the test pass in bf16: the same distilled images "
+              "and trained nets as `new`, so any difference is the bf16 test pass's).", "",
+              "| side | accuracy % | per run | distill s | eval train s | eval test s | final dm loss |",
+              "|---|---|---|---|---|---|---|"]
         for k, v in acc.items():
             L.append(f"| {k} | {v['mean']:.2f} +- {v['std']:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in v['accs'])} | {v['distill_seconds']:.1f} | "
-                     f"{v['train_seconds']:.1f} | {v['test_seconds']:.1f} |")
+                     f"{v['train_seconds']:.1f} | {v['test_seconds']:.1f} | "
+                     f"{v.get('final_loss', float('nan')):.4f} |")
     tm = r.get("tm")
     if tm:
         fit = tm["fit"]
@@ -612,27 +704,41 @@ def _markdown(r: dict) -> str:
             L.append(f"| {g['steps']} | {g['batch']} | {g['unroll_s']:.2f} | "
                      f"{g['backward_s']:.2f} | {g['seconds']:.2f} | {g['load']:.1f} |")
     L += ["", "## What changed, and where the time goes now", "",
+          "* ConvNet's block after each convolution (instance norm with its affine, ReLU, 2x2 "
+          "average pool) runs as one compiled CPU op (`splatdd.norm_act_pool`, in `splatdd._C`): "
+          "two reads of each plane for its statistics and one for the output, instead of three "
+          "PyTorch ops of which the NCHW average pool alone cost about as much as the convolution "
+          "before it. Its backward is first-order, so ConvNets use it without a graph (dm's "
+          "real batches, the test pass) and, under a graph, only inside "
+          "`splatdd.models.first_order` (evaluation training, dm's embedder); dc and tm, which "
+          "differentiate twice, keep the modules. Tested against the float64 PyTorch twin "
+          "(tests/test_norm_act_pool.py).",
           "* dm: the real batches (10 x 256 images per iteration) are augmented and embedded in "
-          "passes of 8 images (fp32) and their embeddings summed: the same mean up to rounding "
-          "(tests/test_speed_equivalence.py), and no per-call mapping of ~100 MB activation "
-          "buffers (page-fault counts below). What remains in fp32 is the convolutions' "
-          "arithmetic. `precision=\"bf16\"` embeds the real batches with a bf16 copy of the "
-          "frozen network (AMX/AVX512-BF16 here; used only where the CPU or GPU has native bf16, "
-          "else fp32 with a warning); the synthetic images' path and gradient stay fp32.",
+          "passes of 8 images (fp32; 16 in bf16) and their embeddings summed: the same mean up to "
+          "rounding (tests/test_speed_equivalence.py), and no per-call mapping of ~100 MB "
+          "activation buffers (page-fault counts below). What remains in fp32 is the "
+          "convolutions' arithmetic (the floor table above). `precision=\"bf16\"` embeds the "
+          "real batches with a bf16 copy of the frozen network (AMX/AVX512-BF16 here; used only "
+          "where the CPU or GPU has native bf16, else fp32 with a warning); the synthetic "
+          "images' path and gradient stay fp32.",
           "* evaluation: each SGD step runs forward+backward in passes of 16 images with the "
           "gradient accumulated (same random stream, same gradient up to rounding; batch-norm "
-          "nets keep one pass), the test pass runs passes of 16 under inference_mode. The "
-          "training epoch is now dominated by the convolutions (forward and both backward "
-          "products) at fp32. channels_last was measured slower here with instance norm "
-          "(GroupNorm's channels-last kernels), so it is not used. Evaluation nets are not run in "
-          "parallel: the 2 cores are shared and a second thread did not help (the issue's "
-          "profile).",
+          "nets keep one pass) through the fused blocks; the test pass runs passes of 16 under "
+          "inference_mode. The training epoch is now the convolutions' forward and both "
+          "backward products at fp32 (the floor table). The opt-in protocol option "
+          "`test_precision = \"bf16\"` runs the test pass with a bf16 copy of each trained net "
+          "(its accuracy effect: the `new_test_bf16` row); the papers' protocol stays fp32. "
+          "channels_last was measured slower here with instance norm, so it is not used. "
+          "Evaluation nets are not run in parallel within one process: the 2 cores are shared "
+          "and a second thread did not help (the issue's profile); `torchrun` spreads them over "
+          "processes (benchmarks/results/distributed.md).",
           "* gaussian initialisation: the fit starts from a matching pursuit of each image "
           "(splatdd_gaussian.pursuit) and runs 250 Adam steps instead of 1000 from a jittered "
           "grid; the MSE column shows it ends lower. Both sides pay the same one-time costs "
           "(first Adam construction imports torch's compiler stack, several seconds).",
-          "* `splatdd fit` ratio and renderer rows: the renderer is the other helper's work; the "
-          "ratio is measured here with the grid start on the new side (per-step cost only)."]
+          "* `splatdd fit` ratio and renderer rows: the ratio is measured here with the grid "
+          "start on the new side (per-step cost only); the renderer rows come from "
+          "benchmarks/results/render_speed.json (benchmarks/render.py)."]
     L += ["", "## Detail (minimum over rounds)", "",
           "| case | base s | new s | ratio | page faults base -> new | load (base, new) |",
           "|---|---|---|---|---|---|"]
