@@ -13,11 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "cpu_parallel.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SPLATDD_NAP_X86 1
-#endif
 
 namespace splatdd {
 
@@ -25,32 +22,17 @@ namespace nap_generic {
 #include "norm_act_pool.inc"
 }  // namespace nap_generic
 
-#if defined(SPLATDD_NAP_X86)
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+#if defined(SPLATDD_CPU_X86)
+SPLATDD_TARGET_AVX2_BEGIN
 namespace nap_avx2 {
 #include "norm_act_pool.inc"
 }  // namespace nap_avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), apply_to = function)
-#else
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
-#endif
+SPLATDD_TARGET_END
+SPLATDD_TARGET_AVX512_BEGIN
 namespace nap_avx512 {
 #include "norm_act_pool.inc"
 }  // namespace nap_avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+SPLATDD_TARGET_END
 #endif
 
 namespace {
@@ -58,19 +40,8 @@ namespace {
 enum class Isa { kGeneric, kAvx2, kAvx512 };
 
 Isa pick_isa() {
-#if defined(SPLATDD_NAP_X86)
-  static const Isa isa = [] {
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kGeneric;
-  }();
-  return isa;
-#else
-  return Isa::kGeneric;
-#endif
+  if (cpu_has_avx512()) return Isa::kAvx512;
+  return cpu_has_avx2() ? Isa::kAvx2 : Isa::kGeneric;
 }
 
 void check(bool ok, const char* msg) {
@@ -105,7 +76,7 @@ void norm_act_pool_forward_cpu(const NormActPoolArgs& a) {
   validate(a);
   const Isa isa = pick_isa();
   for_planes(a, [&](int64_t begin, int64_t end, float* row) {
-#if defined(SPLATDD_NAP_X86)
+#if defined(SPLATDD_CPU_X86)
     if (isa == Isa::kAvx512) {
       if (a.dtype == 0) nap_avx512::forward_planes<float>(a, begin, end, row);
       else nap_avx512::forward_planes<uint16_t>(a, begin, end, row);
@@ -132,7 +103,7 @@ void norm_act_pool_backward_cpu(const NormActPoolBackwardArgs& b) {
         "null mean, rstd or gradient pointer");
   const Isa isa = pick_isa();
   for_planes(a, [&](int64_t begin, int64_t end, float* row) {
-#if defined(SPLATDD_NAP_X86)
+#if defined(SPLATDD_CPU_X86)
     if (isa == Isa::kAvx512) return nap_avx512::backward_planes(b, begin, end, row);
     if (isa == Isa::kAvx2) return nap_avx2::backward_planes(b, begin, end, row);
 #endif

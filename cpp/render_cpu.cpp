@@ -27,10 +27,11 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "cpu_parallel.h"
 #include "splat_math.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(SPLATDD_CPU_X86)
 #define SPLATDD_CPU_AVX2 1
 #define SPLATDD_CPU_AVX512 1
 #include <immintrin.h>  // _mm_getcsr / _mm_setcsr (SSE, part of baseline x86-64)
@@ -54,12 +55,7 @@ namespace cpu_fast_generic {  // 16-byte vectors: SSE2 has no wider ones
 }  // namespace cpu_fast_generic
 
 #if defined(SPLATDD_CPU_AVX2)
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+SPLATDD_TARGET_AVX2_BEGIN
 namespace cpu_avx2 {
 #include "render_cpu.inc"
 }  // namespace cpu_avx2
@@ -68,30 +64,17 @@ namespace cpu_fast_avx2 {
 #include "render_cpu_fast.inc"
 #undef SPLATDD_VL
 }  // namespace cpu_fast_avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+SPLATDD_TARGET_END
 #endif
 
 #if defined(SPLATDD_CPU_AVX512)
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
-#endif
+SPLATDD_TARGET_AVX512_BEGIN
 namespace cpu_fast_avx512 {
 #define SPLATDD_VL 16
 #include "render_cpu_fast.inc"
 #undef SPLATDD_VL
 }  // namespace cpu_fast_avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+SPLATDD_TARGET_END
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -166,26 +149,6 @@ void backward_gaussian(const BackwardArgs& ba, int b, int64_t g, T* /*scratch*/)
 namespace {
 
 enum class Kernel { kSimple, kGeneric, kAvx2, kAvx512 };
-
-bool cpu_has_avx2() {
-#if defined(SPLATDD_CPU_AVX2)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512() {
-#if defined(SPLATDD_CPU_AVX512)
-  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bw");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // SPLATDD_CPU_KERNEL=simple|generic|avx2|avx512 overrides the automatic choice (tests,
 // benchmarks); a choice the CPU cannot run falls back to the best it can.

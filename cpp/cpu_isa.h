@@ -1,0 +1,56 @@
+// cpu_isa.h -- compiling loops for several x86 instruction sets in one file, and choosing at run
+// time: shared by the renderer (render_cpu.cpp) and the fused network blocks (norm_act_pool.cpp).
+//
+//   SPLATDD_TARGET_AVX2_BEGIN   ... code compiled for AVX2+FMA ...     SPLATDD_TARGET_END
+//   SPLATDD_TARGET_AVX512_BEGIN ... code compiled for AVX-512 ...      SPLATDD_TARGET_END
+//
+// SPLATDD_CPU_X86 is defined where these targets exist (x86-64 with GCC or Clang); elsewhere the
+// macros are empty and only the baseline build of the loops is used.
+#pragma once
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SPLATDD_CPU_X86 1
+#endif
+
+#if defined(SPLATDD_CPU_X86) && defined(__clang__)
+#define SPLATDD_TARGET_AVX2_BEGIN \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma\"))), apply_to = function)")
+#define SPLATDD_TARGET_AVX512_BEGIN                                                            \
+  _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512vl,avx512dq,avx512bw," \
+          "avx2,fma\"))), apply_to = function)")
+#define SPLATDD_TARGET_END _Pragma("clang attribute pop")
+#elif defined(SPLATDD_CPU_X86)
+#define SPLATDD_TARGET_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define SPLATDD_TARGET_AVX512_BEGIN \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512vl,avx512dq,avx512bw,avx2,fma\")")
+#define SPLATDD_TARGET_END _Pragma("GCC pop_options")
+#else
+#define SPLATDD_TARGET_AVX2_BEGIN
+#define SPLATDD_TARGET_AVX512_BEGIN
+#define SPLATDD_TARGET_END
+#endif
+
+namespace splatdd {
+
+// Whether this CPU runs the AVX2+FMA / AVX-512 (F, VL, DQ, BW) builds (false off x86-64).
+inline bool cpu_has_avx2() {
+#if defined(SPLATDD_CPU_X86)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+inline bool cpu_has_avx512() {
+#if defined(SPLATDD_CPU_X86)
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw");
+  return has;
+#else
+  return false;
+#endif
+}
+
+}  // namespace splatdd
