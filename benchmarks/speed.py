@@ -132,11 +132,12 @@ def _case_test_pass(n: int, precision: str = "fp32") -> dict:
     return {"seconds": time.perf_counter() - t0, "page_faults": _minflt() - f0, "acc": acc}
 
 
-def _case_conv_floor(iters: int) -> dict:
+def _case_conv_floor(iters: int, n_test: int) -> dict:
     """The convolutions alone (fp32, ConvNet-D3 width 128, 28 px): a dm iteration's real-batch
-    embedding (10 x 256 images in passes of 8, forward) and an evaluation epoch (110 images in
-    passes of 16, forward + both backward products). A floor under the fp32 figures above: the
-    rest of each step can be removed, these multiply-adds cannot (without lower precision)."""
+    embedding (10 x 256 images in passes of 8, forward), an evaluation epoch (110 images in
+    passes of 16, forward + both backward products) and the test pass (``n_test`` images in
+    passes of 16, forward). A floor under the fp32 figures above: the rest of each step can be
+    removed, these multiply-adds cannot (without lower precision)."""
     import torch
     from splatdd.models import get_network
     net = get_network("ConvNet", 1, 10, (28, 28), seed=0)
@@ -165,8 +166,17 @@ def _case_conv_floor(iters: int) -> dict:
                 y = c(xi)
                 y.backward(torch.ones_like(y))
 
+    test_ins = [torch.randn((16,) + shp, generator=g) for shp in shapes]
+
+    def test_pass() -> None:
+        with torch.inference_mode():
+            for _ in range(-(-n_test // 16)):
+                for c, xi in zip(convs, test_ins):
+                    c(xi)
+
     out = {}
-    for name, fn in (("dm_embed_conv_s", dm_embed), ("eval_epoch_conv_s", eval_epoch)):
+    for name, fn in (("dm_embed_conv_s", dm_embed), ("eval_epoch_conv_s", eval_epoch),
+                     ("test_pass_conv_s", test_pass)):
         fn()
         best = float("inf")
         for _ in range(max(1, iters)):
@@ -284,7 +294,7 @@ def worker(case: str, args: dict) -> dict:
     if case == "test_pass":
         return _case_test_pass(int(args["n"]), args.get("precision", "fp32"))
     if case == "conv_floor":
-        return _case_conv_floor(int(args.get("iters", 3)))
+        return _case_conv_floor(int(args.get("iters", 3)), int(args.get("n", 10000)))
     if case == "gauss_init":
         return _case_gauss_init()
     if case == "fit":
@@ -442,7 +452,7 @@ def main(argv=None) -> int:
             if bf16:
                 jobs.append((case, "new", {"n": a.test_images, "precision": "bf16"}, "new_bf16"))
         elif case == "conv_floor":
-            jobs.append((case, "new", {"iters": 3}, "new"))
+            jobs.append((case, "new", {"iters": 3, "n": a.test_images}, "new"))
         elif case == "gauss_init":
             jobs += [(case, s, {}, s) for s in ("base", "new")]
         elif case == "fit":
@@ -529,7 +539,8 @@ def _summarise(a, rows, acc, base: Path, bf16: bool, t_start: float, load_start)
     if ("conv_floor", "new") in rows:
         cf = rows[("conv_floor", "new")]
         figures["conv_floor"] = {k: min(x[k] for x in cf)
-                                 for k in ("dm_embed_conv_s", "eval_epoch_conv_s")}
+                                 for k in ("dm_embed_conv_s", "eval_epoch_conv_s",
+                                           "test_pass_conv_s")}
     if ("fit", "base") in rows and ("fit", "new") in rows:
         side = {}
         for label in ("base", "new"):          # each method's minimum over rounds, then the ratio
@@ -655,9 +666,10 @@ def _markdown(r: dict) -> str:
               "| case | base s | new s | convolutions alone s | new s minus convolutions | "
               "time the target needs | target below the floor? |", "|---|---|---|---|---|---|---|"]
         for case, key, tkey in (("dm_pixel", "dm_embed_conv_s", "dm_pixel"),
-                                ("eval_epoch", "eval_epoch_conv_s", "eval_epoch")):
+                                ("eval_epoch", "eval_epoch_conv_s", "eval_epoch"),
+                                ("test_pass", "test_pass_conv_s", "test_pass")):
             x = f.get(case)
-            if x is None:
+            if x is None or key not in cf:
                 continue
             need = x["base_s"] / TARGETS[tkey]
             L.append(f"| {case} (fp32) | {x['base_s']:.3f} | {x['new_s']:.3f} | {cf[key]:.3f} | "
