@@ -132,57 +132,48 @@ def _case_test_pass(n: int, precision: str = "fp32") -> dict:
     return {"seconds": time.perf_counter() - t0, "page_faults": _minflt() - f0, "acc": acc}
 
 
+def _conv_seconds(prof) -> float:
+    """Self CPU seconds of the convolution ops (forward and backward) in a torch.profiler run."""
+    return sum(e.self_cpu_time_total for e in prof.key_averages()
+               if "convolution" in e.key) / 1e6
+
+
 def _case_conv_floor(iters: int, n_test: int) -> dict:
-    """The convolutions alone (fp32, ConvNet-D3 width 128, 28 px): a dm iteration's real-batch
-    embedding (10 x 256 images in passes of 8, forward), an evaluation epoch (110 images in
-    passes of 16, forward + both backward products) and the test pass (``n_test`` images in
-    passes of 16, forward). A floor under the fp32 figures above: the rest of each step can be
-    removed, these multiply-adds cannot (without lower precision)."""
+    """Seconds spent inside the convolutions (oneDNN's kernels, forward and backward products;
+    torch.profiler's self CPU time) in one new-side fp32 dm iteration (pixel, IPC 1, batch_real
+    256), one evaluation epoch (110 images) and the test pass (``n_test`` images): what no fp32
+    change outside the convolutions can remove from those steps (minimum over ``iters``)."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
+    from splatdd.evaluate import test_accuracy, train_network
     from splatdd.models import get_network
+    from splatdd.plugin_api import RealData
+    from splatdd_dm import DistributionMatching
+    from splatdd_pixel import PixelImages
+    train, test = _fashion()
+    param = PixelImages.build(train.spec, 1, generator=torch.Generator().manual_seed(0))
+    algo = DistributionMatching(train, ipc=1, generator=torch.Generator().manual_seed(1),
+                                batch_real=256)
+    x, y = _first_per_class(train, 11)
     net = get_network("ConvNet", 1, 10, (28, 28), seed=0)
-    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
-    shapes = []
-    x = torch.zeros(1, 1, 28, 28)
-    for c in convs:                      # input of each conv (pooled between blocks)
-        shapes.append(tuple(x.shape[1:]))
-        x = torch.nn.functional.avg_pool2d(c(x), 2, 2)
+    sub = RealData(spec=test.spec, images=test.images[:n_test], labels=test.labels[:n_test])
 
-    g = torch.Generator().manual_seed(0)
-    dm_ins = [torch.randn((8,) + shp, generator=g) for shp in shapes]
+    def dm_step() -> None:
+        loss = algo.loss(param, 0)
+        loss.backward()
+        param.zero_grad(set_to_none=True)
 
-    def dm_embed() -> None:
-        with torch.inference_mode():
-            for _ in range(2560 // 8):
-                for c, xi in zip(convs, dm_ins):
-                    c(xi)
-
-    ins = [torch.randn((16,) + shp, generator=g, requires_grad=(i > 0))
-           for i, shp in enumerate(shapes)]
-
-    def eval_epoch() -> None:
-        for _ in range(-(-110 // 16)):
-            for c, xi in zip(convs, ins):
-                y = c(xi)
-                y.backward(torch.ones_like(y))
-
-    test_ins = [torch.randn((16,) + shp, generator=g) for shp in shapes]
-
-    def test_pass() -> None:
-        with torch.inference_mode():
-            for _ in range(-(-n_test // 16)):
-                for c, xi in zip(convs, test_ins):
-                    c(xi)
-
+    steps = {"dm_embed_conv_s": dm_step,
+             "eval_epoch_conv_s": lambda: train_network(net, x, y, epochs=1, seed=1),
+             "test_pass_conv_s": lambda: test_accuracy(net, sub)}
     out = {}
-    for name, fn in (("dm_embed_conv_s", dm_embed), ("eval_epoch_conv_s", eval_epoch),
-                     ("test_pass_conv_s", test_pass)):
-        fn()
+    for name, fn in steps.items():
+        fn()                                          # warm-up
         best = float("inf")
         for _ in range(max(1, iters)):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            best = min(best, _conv_seconds(prof))
         out[name] = best
     out["seconds"] = out["dm_embed_conv_s"]
     return out
@@ -406,6 +397,9 @@ def main(argv=None) -> int:
                     help="1 round, 1 dm iteration, 1 epoch, 1000 test images, 5 fit steps")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep --out/speed.json's other figures, accuracy and tm; replace only "
+                         "the figures of --cases (noted in the report with their load and time)")
     ap.add_argument("--report-only", action="store_true",
                     help="re-render speed.md from --out/speed.json (and the renderer's JSON)")
     a = ap.parse_args(argv)
@@ -465,6 +459,18 @@ def main(argv=None) -> int:
         """Write what is measured so far (a long run stopped early still leaves its figures)."""
         result = _summarise(a, rows, acc, base, bf16, t_start, load_start)
         result["stage"] = stage
+        old_json = a.out / "speed.json"
+        if a.merge and old_json.exists():
+            merged = json.loads(old_json.read_text())
+            merged["figures"].update(result["figures"])
+            merged["render"] = result["render"]
+            note = {"cases": cases, "stage": stage, "load_start": list(load_start),
+                    "load_end": list(os.getloadavg()), "rounds": a.rounds,
+                    "new": result["new"], "finished": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                    time.gmtime())}
+            merged["merged"] = [m for m in merged.get("merged", [])
+                                if m.get("cases") != cases] + [note]
+            result = merged
         if tm.get("grid"):
             result["tm"] = _tm_summary(tm)
         a.out.mkdir(parents=True, exist_ok=True)
@@ -659,11 +665,13 @@ def _markdown(r: dict) -> str:
                  "when this ran | not measured here |")
     cf = f.get("conv_floor")
     if cf:
-        L += ["", "## The fp32 floor: the convolutions alone", "",
-              "Measured in the same run (`conv_floor`): the three convolutions of ConvNet-D3 "
-              "width 128 in fp32, nothing else, on the shapes of each case. They are already "
-              "oneDNN's kernels; no fp32 change outside them can make a step faster than this.", "",
-              "| case | base s | new s | convolutions alone s | new s minus convolutions | "
+        L += ["", "## The fp32 floor: time inside the convolutions", "",
+              "`conv_floor`: torch.profiler's self CPU time of the convolution ops (forward and "
+              "backward products, oneDNN's kernels) inside one new-side fp32 step of each case "
+              "(minimum over 3 profiled steps; the profiler adds a little time of its own). No "
+              "fp32 change outside the convolutions can make the step faster than this; where the "
+              "target needs less, it is out of reach in fp32 on this CPU.", "",
+              "| case | base s | new s | inside convolutions s | new s minus convolutions | "
               "time the target needs | target below the floor? |", "|---|---|---|---|---|---|---|"]
         for case, key, tkey in (("dm_pixel", "dm_embed_conv_s", "dm_pixel"),
                                 ("eval_epoch", "eval_epoch_conv_s", "eval_epoch"),
@@ -735,7 +743,7 @@ def _markdown(r: dict) -> str:
           "images' path and gradient stay fp32.",
           "* evaluation: each SGD step runs forward+backward in passes of 16 images with the "
           "gradient accumulated (same random stream, same gradient up to rounding; batch-norm "
-          "nets keep one pass) through the fused blocks; the test pass runs passes of 16 under "
+          "nets keep one pass) through the fused blocks; the test pass runs passes of 8 under "
           "inference_mode. The training epoch is now the convolutions' forward and both "
           "backward products at fp32 (the floor table). The opt-in protocol option "
           "`test_precision = \"bf16\"` runs the test pass with a bf16 copy of each trained net "
@@ -751,6 +759,11 @@ def _markdown(r: dict) -> str:
           "* `splatdd fit` ratio and renderer rows: the ratio is measured here with the grid "
           "start on the new side (per-step cost only); the renderer rows come from "
           "benchmarks/results/render_speed.json (benchmarks/render.py)."]
+    for mnote in r.get("merged", []):
+        L += ["", f"Re-measured later with `--merge` ({mnote['finished']}, load "
+              f"{mnote['load_start'][0]:.2f} -> {mnote['load_end'][0]:.2f}, new `"
+              f"{mnote['new']['rev']}`): {', '.join(mnote['cases'])}; the other figures are "
+              "from the run described at the top."]
     L += ["", "## Detail (minimum over rounds)", "",
           "| case | base s | new s | ratio | page faults base -> new | load (base, new) |",
           "|---|---|---|---|---|---|"]
