@@ -468,8 +468,8 @@ def main(argv=None) -> int:
                     "load_end": list(os.getloadavg()), "rounds": a.rounds,
                     "new": result["new"], "finished": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                     time.gmtime())}
-            merged["merged"] = [m for m in merged.get("merged", [])
-                                if m.get("cases") != cases] + [note]
+            merged["merged"] = [m for m in merged.get("merged", [])        # superseded notes go
+                                if not set(m.get("cases", ())) <= set(cases)] + [note]
             result = merged
         if tm.get("grid"):
             result["tm"] = _tm_summary(tm)
