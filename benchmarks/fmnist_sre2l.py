@@ -169,6 +169,19 @@ def _label(c: dict[str, Any]) -> str:
                          if opts else "")
 
 
+def _significance(a: dict[str, Any], b: dict[str, Any], name: str) -> str:
+    """The gap between two cells' means in units of its standard error over the students
+    (``sqrt(sd_a^2/n_a + sd_b^2/n_b)``, sample sd): how far the gap stands out of the students'
+    noise (about 2 or more for a clear gap)."""
+    import statistics
+    na, nb = len(a["accs"]), len(b["accs"])
+    se = (statistics.variance(a["accs"]) / na + statistics.variance(b["accs"]) / nb) ** 0.5
+    gap = a["mean"] - b["mean"]
+    z = gap / se if se > 0 else float("inf")
+    verdict = ("clear" if abs(z) >= 2 else "within the students' noise")
+    return f"gap to {name} {gap:+.2f} = {z:+.1f} standard errors ({verdict})"
+
+
 def _opt(c: dict[str, Any]) -> dict[str, Any] | None:
     """The recover optimiser of a cell: recorded, or (cells from before it was recorded)
     :data:`EARLIER_RECOVER`."""
@@ -301,6 +314,7 @@ def report(data: dict[str, Any]) -> str:
     for earlier, ipc, iters, runs in sorted({group(c) for c in cells}):
         g_cells = [c for c in cells if group(c) == (earlier, ipc, iters, runs) and c["after"]]
         by = {_label(c): c["after"][0]["mean"] for c in g_cells}
+        rows_by = {_label(c): c["after"][0] for c in g_cells}
         opts = {_label(c): _fmt_opt(_opt(c)) for c in g_cells}
         others = [k for k in by if k in ("pixel", "idc")]
         out = verdicts[not earlier]
@@ -313,7 +327,9 @@ def report(data: dict[str, Any]) -> str:
             if ipc == 1 and len(others) == 2:
                 met = all(by[g] > by[p] for p in others)
                 out.append(f"  - **target ({g} above pixel and above idc at IPC 1, as GSDD "
-                           f"Table 18 on ImageNet-1K): {'met' if met else 'MISSED'}**")
+                           f"Table 18 on ImageNet-1K): {'met' if met else 'MISSED'}**"
+                           + ("" if runs < 2 else " on the means; " + "; ".join(
+                               _significance(rows_by[g], rows_by[p], p) for p in others)))
                 if earlier:
                     tried.append((by[g] - max(by[p] for p in others), g, iters, runs, met))
     if verdicts[True]:
@@ -599,6 +615,40 @@ def validate(a: argparse.Namespace, data: dict[str, Any], tdir: Path) -> None:
         _save(data, a.results)
 
 
+def _validation_reading(rows: list[dict[str, Any]]) -> list[str]:
+    """Sentences comparing, in the ``--validate`` rows, the set before recovery, the earlier
+    gaussian default (Adam 1e-2, torch's betas) and the plugin's present recover setting."""
+    def find(lr: float | None, betas: list[float] | None) -> dict[str, Any] | None:
+        for r in rows:
+            st = r["setting"]
+            if (st is None and lr is None) or (st is not None and lr is not None and
+                                               st["lr"] == lr and st["betas"] == betas
+                                               and "lr_cholesky" not in st):
+                return r
+        return None
+    now = recover_optimizer("gaussian", 1, {})
+    before, old, new = find(None, None), find(1e-2, [0.9, 0.999]), find(now["lr"], now["betas"])
+    if not (before and old):
+        return []
+
+    def desc(r: dict[str, Any]) -> str:
+        return (f"the whole set {r['val_all']['mean']:.2f} %, one image per class "
+                f"{r['val_first_per_class']['mean']:.2f} %, teacher CE on crops "
+                f"{r['terms']['ce_crops']:.3f}")
+    out = ["", f"Reading: before recovery {desc(before)}; after recovery with the earlier default "
+           f"(Adam 1e-2, torch's betas) {desc(old)}. So the Gaussians "
+           + ("do learn the recover objective (the teacher's cross-entropy on the crops falls), "
+              "but " if old["terms"]["ce_crops"] < before["terms"]["ce_crops"] else "do not "
+              "lower the teacher's cross-entropy on the crops, and ")
+           + "the images they become teach the student "
+           + ("less" if old["val_first_per_class"]["mean"] < before["val_first_per_class"]["mean"]
+              else "no less") + " than the fitted real images they started from."]
+    if new:
+        out[-1] += (f" With the present setting (Adam {now['lr']:g}, betas "
+                    f"({now['betas'][0]:g}, {now['betas'][1]:g})): {desc(new)}.")
+    return out + [""]
+
+
 def validation_report(data: dict[str, Any]) -> list[str]:
     v = data.get("validation")
     if not v or not v.get("rows"):
@@ -623,7 +673,7 @@ def validation_report(data: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {_fmt(r['val_all'])} | {_fmt(r['val_first_per_class'])} | "
                      f"{t['ce_crops']:.3f} | {t['bn_weighted']:.3f} | {t['regularizer']:.3f} | "
                      f"{t['teacher_acc_full']:.0f} % |")
-    return lines
+    return lines + _validation_reading(v["rows"])
 
 
 def main(argv: list[str] | None = None) -> int:
