@@ -34,7 +34,7 @@
 #if defined(SPLATDD_CPU_X86)
 #define SPLATDD_CPU_AVX2 1
 #define SPLATDD_CPU_AVX512 1
-#include <immintrin.h>  // _mm_getcsr / _mm_setcsr (SSE, part of baseline x86-64)
+#include <immintrin.h>  // _mm_getcsr / _mm_setcsr; the AVX2 / AVX-512 copies use a few intrinsics
 #endif
 
 // 32- and 64-byte vector arguments of always-inline helpers in the baseline build: no ABI issue.
