@@ -27,8 +27,8 @@ with SRe2L's recover betas (0.5, 0.9), as pixel and idc use. At 1e-2 the Gaussia
 recover loss (the teacher's cross-entropy on crops falls as far as pixel's), but the recovered
 images turn into thin saturated strokes that teach a soft-label student less than the fitted real
 images they started from (FashionMNIST IPC 1, measured on a validation split of the training set:
-the ``--validate`` table of benchmarks/results/fmnist_sre2l.md); lr 1e-3 with those betas keeps
-them useful (:data:`REGIME_OPTIMIZERS`).
+the ``--validate`` table of benchmarks/results/fmnist_sre2l.md); the damage grows with the lr, and
+at 1e-3 with those betas the set as a whole gains from recovery (:data:`REGIME_OPTIMIZERS`).
 
 What the paper leaves open and we chose (see docs/gaussian.md):
 
