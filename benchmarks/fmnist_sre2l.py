@@ -333,7 +333,10 @@ def report(data: dict[str, Any]) -> str:
                 if earlier:
                     tried.append((by[g] - max(by[p] for p in others), g, iters, runs, met))
     if verdicts[True]:
-        lines += ["### Current comparison", ""] + verdicts[True]
+        lines += ["### Current comparison", ""] + verdicts[True] + [
+            "", "Each cell is one recover run (seed 0) and one initialisation; the +- and the "
+            "standard errors cover the students only (their seeds are shared across cells), so "
+            "a gap within the students' noise is not evidence either way."]
     if verdicts[False]:
         lines += ["", "### Earlier comparisons (superseded settings, kept for the record)", ""]
         lines += verdicts[False]
@@ -428,7 +431,8 @@ def _fmt_opt(o: dict[str, Any] | None) -> str:
     if not o:
         return "--"
     extra = f", some entries {o['lr_min']:.3g}" if "lr_min" in o and o["lr_min"] != o["lr"] else ""
-    return f"{o['kind'].capitalize()} {o['lr']:g}{extra}, betas ({o['betas'][0]:g}, {o['betas'][1]:g})"
+    b0, b1 = o["betas"]
+    return f"{o['kind'].capitalize()} {o['lr']:g}{extra}, betas ({b0:g}, {b1:g})"
 
 
 #: What the plugins' recover regime was before the gaussian change of 2026-11-29 (gaussian: Adam
@@ -646,6 +650,19 @@ def _validation_reading(rows: list[dict[str, Any]]) -> list[str]:
     if new:
         out[-1] += (f" With the present setting (Adam {now['lr']:g}, betas "
                     f"({now['betas'][0]:g}, {now['betas'][1]:g})): {desc(new)}.")
+        best = max((r for r in rows if r["setting"] is not None),
+                   key=lambda r: r["val_all"]["mean"])
+        if best is not new:
+            st = best["setting"]
+            gap = best["val_all"]["mean"] - new["val_all"]["mean"]
+            out[-1] += (f" The best whole-set row (Adam {st['lr']:g}, betas ({st['betas'][0]:g}, "
+                        f"{st['betas'][1]:g})) is {gap:+.2f}"
+                        " points from it, less than the students' std there: a plateau, on which "
+                        "the plugin takes GSDD's section-4.1 lr." if abs(
+                            best["val_all"]["mean"] - new["val_all"]["mean"]) < max(
+                            best["val_all"]["std"], new["val_all"]["std"], 0.5) else
+                        f" The best whole-set row (Adam {st['lr']:g}) is "
+                        f"{best['val_all']['mean'] - new['val_all']['mean']:+.2f} points from it.")
     return out + [""]
 
 
@@ -661,7 +678,8 @@ def validation_report(data: dict[str, Any]) -> list[str]:
              f"{v['val_size']:,} **training** images (seed {v['val_seed']}; the students never "
              "see real images), once with the whole set (11 images per class) and once with its "
              "first image per class only. The recover terms are averages over 30 crop draws.",
-             "", "| recover optimiser | val acc, whole set | val acc, 1 image/class | teacher CE on "
+             "", "| recover optimiser | val acc, whole set | val acc, 1 image/class | "
+             "teacher CE on "
              "crops | r_bn x BN | boundary reg | teacher acc (whole images) |",
              "|---|---|---|---|---|---|---|"]
     for r in v["rows"]:
