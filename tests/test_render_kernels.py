@@ -51,12 +51,14 @@ def test_kernel_name(kernel):
 
 
 # sizes: small Gaussians (one chunk per row), and wide ones at 128 px whose rows are several
-# chunks long (the forward-differenced path), for ssaa 1, 2, 4
+# chunks long (the forward-differenced path), for ssaa 1, 2, 4; C = 1 and 3 have loops compiled
+# for their channel count, C = 5 the general one
+@pytest.mark.parametrize("C", [1, 3, 5])
 @pytest.mark.parametrize("ssaa", [1, 2, 4])
 @pytest.mark.parametrize("R,sigma,N", [(24, 0.2, 6), (128, 0.15, 5)])
-def test_fast_loops_match_reference(kernel, ssaa, R, sigma, N):
-    gen = torch.Generator().manual_seed(ssaa * 100 + R)
-    B, C = 2, 3
+def test_fast_loops_match_reference(kernel, ssaa, R, sigma, N, C):
+    gen = torch.Generator().manual_seed(ssaa * 100 + R + 7 * C)
+    B = 2
     p = params(gen, B, N, C, sigma)
     v = torch.randn(B, C, R, R, generator=gen, dtype=torch.float64)
     kw = dict(H=R, W=R, ssaa=ssaa, prefilter=True)
@@ -66,7 +68,11 @@ def test_fast_loops_match_reference(kernel, ssaa, R, sigma, N):
     torch.testing.assert_close(rout, ref, rtol=1e-10, atol=1e-12)
     scale = (p[..., 5:5 + C].double().abs() * p[..., 5 + C:].double().abs()).sum(1).max()
     assert float((out - ref).abs().max()) <= 4e-6 * float(scale) + N * 2**-24 * float(scale)
-    assert float((g - rg).norm() / rg.norm()) < 1e-5
+    # gradients: 1e-4 of the norm. A sample lying on a Gaussian's cut-off ellipse can fall inside
+    # in fp32 and outside in fp64 (the plain per-sample float path, SPLATDD_CPU_KERNEL=simple,
+    # flips the same way): one such sample moved one gradient entry by 1.3e-3 relative (3.7e-5 of
+    # the norm) at C = 3, ssaa 4, 24 px, a Gaussian at the image's edge.
+    assert float((g - rg).norm() / rg.norm()) < 1e-4
 
 
 def test_differenced_rows_error_bound(kernel):
