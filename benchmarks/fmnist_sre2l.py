@@ -283,8 +283,9 @@ def report(data: dict[str, Any]) -> str:
     current = set(data.get("current") or [])
     lines += ["## Results (soft-label protocol, test accuracy %)", "",
               "Rows marked **current** are the last run of this script with the plugins' present "
-              "settings; rows marked *earlier* were measured with earlier settings (the "
-              "`recover optimiser` column says which) and are kept for the record.", "",
+              "settings; rows marked *earlier* come from earlier runs with other settings (the "
+              "`recover optimiser`, iterations and eval runs columns say which) and are kept for "
+              "the record.", "",
               "| row | IPC | recover iterations | parameterization | recover optimiser | "
               "images/class | bytes (budget) | "
               f"eval runs | before | after sre2l | recover loss (last {LOSS_TAIL} steps) | "
@@ -338,7 +339,7 @@ def report(data: dict[str, Any]) -> str:
             "standard errors cover the students only (their seeds are shared across cells), so "
             "a gap within the students' noise is not evidence either way."]
     if verdicts[False]:
-        lines += ["", "### Earlier comparisons (superseded settings, kept for the record)", ""]
+        lines += ["", "### Earlier comparisons (other settings, kept for the record)", ""]
         lines += verdicts[False]
     if tried:
         margin, g, iters, runs, _ = max(tried)
