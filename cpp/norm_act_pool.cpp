@@ -6,6 +6,7 @@
 // AVX2+FMA and AVX-512 and chosen at run time by the CPU's features.
 #include "norm_act_pool.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -57,12 +58,18 @@ void validate(const NormActPoolArgs& a) {
   check(a.N == 0 || (a.x != nullptr && a.out != nullptr), "null x or out pointer");
 }
 
+// Values per worker below which a call stays on the caller's thread: a ConvNet block of a few
+// images is a fraction of a millisecond of memory-bound work, less than starting a thread costs
+// (and far less than waiting for a core when the machine is busy).
+constexpr int64_t kMinValuesPerWorker = int64_t{1} << 21;
+
 // Splits the N*C planes into one contiguous range per worker and runs body(begin, end, row).
 template <class F>
 void for_planes(const NormActPoolArgs& a, const F& body) {
   const int64_t planes = a.N * a.C;
   if (planes == 0) return;
-  const int n = resolve_threads(a.num_threads, planes);
+  const int64_t by_work = std::max<int64_t>(1, planes * a.H * a.W / kMinValuesPerWorker);
+  const int n = resolve_threads(a.num_threads, std::min(planes, by_work));
   std::vector<float> scratch(static_cast<size_t>(n) * static_cast<size_t>(a.W));
   run_parallel(n, [&](int t) {
     const int64_t begin = planes * t / n, end = planes * (t + 1) / n;

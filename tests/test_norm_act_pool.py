@@ -73,7 +73,8 @@ def test_bf16_forward_close_to_fp32():
 
 
 def test_bits_do_not_depend_on_threads():
-    x, w, b = (t.float() for t in _case((3, 8, 10, 10), 6))
+    # large enough for 3 workers (a call uses one worker per 2^21 values)
+    x, w, b = (t.float() for t in _case((6, 64, 128, 128), 6))
     x.requires_grad_()
     outs = []
     old = torch.get_num_threads()
