@@ -233,13 +233,14 @@ def test_wait_for_all_outlasts_the_collective_timeout(tmp_path, fmnist_root):
     wait (a plain gather would fail), then the gather returns both ranks' parts."""
     script = tmp_path / "uneven.py"
     script.write_text(
-        "import time\n"
+        "import os, time\n"
         "from splatdd import distributed\n"
         "ctx = distributed.init_from_env('cpu')\n"
         "if ctx.rank == 0:\n"
         "    time.sleep(6)\n"
         "distributed.wait_for_all()\n"
-        "print('gathered', distributed.gather(ctx.rank), flush=True)\n"
+        "line = f'gathered {distributed.gather(ctx.rank)}\\n'\n"
+        "os.write(1, line.encode())   # one write per rank: the two lines cannot interleave\n"
         "distributed.shutdown()\n")
     env = {**_env(fmnist_root), "SPLATDD_DIST_TIMEOUT": "2"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
