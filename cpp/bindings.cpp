@@ -170,7 +170,7 @@ splatdd::NormActPoolArgs make_nap_args(uintptr_t x, int64_t dtype, uintptr_t wei
   require(!pool || (H >= 2 && W >= 2), "pooling needs H >= 2 and W >= 2");
   require(eps > 0 && eps < 1e30, "eps must be > 0");
   require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
-  require(N == 0 || (x != 0 && out != 0), "x and out must not be null");
+  require(N == 0 || x != 0, "x must not be null");
   splatdd::NormActPoolArgs a;
   a.x = reinterpret_cast<const void*>(x);
   a.dtype = static_cast<int>(dtype);
@@ -196,6 +196,7 @@ void norm_act_pool_forward(uintptr_t x, int64_t dtype, uintptr_t weight, uintptr
                            int64_t num_threads) {
   const splatdd::NormActPoolArgs a =
       make_nap_args(x, dtype, weight, bias, N, C, H, W, eps, relu, pool, out, mean, rstd, num_threads);
+  require(N == 0 || out != 0, "out must not be null");
   py::gil_scoped_release release;
   splatdd::norm_act_pool_forward_cpu(a);
 }
@@ -205,11 +206,11 @@ void norm_act_pool_backward(uintptr_t x, uintptr_t weight, uintptr_t bias, int64
                             uintptr_t mean, uintptr_t rstd, uintptr_t grad_out, uintptr_t grad_x,
                             uintptr_t grad_weight, uintptr_t grad_bias, int64_t num_threads) {
   splatdd::NormActPoolBackwardArgs b;
-  // `out` is unused by the backward: pass grad_out's address so the forward's null check holds
-  b.fwd = make_nap_args(x, splatdd::kFloat32, weight, bias, N, C, H, W, eps, relu, pool, grad_out,
-                        mean, rstd, num_threads);
-  require(N == 0 || (mean != 0 && rstd != 0 && grad_x != 0 && grad_weight != 0 && grad_bias != 0),
-          "mean, rstd, grad_x, grad_weight and grad_bias must not be null");
+  b.fwd = make_nap_args(x, splatdd::kFloat32, weight, bias, N, C, H, W, eps, relu, pool, 0, mean,
+                        rstd, num_threads);                  // the backward writes no `out`
+  require(N == 0 || (mean != 0 && rstd != 0 && grad_out != 0 && grad_x != 0 && grad_weight != 0 &&
+                     grad_bias != 0),
+          "mean, rstd, grad_out, grad_x, grad_weight and grad_bias must not be null");
   b.grad_out = reinterpret_cast<const float*>(grad_out);
   b.grad_x = reinterpret_cast<float*>(grad_x);
   b.grad_weight = reinterpret_cast<float*>(grad_weight);

@@ -49,13 +49,14 @@ void check(bool ok, const char* msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
 
-void validate(const NormActPoolArgs& a) {
+void validate(const NormActPoolArgs& a, bool need_out) {
   check(a.dtype == 0 || a.dtype == 1, "dtype must be 0 (float32) or 1 (bfloat16)");
   check(a.N >= 0 && a.C >= 1 && a.H >= 1 && a.W >= 1, "N must be >= 0 and C, H, W >= 1");
   check(!a.pool || (a.H >= 2 && a.W >= 2), "pooling needs H >= 2 and W >= 2");
   check(a.N * a.C * a.H * a.W < (int64_t{1} << 40), "tensor too large");
   check(std::isfinite(a.eps) && a.eps > 0.f, "eps must be finite and > 0");
-  check(a.N == 0 || (a.x != nullptr && a.out != nullptr), "null x or out pointer");
+  check(a.N == 0 || a.x != nullptr, "null x pointer");
+  check(!need_out || a.N == 0 || a.out != nullptr, "null out pointer");
 }
 
 // Values per worker below which a call stays on the caller's thread: a ConvNet block of a few
@@ -80,7 +81,7 @@ void for_planes(const NormActPoolArgs& a, const F& body) {
 }  // namespace
 
 void norm_act_pool_forward_cpu(const NormActPoolArgs& a) {
-  validate(a);
+  validate(a, /*need_out=*/true);
   const Isa isa = pick_isa();
   for_planes(a, [&](int64_t begin, int64_t end, float* row) {
 #if defined(SPLATDD_CPU_X86)
@@ -103,7 +104,7 @@ void norm_act_pool_forward_cpu(const NormActPoolArgs& a) {
 
 void norm_act_pool_backward_cpu(const NormActPoolBackwardArgs& b) {
   const NormActPoolArgs& a = b.fwd;
-  validate(a);
+  validate(a, /*need_out=*/false);
   check(a.dtype == 0, "the backward needs float32 x");
   check(a.N == 0 || (a.mean != nullptr && a.rstd != nullptr && b.grad_out != nullptr &&
                      b.grad_x != nullptr && b.grad_weight != nullptr && b.grad_bias != nullptr),

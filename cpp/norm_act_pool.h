@@ -29,7 +29,7 @@ struct NormActPoolArgs {
 };
 
 struct NormActPoolBackwardArgs {
-  NormActPoolArgs fwd;             // the forward's arguments; float32 x, mean and rstd required
+  NormActPoolArgs fwd;             // the forward's arguments (out unused); float32 x, mean, rstd
   const float* grad_out = nullptr;  // the shape of fwd.out
   float* grad_x = nullptr;          // (N, C, H, W)
   float* grad_weight = nullptr;     // (N, C): per-sample partial sums (the caller reduces over N)

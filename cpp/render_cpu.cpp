@@ -32,8 +32,6 @@
 #include "splat_math.h"
 
 #if defined(SPLATDD_CPU_X86)
-#define SPLATDD_CPU_AVX2 1
-#define SPLATDD_CPU_AVX512 1
 #include <immintrin.h>  // _mm_getcsr / _mm_setcsr; the AVX2 / AVX-512 copies use a few intrinsics
 #endif
 
@@ -54,7 +52,7 @@ namespace cpu_fast_generic {  // 16-byte vectors: SSE2 has no wider ones
 #undef SPLATDD_VL
 }  // namespace cpu_fast_generic
 
-#if defined(SPLATDD_CPU_AVX2)
+#if defined(SPLATDD_CPU_X86)
 SPLATDD_TARGET_AVX2_BEGIN
 namespace cpu_avx2 {
 #include "render_cpu.inc"
@@ -67,7 +65,7 @@ namespace cpu_fast_avx2 {
 SPLATDD_TARGET_END
 #endif
 
-#if defined(SPLATDD_CPU_AVX512)
+#if defined(SPLATDD_CPU_X86)
 SPLATDD_TARGET_AVX512_BEGIN
 namespace cpu_fast_avx512 {
 #define SPLATDD_VL 16
@@ -167,7 +165,7 @@ Kernel choose_kernel() {
 // previous MXCSR (the caller's rounding mode and flags) is restored on exit.
 class FlushDenormals {
  public:
-#if defined(SPLATDD_CPU_AVX2)
+#if defined(SPLATDD_CPU_X86)
   explicit FlushDenormals(bool on) : on_(on), saved_(on ? _mm_getcsr() : 0u) {
     if (on_) _mm_setcsr(saved_ | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
   }
@@ -181,7 +179,7 @@ class FlushDenormals {
   FlushDenormals& operator=(const FlushDenormals&) = delete;
 
  private:
-#if defined(SPLATDD_CPU_AVX2)
+#if defined(SPLATDD_CPU_X86)
   bool on_;
   unsigned saved_;
 #endif
@@ -213,7 +211,7 @@ void validate(const RenderArgs& a, bool need_out) {
 // Scratch floats per worker of the fast float loops (their per-Gaussian row table), for any ISA.
 int64_t fast_scratch_floats(int Hs) {
   int64_t n = cpu_fast_generic::row_table_floats(Hs);
-#if defined(SPLATDD_CPU_AVX512)
+#if defined(SPLATDD_CPU_X86)
   n = std::max<int64_t>(n, cpu_fast_avx512::row_table_floats(Hs));
 #endif
   return n;
@@ -238,12 +236,12 @@ template <typename T>
 ForwardFn<T> pick_forward(Kernel k, int s) {
   if (k == Kernel::kSimple) return &cpu_simple::forward_task<T>;
   if constexpr (std::is_same<T, float>::value) {
-#if defined(SPLATDD_CPU_AVX512)
+#if defined(SPLATDD_CPU_X86)
     if (k == Kernel::kAvx512)
       return pick_ssaa<ForwardFn<T>>(
           s, [](auto S) { return &cpu_fast_avx512::forward_task<decltype(S)::value>; });
 #endif
-#if defined(SPLATDD_CPU_AVX2)
+#if defined(SPLATDD_CPU_X86)
     if (k == Kernel::kAvx2)
       return pick_ssaa<ForwardFn<T>>(
           s, [](auto S) { return &cpu_fast_avx2::forward_task<decltype(S)::value>; });
@@ -251,7 +249,7 @@ ForwardFn<T> pick_forward(Kernel k, int s) {
     return pick_ssaa<ForwardFn<T>>(
         s, [](auto S) { return &cpu_fast_generic::forward_task<decltype(S)::value>; });
   } else {
-#if defined(SPLATDD_CPU_AVX2)
+#if defined(SPLATDD_CPU_X86)
     if (k == Kernel::kAvx2 || k == Kernel::kAvx512)
       return pick_ssaa<ForwardFn<T>>(
           s, [](auto S) { return &cpu_avx2::forward_task<T, decltype(S)::value>; });
@@ -265,12 +263,12 @@ template <typename T>
 BackwardFn<T> pick_backward(Kernel k, int s) {
   if (k == Kernel::kSimple) return &cpu_simple::backward_gaussian<T>;
   if constexpr (std::is_same<T, float>::value) {
-#if defined(SPLATDD_CPU_AVX512)
+#if defined(SPLATDD_CPU_X86)
     if (k == Kernel::kAvx512)
       return pick_ssaa<BackwardFn<T>>(
           s, [](auto S) { return &cpu_fast_avx512::backward_gaussian<decltype(S)::value>; });
 #endif
-#if defined(SPLATDD_CPU_AVX2)
+#if defined(SPLATDD_CPU_X86)
     if (k == Kernel::kAvx2)
       return pick_ssaa<BackwardFn<T>>(
           s, [](auto S) { return &cpu_fast_avx2::backward_gaussian<decltype(S)::value>; });
@@ -278,7 +276,7 @@ BackwardFn<T> pick_backward(Kernel k, int s) {
     return pick_ssaa<BackwardFn<T>>(
         s, [](auto S) { return &cpu_fast_generic::backward_gaussian<decltype(S)::value>; });
   } else {
-#if defined(SPLATDD_CPU_AVX2)
+#if defined(SPLATDD_CPU_X86)
     if (k == Kernel::kAvx2 || k == Kernel::kAvx512)
       return pick_ssaa<BackwardFn<T>>(
           s, [](auto S) { return &cpu_avx2::backward_gaussian<T, decltype(S)::value>; });

@@ -33,8 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .norm_act_pool import fused_available, instance_norm_act_pool
+
 __all__ = ["get_network", "default_depth", "NETWORKS", "ConvNet", "AlexNet", "VGG11", "ResNet18",
-           "ViT", "first_order"]
+           "ViT", "first_order", "set_first_order"]
 
 NETWORKS = ("ConvNet", "ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4", "ConvNetD5",
             "ConvNetD6", "AlexNet", "VGG11", "ResNet18", "ViT")
@@ -104,15 +106,27 @@ def first_order(net: nn.Module) -> Iterator[nn.Module]:
     >>> net.first_order_only
     False
     """
-    mods = [m for m in net.modules() if isinstance(m, ConvNet)]
-    saved = [m.first_order_only for m in mods]
-    for m in mods:
-        m.first_order_only = True
+    saved = set_first_order(net, True)
     try:
         yield net
     finally:
-        for m, v in zip(mods, saved):
+        for m, v in saved:
             m.first_order_only = v
+
+
+def set_first_order(net: nn.Module, value: bool) -> list[tuple[nn.Module, bool]]:
+    """Set every ConvNet in ``net`` to ``first_order_only = value`` (for good: a net its owner
+    only ever differentiates once, like dm's embedder); returns ``(module, previous value)``
+    pairs. :func:`first_order` is the scoped form.
+
+    >>> net = get_network("ConvNet", 1, 10, 28)
+    >>> set_first_order(net, True) == [(net, False)] and net.first_order_only
+    True
+    """
+    saved = [(m, m.first_order_only) for m in net.modules() if isinstance(m, ConvNet)]
+    for m, _ in saved:
+        m.first_order_only = value
+    return saved
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,12 +166,9 @@ class ConvNet(nn.Module):
 
     def _fused_features(self, x: torch.Tensor) -> torch.Tensor | None:
         """The feature stack through the fused blocks, or None where they do not apply."""
-        if not self._fusable or x.device.type != "cpu":
-            return None
-        if torch.is_grad_enabled() and not self.first_order_only:
-            return None
-        from .norm_act_pool import fused_available, instance_norm_act_pool
-        if not fused_available(x, grad=torch.is_grad_enabled()):
+        grad = torch.is_grad_enabled()
+        if not self._fusable or (grad and not self.first_order_only) or not fused_available(
+                x, grad=grad):
             return None
         mods = list(self.features)
         step = 3 if self._pool == "none" else 4

@@ -104,7 +104,7 @@ class DistributionMatching(Algorithm):
     def make_embedder(self, seed: int, device: torch.device) -> Callable[[torch.Tensor],
                                                                          torch.Tensor]:
         """A frozen, freshly initialised network's feature extractor, weights seeded by ``seed``."""
-        from splatdd.models import get_network
+        from splatdd.models import get_network, set_first_order
 
         spec = self.real.spec
         net = get_network(self.model, spec.channels, spec.num_classes, (spec.height, spec.width),
@@ -114,10 +114,8 @@ class DistributionMatching(Algorithm):
         net.train()                      # as in DM's reference code (no-op for instance norm)
         net.requires_grad_(False)
         # dm's loss is differentiated once (into the synthetic images): ConvNets may run their
-        # fused first-order blocks on the synthetic path too (splatdd.models.first_order)
-        for m in net.modules():
-            if hasattr(m, "first_order_only"):
-                m.first_order_only = True
+        # fused first-order blocks on the synthetic path too
+        set_first_order(net, True)
         if hasattr(net, "embed"):
             return net.embed
         body = torch.nn.Sequential(*list(net.children())[:-1])
