@@ -201,6 +201,31 @@ void norm_act_pool_forward(uintptr_t x, int64_t dtype, uintptr_t weight, uintptr
   splatdd::norm_act_pool_forward_cpu(a);
 }
 
+void conv_norm_act_pool_forward(uintptr_t x, uintptr_t conv_weight, uintptr_t conv_bias,
+                                int64_t Cin, int64_t Hin, int64_t Win, int64_t pad,
+                                uintptr_t weight, uintptr_t bias, int64_t N, int64_t C, double eps,
+                                bool relu, bool pool, uintptr_t out, int64_t num_threads) {
+  require(Cin >= 1 && Cin <= 64, "Cin must be in 1..64, got " + std::to_string(Cin));
+  require(pad >= 0 && pad <= 16, "pad must be in 0..16, got " + std::to_string(pad));
+  require(Hin >= 1 && Hin <= kMaxSide && Win >= 1 && Win <= kMaxSide,
+          "Hin and Win must be in 1.." + std::to_string(kMaxSide));
+  require(Hin + 2 * pad >= 3 && Win + 2 * pad >= 3, "the padded input must be at least 3 x 3");
+  require(N == 0 || (conv_weight != 0 && out != 0), "conv_weight and out must not be null");
+  splatdd::ConvNormActPoolArgs c;
+  // nap.x is unused by the fused convolution; the input's address keeps make_nap_args' check
+  c.nap = make_nap_args(x, splatdd::kFloat32, weight, bias, N, C, Hin + 2 * pad - 2,
+                        Win + 2 * pad - 2, eps, relu, pool, out, 0, 0, num_threads);
+  c.conv_x = reinterpret_cast<const float*>(x);
+  c.conv_weight = reinterpret_cast<const float*>(conv_weight);
+  c.conv_bias = reinterpret_cast<const float*>(conv_bias);
+  c.Cin = Cin;
+  c.Hin = Hin;
+  c.Win = Win;
+  c.pad = pad;
+  py::gil_scoped_release release;
+  splatdd::conv_norm_act_pool_forward_cpu(c);
+}
+
 void norm_act_pool_backward(uintptr_t x, uintptr_t weight, uintptr_t bias, int64_t N, int64_t C,
                             int64_t H, int64_t W, double eps, bool relu, bool pool,
                             uintptr_t mean, uintptr_t rstd, uintptr_t grad_out, uintptr_t grad_x,
@@ -264,6 +289,14 @@ PYBIND11_MODULE(_C, m) {
         "CPU: out = avgpool2x2(relu(instance_norm(x) * weight + bias)) (pool/relu optional); "
         "mean/rstd (N, C) float32 are written when non-zero. Addresses are ints; use "
         "splatdd.norm_act_pool.");
+  m.def("conv_norm_act_pool_forward", &conv_norm_act_pool_forward, py::arg("x"),
+        py::arg("conv_weight"), py::arg("conv_bias"), py::arg("Cin"), py::arg("Hin"),
+        py::arg("Win"), py::arg("pad"), py::arg("weight"), py::arg("bias"), py::arg("N"),
+        py::arg("C"), py::arg("eps"), py::arg("relu"), py::arg("pool"), py::arg("out"),
+        py::arg("num_threads") = 0,
+        "CPU float32, no grad: out = avgpool2x2(relu(instance_norm(conv3x3(x, conv_weight, "
+        "conv_bias, padding=pad)) * weight + bias)) without storing the convolution's output. "
+        "Addresses are ints; use splatdd.norm_act_pool.conv_instance_norm_act_pool.");
   m.def("norm_act_pool_backward", &norm_act_pool_backward, py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("eps"),
         py::arg("relu"), py::arg("pool"), py::arg("mean"), py::arg("rstd"), py::arg("grad_out"),

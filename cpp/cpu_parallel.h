@@ -23,14 +23,16 @@ inline int resolve_threads(int requested, int64_t ntasks) {
   return n;
 }
 
-// Runs body(worker) on `n` workers (the calling thread is worker 0). Workers claim their tasks
-// from shared atomic counters, so if the system refuses to start a thread the others still do all
-// the work.
+// Runs body(worker) once for every worker 0..n-1 (the calling thread is worker 0). If the system
+// refuses to start a thread, the calling thread runs the bodies of the workers that did not start
+// after its own, so every worker's share of the work (a fixed range, or tasks claimed from an
+// atomic counter) is always done.
 template <class F>
 void run_parallel(int n, const F& body) {
   std::vector<std::thread> pool;
   pool.reserve(n > 1 ? n - 1 : 0);
-  for (int t = 1; t < n; ++t) {
+  int started = 1;
+  for (int t = 1; t < n; ++t, ++started) {
     try {
       pool.emplace_back([&body, t] { body(t); });
     } catch (...) {
@@ -38,6 +40,7 @@ void run_parallel(int n, const F& body) {
     }
   }
   body(0);
+  for (int t = started; t < n; ++t) body(t);
   for (auto& th : pool) th.join();
 }
 

@@ -64,17 +64,19 @@ void validate(const NormActPoolArgs& a, bool need_out) {
 // (and far less than waiting for a core when the machine is busy).
 constexpr int64_t kMinValuesPerWorker = int64_t{1} << 21;
 
-// Splits the N*C planes into one contiguous range per worker and runs body(begin, end, row).
+// Splits the N*C planes into one contiguous range per worker and runs body(begin, end, scratch)
+// with `scratch_per_worker` floats of scratch (default: a row, W).
 template <class F>
-void for_planes(const NormActPoolArgs& a, const F& body) {
+void for_planes(const NormActPoolArgs& a, const F& body, int64_t scratch_per_worker = 0) {
   const int64_t planes = a.N * a.C;
   if (planes == 0) return;
   const int64_t by_work = std::max<int64_t>(1, planes * a.H * a.W / kMinValuesPerWorker);
   const int n = resolve_threads(a.num_threads, std::min(planes, by_work));
-  std::vector<float> scratch(static_cast<size_t>(n) * static_cast<size_t>(a.W));
+  const size_t per = static_cast<size_t>(scratch_per_worker > 0 ? scratch_per_worker : a.W);
+  std::vector<float> scratch(static_cast<size_t>(n) * per);
   run_parallel(n, [&](int t) {
     const int64_t begin = planes * t / n, end = planes * (t + 1) / n;
-    body(begin, end, scratch.data() + static_cast<size_t>(t) * static_cast<size_t>(a.W));
+    body(begin, end, scratch.data() + static_cast<size_t>(t) * per);
   });
 }
 
@@ -118,6 +120,27 @@ void norm_act_pool_backward_cpu(const NormActPoolBackwardArgs& b) {
     (void)isa;
     nap_generic::backward_planes(b, begin, end, row);
   });
+}
+
+void conv_norm_act_pool_forward_cpu(const ConvNormActPoolArgs& c) {
+  const NormActPoolArgs& a = c.nap;
+  validate(a, /*need_out=*/true);
+  check(a.dtype == 0, "the fused convolution block is float32 only");
+  check(c.Cin >= 1 && c.Cin <= 64, "Cin must be in 1..64");
+  check(c.pad >= 0 && c.pad <= 16, "pad must be in 0..16");
+  check(c.Hin + 2 * c.pad - 2 == a.H && c.Win + 2 * c.pad - 2 == a.W,
+        "H, W must be the convolution's output size Hin + 2 pad - 2, Win + 2 pad - 2");
+  check(a.N == 0 || (c.conv_x != nullptr && c.conv_weight != nullptr), "null conv_x or conv_weight");
+  const Isa isa = pick_isa();
+  const int64_t scratch = c.Cin * (a.H + 2) * (a.W + 2) + a.H * a.W + a.W;
+  for_planes(a, [&](int64_t begin, int64_t end, float* s) {
+#if defined(SPLATDD_CPU_X86)
+    if (isa == Isa::kAvx512) return nap_avx512::conv_forward_planes(c, begin, end, s);
+    if (isa == Isa::kAvx2) return nap_avx2::conv_forward_planes(c, begin, end, s);
+#endif
+    (void)isa;
+    nap_generic::conv_forward_planes(c, begin, end, s);
+  }, scratch);
 }
 
 }  // namespace splatdd

@@ -36,8 +36,21 @@ struct NormActPoolBackwardArgs {
   float* grad_bias = nullptr;       // (N, C)
 };
 
+// The first block of a ConvNet on few input channels, fused: a 3x3 stride-1 convolution of
+// x (N, Cin, Hin, Win) with zero padding `pad` (Cin small: the image's channels), then the block
+// above, without ever storing the convolution's (N, C, H, W) output (H = Hin + 2 pad - 2, likewise
+// W): each plane is computed into scratch, normalised, activated and pooled. Forward only, float32.
+struct ConvNormActPoolArgs {
+  NormActPoolArgs nap;              // C, H, W of the convolution's output; nap.x unused; dtype 0
+  const float* conv_x = nullptr;    // (N, Cin, Hin, Win) contiguous
+  const float* conv_weight = nullptr;  // (C, Cin, 3, 3) contiguous
+  const float* conv_bias = nullptr;    // (C) or null
+  int64_t Cin = 0, Hin = 0, Win = 0, pad = 0;
+};
+
 // Throws std::invalid_argument on inconsistent arguments (never reads or writes out of range).
 void norm_act_pool_forward_cpu(const NormActPoolArgs& a);
 void norm_act_pool_backward_cpu(const NormActPoolBackwardArgs& a);
+void conv_norm_act_pool_forward_cpu(const ConvNormActPoolArgs& a);
 
 }  // namespace splatdd

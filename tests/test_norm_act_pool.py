@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from splatdd.models import first_order, get_network
-from splatdd.norm_act_pool import (fused_available, instance_norm_act_pool,
+import torch.nn.functional as F
+
+from splatdd.norm_act_pool import (CONV_FUSED_MAX_CIN, conv_instance_norm_act_pool,
+                                   fused_available, instance_norm_act_pool,
                                    instance_norm_act_pool_reference)
 
 pytestmark = pytest.mark.skipif(
@@ -150,3 +153,104 @@ def test_convnet_fused_equals_sequential_and_first_order_restores():
     (g,) = torch.autograd.grad(net(xg).sum(), xg, create_graph=True)
     g.square().sum().backward()
     assert xg.grad is not None
+
+
+# ---- the fused first block: 3x3 convolution on few channels -> norm -> ReLU -> pool ------------
+def _conv_case(n, cin, k, h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, cin, h, w, generator=g, dtype=torch.float64)        # image-like inputs
+    cw = torch.randn(k, cin, 3, 3, generator=g, dtype=torch.float64) / 3
+    cb = torch.randn(k, generator=g, dtype=torch.float64) / 10
+    nw = torch.rand(k, generator=g, dtype=torch.float64) + 0.5
+    nb = torch.randn(k, generator=g, dtype=torch.float64) / 10
+    return x, cw, cb, nw, nb
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), cin=st.integers(1, CONV_FUSED_MAX_CIN), k=st.integers(1, 5),
+       h=st.integers(1, 37), w=st.integers(1, 37), pad=st.integers(0, 3),
+       act=st.sampled_from(["relu", "none"]), pool=st.sampled_from(["avg", "none"]),
+       seed=st.integers(0, 2 ** 16))
+def test_conv_fused_matches_float64_reference(n, cin, k, h, w, pad, act, pool, seed):
+    """One compiled call == F.conv2d then the float64 twin, for row lengths below, at and above
+    the kernel's 16-lane blocks, every padding, odd sizes; the convolution's rounding is divided
+    by each plane's standard deviation (>= 0.05 here), hence atol 2e-5."""
+    ho, wo = h + 2 * pad - 2, w + 2 * pad - 2
+    if ho < (2 if pool == "avg" else 1) or wo < (2 if pool == "avg" else 1):
+        with pytest.raises(ValueError):
+            conv_instance_norm_act_pool(torch.zeros(n, cin, h, w), torch.zeros(k, cin, 3, 3),
+                                        None, None, None, padding=pad, act=act, pool=pool)
+        return
+    assume(ho * wo >= 2)       # F.group_norm, the oracle, rejects one-value planes
+    x, cw, cb, nw, nb = _conv_case(n, cin, k, h, w, seed)
+    want = instance_norm_act_pool_reference(F.conv2d(x, cw, cb, padding=pad), nw, nb, act=act,
+                                            pool=pool)
+    got = conv_instance_norm_act_pool(*(t.float() for t in (x, cw, cb, nw, nb)), padding=pad,
+                                      act=act, pool=pool)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    std = F.conv2d(x, cw, cb, padding=pad).flatten(2).std(-1, unbiased=False)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5,
+                               atol=2e-5 / max(min(float(std.min()), 1.0), 0.05))
+
+
+def test_conv_fused_is_used_and_matches_at_convnet_size():
+    """FashionMNIST's first block (1 -> 128 channels, 28 px, padding 3) and an RGB one."""
+    for cin, size, pad in ((1, 28, 3), (3, 32, 1)):
+        x, cw, cb, nw, nb = _conv_case(4, cin, 128, size, size, cin)
+        want = instance_norm_act_pool_reference(F.conv2d(x, cw, cb, padding=pad), nw, nb)
+        got = conv_instance_norm_act_pool(*(t.float() for t in (x, cw, cb, nw, nb)), padding=pad)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
+
+
+def test_conv_fused_bits_do_not_depend_on_threads():
+    x, cw, cb, nw, nb = (t.float() for t in _conv_case(40, 1, 128, 28, 28, 9))  # 5M values: 2+ workers
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(conv_instance_norm_act_pool(x, cw, cb, nw, nb, padding=3))
+    finally:
+        torch.set_num_threads(old)
+    for y in outs[1:]:
+        assert torch.equal(y, outs[0])
+
+
+def test_conv_fused_falls_back_under_a_graph_and_for_wide_inputs():
+    """A gradient, float64 or more than CONV_FUSED_MAX_CIN channels: F.conv2d then the block,
+    so gradients flow and agree with the modules."""
+    x, cw, cb, nw, nb = _conv_case(2, 2, 3, 9, 9, 11)
+    xs = x.float().requires_grad_()
+    y = conv_instance_norm_act_pool(xs, cw.float(), cb.float(), nw.float(), nb.float())
+    y.square().sum().backward()
+    xr = x.clone().requires_grad_()
+    instance_norm_act_pool_reference(F.conv2d(xr, cw, cb, padding=1), nw, nb).square().sum().backward()
+    torch.testing.assert_close(xs.grad.double(), xr.grad, rtol=1e-4, atol=1e-5)
+    y64 = conv_instance_norm_act_pool(x, cw, cb, nw, nb)
+    assert y64.dtype == torch.float64
+    wide = _conv_case(1, CONV_FUSED_MAX_CIN + 1, 2, 6, 6, 12)
+    torch.testing.assert_close(
+        conv_instance_norm_act_pool(*(t.float() for t in wide)).double(),
+        instance_norm_act_pool_reference(F.conv2d(wide[0], wide[1], wide[2], padding=1), *wide[3:]),
+        rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(x=torch.zeros(1, 2, 8, 8)), "x must be"),
+    (dict(x=torch.zeros(2, 8, 8)), "x must be"),
+    (dict(conv_weight=torch.zeros(4, 1, 5, 5)), "conv_weight"),
+    (dict(conv_bias=torch.zeros(3)), "conv_bias"),
+    (dict(weight=torch.ones(3)), "weight"),
+    (dict(padding=-1), "padding"),
+    (dict(padding=1.5), "padding"),
+    (dict(x=torch.zeros(1, 1, 1, 1), padding=0), "smaller than the 3x3 kernel"),
+    (dict(act="tanh"), "act"),
+    (dict(pool="max"), "pool"),
+])
+def test_conv_fused_bad_input_is_a_clear_error(change, match):
+    args = dict(x=torch.zeros(1, 1, 8, 8), conv_weight=torch.zeros(4, 1, 3, 3),
+                conv_bias=torch.zeros(4), weight=torch.ones(4), bias=torch.zeros(4))
+    opts = {k: change.pop(k) for k in list(change) if k not in args}
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        conv_instance_norm_act_pool(*args.values(), **opts)

@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .norm_act_pool import fused_available, instance_norm_act_pool
+from .norm_act_pool import (CONV_FUSED_MAX_CIN, conv_instance_norm_act_pool, fused_available,
+                            instance_norm_act_pool)
 
 __all__ = ["get_network", "default_depth", "NETWORKS", "ConvNet", "AlexNet", "VGG11", "ResNet18",
            "ViT", "first_order", "set_first_order"]
@@ -174,6 +175,11 @@ class ConvNet(nn.Module):
         step = 3 if self._pool == "none" else 4
         for i in range(0, len(mods), step):
             conv, norm = mods[i], mods[i + 1]
+            if conv.in_channels <= CONV_FUSED_MAX_CIN:   # the image's few channels: one call
+                x = conv_instance_norm_act_pool(x, conv.weight, conv.bias, norm.weight, norm.bias,
+                                                padding=conv.padding[0], eps=norm.eps, act="relu",
+                                                pool=self._pool)
+                continue
             x = instance_norm_act_pool(conv(x), norm.weight, norm.bias, eps=norm.eps, act="relu",
                                        pool=self._pool)
         return x

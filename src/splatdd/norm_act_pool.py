@@ -32,7 +32,14 @@ import torch.nn.functional as F
 
 from .render import _C
 
-__all__ = ["instance_norm_act_pool", "instance_norm_act_pool_reference", "fused_available"]
+__all__ = ["instance_norm_act_pool", "instance_norm_act_pool_reference", "fused_available",
+           "conv_instance_norm_act_pool", "CONV_FUSED_MAX_CIN"]
+
+#: Input channels up to which :func:`conv_instance_norm_act_pool` computes the convolution itself
+#: (a ConvNet's first block: the image's 1 or 3 channels). There oneDNN's convolution is bound by
+#: writing its (N, 128, H, W) output, which the fused call never stores; wider inputs are
+#: compute-bound and stay with the library's convolution.
+CONV_FUSED_MAX_CIN = 4
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -168,3 +175,65 @@ def instance_norm_act_pool(x: torch.Tensor, weight: Optional[torch.Tensor],
         return _forward(x.contiguous(), weight, bias, eps, relu, pooled, save_stats=False)[0]
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     return _NormActPool.apply(x.contiguous(), weight, bias, float(eps), relu, pooled)
+
+
+def conv_instance_norm_act_pool(x: torch.Tensor, conv_weight: torch.Tensor,
+                                conv_bias: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                                bias: Optional[torch.Tensor], *, padding: int = 1,
+                                eps: float = 1e-5, act: str = "relu",
+                                pool: str = "avg") -> torch.Tensor:
+    """``instance_norm_act_pool(conv2d(x, conv_weight, conv_bias, padding=padding), weight, bias)``
+    for a 3x3 stride-1 convolution, in one compiled call on the CPU when no gradient is needed,
+    x is float32 and has at most :data:`CONV_FUSED_MAX_CIN` channels: each output plane is
+    computed into scratch, normalised, activated and pooled, so the convolution's full-resolution
+    output (the largest tensor of a ConvNet) is never written. Elsewhere it is those two calls.
+
+    Equal to them up to float rounding (the convolution sums in another order; the instance
+    norm's division by the plane's standard deviation scales that rounding, bounded in
+    tests/test_norm_act_pool.py).
+
+    >>> x = torch.randn(2, 1, 28, 28)
+    >>> cw, cb = torch.randn(8, 1, 3, 3), torch.randn(8)
+    >>> y = conv_instance_norm_act_pool(x, cw, cb, torch.ones(8), torch.zeros(8), padding=3)
+    >>> y.shape
+    torch.Size([2, 8, 16, 16])
+    >>> ref = instance_norm_act_pool_reference(F.conv2d(x, cw, cb, padding=3), None, None)
+    >>> torch.allclose(y, ref, atol=1e-4)
+    True
+    """
+    if not isinstance(conv_weight, torch.Tensor) or conv_weight.dim() != 4 or tuple(
+            conv_weight.shape[2:]) != (3, 3):
+        raise ValueError("conv_weight must be a (C_out, C_in, 3, 3) tensor, got "
+                         f"{tuple(conv_weight.shape) if isinstance(conv_weight, torch.Tensor) else conv_weight!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != conv_weight.shape[1]:
+        raise ValueError(f"x must be a 4-d (N, {conv_weight.shape[1]}, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= 16:
+        raise ValueError(f"padding must be an int in 0..16, got {padding!r}")
+    K = conv_weight.shape[0]
+    if conv_bias is not None and (not isinstance(conv_bias, torch.Tensor)
+                                  or conv_bias.shape != (K,)):
+        raise ValueError(f"conv_bias must be None or a tensor of shape ({K},)")
+    Ho, Wo = x.shape[2] + 2 * padding - 2, x.shape[3] + 2 * padding - 2
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"x of {tuple(x.shape[2:])} with padding {padding} is smaller than the "
+                         "3x3 kernel")
+    _check(x.new_empty((0, K, Ho, Wo)), weight, bias, eps, act, pool)
+    params = [t for t in (conv_weight, conv_bias, weight, bias) if t is not None]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x] + params)
+    if (grad or x.dtype != torch.float32 or x.shape[1] > CONV_FUSED_MAX_CIN
+            or not fused_available(x, grad=False) or any(t.device.type != "cpu" for t in params)
+            or not hasattr(_C(), "conv_norm_act_pool_forward")):
+        return instance_norm_act_pool(F.conv2d(x, conv_weight, conv_bias, padding=padding),
+                                      weight, bias, eps=eps, act=act, pool=pool)
+    N = x.shape[0]
+    pooled = pool == "avg"
+    out = torch.empty((N, K) + ((Ho // 2, Wo // 2) if pooled else (Ho, Wo)), dtype=torch.float32)
+    x = x.contiguous()
+    cw, cb, w, b = (None if t is None else t.detach().float().contiguous()
+                    for t in (conv_weight, conv_bias, weight, bias))
+    _C().conv_norm_act_pool_forward(
+        x.data_ptr(), cw.data_ptr(), 0 if cb is None else cb.data_ptr(), x.shape[1], x.shape[2],
+        x.shape[3], padding, 0 if w is None else w.data_ptr(), 0 if b is None else b.data_ptr(),
+        N, K, float(eps), act == "relu", pooled, out.data_ptr(), torch.get_num_threads())
+    return out
