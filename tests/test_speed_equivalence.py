@@ -112,6 +112,37 @@ def test_dm_bf16_real_mean_close_to_fp32():
     assert rel2 < 2e-2
 
 
+def test_dm_bf16_loss_copies_the_embedder_once_per_step(monkeypatch):
+    """With precision bf16, one bf16 copy of the embedder serves every class of a step (it was
+    one copy per class), and the loss equals the per-class real_mean it replaces."""
+    import copy
+    monkeypatch.setattr("splatdd.precision.bf16_native", lambda device: True)
+    real = _real()
+    p = pixel.PixelImages.build(SPEC, 1, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real_deepcopy = copy.deepcopy
+
+    def counting(obj, *a, **k):
+        calls.append(type(obj).__name__)
+        return real_deepcopy(obj, *a, **k)
+    monkeypatch.setattr(copy, "deepcopy", counting)
+    got = _dm(real, precision="bf16").loss(p, 0)
+    assert calls == ["ConvNet"]                      # 3 classes, one copy
+    algo = _dm(real, precision="bf16")               # the same draws, per class by hand
+    syn = p.decode()
+    embed = algo.make_embedder(algo.draw_seed(), syn.device)
+    step_seed = algo.draw_seed()
+    want = syn.new_zeros(())
+    for c in range(SPEC.num_classes):
+        g = distributed.item_generator(step_seed, c)
+        batch = algo.real.sample(c, algo.batch_real, g)
+        seed = draw_seed(g)
+        fr = algo.real_mean(embed, batch, seed, "bf16")
+        fs = embed(algo.augment(syn[p.labels == c], seed)).mean(0)
+        want = want + ((fr - fs) ** 2).sum()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
 def test_dm_bf16_falls_back_to_fp32_without_native_support(monkeypatch):
     real = _real()
     p = pixel.PixelImages.build(SPEC, 1, generator=torch.Generator().manual_seed(0))

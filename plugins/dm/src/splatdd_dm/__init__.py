@@ -141,12 +141,9 @@ class DistributionMatching(Algorithm):
             chunk = n
         else:
             chunk = REAL_CHUNK_BF16 if precision == "bf16" else REAL_CHUNK
-        fn, dtype = embed, real.dtype
-        owner = getattr(embed, "__self__", None)
-        if precision == "bf16" and isinstance(owner, torch.nn.Module):
-            import copy
-            fn = getattr(copy.deepcopy(owner).to(torch.bfloat16), embed.__name__)
-            dtype = torch.bfloat16
+        fn = _bf16_embedder(embed) if precision == "bf16" else embed
+        dtype = _param_dtype(fn) if precision == "bf16" else None
+        dtype = torch.bfloat16 if dtype == torch.bfloat16 else real.dtype
         autocast = precision == "bf16" and dtype != torch.bfloat16
         total = None
         for i in range(0, n, chunk):
@@ -163,6 +160,8 @@ class DistributionMatching(Algorithm):
         embed = self.make_embedder(self.draw_seed(), syn.device)
         step_seed = self.draw_seed()       # shared by every rank: one stream per class below
         precision = resolve_precision(self.precision, syn.device, who="dm")
+        # the real batches' embedder: in bf16 one copy of the network per step, not per class
+        embed_real = _bf16_embedder(embed) if precision == "bf16" else embed
         real_means, syn_parts, classes = [], [], []
         present = [c for c in range(self.real.spec.num_classes)
                    if bool((labels == c).any())]
@@ -173,7 +172,7 @@ class DistributionMatching(Algorithm):
             g = distributed.item_generator(step_seed, c)
             real = self.real.sample(c, self.batch_real, g).to(syn.device)
             seed = draw_seed(g) if self.dsa else 0
-            real_means.append(self.real_mean(embed, real, seed, precision))
+            real_means.append(self.real_mean(embed_real, real, seed, precision))
             syn_parts.append(self.augment(syn[idx], seed))
             classes.append(idx.numel())
         if not syn_parts:                        # a rank with no class this step
@@ -184,3 +183,23 @@ class DistributionMatching(Algorithm):
         for fr, fs in zip(real_means, feats):
             loss = loss + ((fr - fs.mean(0)) ** 2).sum()
         return loss
+
+
+def _param_dtype(fn: Callable) -> torch.dtype | None:
+    """The dtype of the parameters of the module whose method ``fn`` is (None otherwise)."""
+    owner = getattr(fn, "__self__", None)
+    if not isinstance(owner, torch.nn.Module):
+        return None
+    p = next(owner.parameters(), None)
+    return None if p is None else p.dtype
+
+
+def _bf16_embedder(embed: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """``embed`` on a bfloat16 copy of its module (``embed`` itself when it is not a module's
+    method, which then runs under autocast, or when the module is bfloat16 already)."""
+    dtype = _param_dtype(embed)
+    if dtype is None or dtype == torch.bfloat16:
+        return embed
+    import copy
+    return getattr(copy.deepcopy(embed.__self__).to(torch.bfloat16), embed.__name__)
+
