@@ -201,16 +201,18 @@ void norm_act_pool_forward(uintptr_t x, int64_t dtype, uintptr_t weight, uintptr
   splatdd::norm_act_pool_forward_cpu(a);
 }
 
-void conv_norm_act_pool_forward(uintptr_t x, uintptr_t conv_weight, uintptr_t conv_bias,
-                                int64_t Cin, int64_t Hin, int64_t Win, int64_t pad,
-                                uintptr_t weight, uintptr_t bias, int64_t N, int64_t C, double eps,
-                                bool relu, bool pool, uintptr_t out, int64_t num_threads) {
+splatdd::ConvNormActPoolArgs make_conv_nap_args(uintptr_t x, uintptr_t conv_weight,
+                                                uintptr_t conv_bias, int64_t Cin, int64_t Hin,
+                                                int64_t Win, int64_t pad, uintptr_t weight,
+                                                uintptr_t bias, int64_t N, int64_t C, double eps,
+                                                bool relu, bool pool, uintptr_t out,
+                                                int64_t num_threads) {
   require(Cin >= 1 && Cin <= 64, "Cin must be in 1..64, got " + std::to_string(Cin));
   require(pad >= 0 && pad <= 16, "pad must be in 0..16, got " + std::to_string(pad));
   require(Hin >= 1 && Hin <= kMaxSide && Win >= 1 && Win <= kMaxSide,
           "Hin and Win must be in 1.." + std::to_string(kMaxSide));
   require(Hin + 2 * pad >= 3 && Win + 2 * pad >= 3, "the padded input must be at least 3 x 3");
-  require(N == 0 || (conv_weight != 0 && out != 0), "conv_weight and out must not be null");
+  require(N == 0 || conv_weight != 0, "conv_weight must not be null");
   splatdd::ConvNormActPoolArgs c;
   // nap.x is unused by the fused convolution; the input's address keeps make_nap_args' check
   c.nap = make_nap_args(x, splatdd::kFloat32, weight, bias, N, C, Hin + 2 * pad - 2,
@@ -222,8 +224,47 @@ void conv_norm_act_pool_forward(uintptr_t x, uintptr_t conv_weight, uintptr_t co
   c.Hin = Hin;
   c.Win = Win;
   c.pad = pad;
+  return c;
+}
+
+void conv_norm_act_pool_forward(uintptr_t x, uintptr_t conv_weight, uintptr_t conv_bias,
+                                int64_t Cin, int64_t Hin, int64_t Win, int64_t pad,
+                                uintptr_t weight, uintptr_t bias, int64_t N, int64_t C, double eps,
+                                bool relu, bool pool, uintptr_t out, uintptr_t mean,
+                                uintptr_t rstd, int64_t num_threads) {
+  require(N == 0 || out != 0, "out must not be null");
+  splatdd::ConvNormActPoolArgs c = make_conv_nap_args(
+      x, conv_weight, conv_bias, Cin, Hin, Win, pad, weight, bias, N, C, eps, relu, pool, out,
+      num_threads);
+  c.nap.mean = reinterpret_cast<float*>(mean);
+  c.nap.rstd = reinterpret_cast<float*>(rstd);
   py::gil_scoped_release release;
   splatdd::conv_norm_act_pool_forward_cpu(c);
+}
+
+void conv_norm_act_pool_backward(uintptr_t x, uintptr_t conv_weight, uintptr_t conv_bias,
+                                 int64_t Cin, int64_t Hin, int64_t Win, int64_t pad,
+                                 uintptr_t weight, uintptr_t bias, int64_t N, int64_t C,
+                                 double eps, bool relu, bool pool, uintptr_t mean, uintptr_t rstd,
+                                 uintptr_t grad_out, uintptr_t grad_x, uintptr_t grad_conv_weight,
+                                 uintptr_t grad_conv_bias, uintptr_t grad_weight,
+                                 uintptr_t grad_bias, int64_t num_threads) {
+  splatdd::ConvNormActPoolBackwardArgs b;
+  b.fwd = make_conv_nap_args(x, conv_weight, conv_bias, Cin, Hin, Win, pad, weight, bias, N, C,
+                             eps, relu, pool, 0, num_threads);
+  require(N == 0 || (mean != 0 && rstd != 0 && grad_out != 0 && grad_conv_weight != 0 &&
+                     grad_weight != 0 && grad_bias != 0),
+          "mean, rstd, grad_out, grad_conv_weight, grad_weight and grad_bias must not be null");
+  b.fwd.nap.mean = reinterpret_cast<float*>(mean);
+  b.fwd.nap.rstd = reinterpret_cast<float*>(rstd);
+  b.grad_out = reinterpret_cast<const float*>(grad_out);
+  b.grad_x = reinterpret_cast<float*>(grad_x);
+  b.grad_conv_weight = reinterpret_cast<float*>(grad_conv_weight);
+  b.grad_conv_bias = reinterpret_cast<float*>(grad_conv_bias);
+  b.grad_weight = reinterpret_cast<float*>(grad_weight);
+  b.grad_bias = reinterpret_cast<float*>(grad_bias);
+  py::gil_scoped_release release;
+  splatdd::conv_norm_act_pool_backward_cpu(b);
 }
 
 void norm_act_pool_backward(uintptr_t x, uintptr_t weight, uintptr_t bias, int64_t N, int64_t C,
@@ -293,10 +334,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("conv_weight"), py::arg("conv_bias"), py::arg("Cin"), py::arg("Hin"),
         py::arg("Win"), py::arg("pad"), py::arg("weight"), py::arg("bias"), py::arg("N"),
         py::arg("C"), py::arg("eps"), py::arg("relu"), py::arg("pool"), py::arg("out"),
+        py::arg("mean"), py::arg("rstd"), py::arg("num_threads") = 0,
+        "CPU float32: out = avgpool2x2(relu(instance_norm(conv3x3(x, conv_weight, conv_bias, "
+        "padding=pad)) * weight + bias)) without storing the convolution's output; mean/rstd "
+        "(N, C) written when non-zero. Addresses are ints; use "
+        "splatdd.norm_act_pool.conv_instance_norm_act_pool.");
+  m.def("conv_norm_act_pool_backward", &conv_norm_act_pool_backward, py::arg("x"),
+        py::arg("conv_weight"), py::arg("conv_bias"), py::arg("Cin"), py::arg("Hin"),
+        py::arg("Win"), py::arg("pad"), py::arg("weight"), py::arg("bias"), py::arg("N"),
+        py::arg("C"), py::arg("eps"), py::arg("relu"), py::arg("pool"), py::arg("mean"),
+        py::arg("rstd"), py::arg("grad_out"), py::arg("grad_x"), py::arg("grad_conv_weight"),
+        py::arg("grad_conv_bias"), py::arg("grad_weight"), py::arg("grad_bias"),
         py::arg("num_threads") = 0,
-        "CPU float32, no grad: out = avgpool2x2(relu(instance_norm(conv3x3(x, conv_weight, "
-        "conv_bias, padding=pad)) * weight + bias)) without storing the convolution's output. "
-        "Addresses are ints; use splatdd.norm_act_pool.conv_instance_norm_act_pool.");
+        "CPU float32 backward of conv_norm_act_pool_forward: grad_x (or 0), per-sample partial "
+        "grad_conv_weight (N, C, Cin, 3, 3), grad_conv_bias (N, C) (or 0), grad_weight and "
+        "grad_bias (N, C).");
   m.def("norm_act_pool_backward", &norm_act_pool_backward, py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("eps"),
         py::arg("relu"), py::arg("pool"), py::arg("mean"), py::arg("rstd"), py::arg("grad_out"),

@@ -122,15 +122,20 @@ void norm_act_pool_backward_cpu(const NormActPoolBackwardArgs& b) {
   });
 }
 
-void conv_norm_act_pool_forward_cpu(const ConvNormActPoolArgs& c) {
+static void validate_conv(const ConvNormActPoolArgs& c, bool need_out) {
   const NormActPoolArgs& a = c.nap;
-  validate(a, /*need_out=*/true);
+  validate(a, need_out);
   check(a.dtype == 0, "the fused convolution block is float32 only");
   check(c.Cin >= 1 && c.Cin <= 64, "Cin must be in 1..64");
   check(c.pad >= 0 && c.pad <= 16, "pad must be in 0..16");
   check(c.Hin + 2 * c.pad - 2 == a.H && c.Win + 2 * c.pad - 2 == a.W,
         "H, W must be the convolution's output size Hin + 2 pad - 2, Win + 2 pad - 2");
   check(a.N == 0 || (c.conv_x != nullptr && c.conv_weight != nullptr), "null conv_x or conv_weight");
+}
+
+void conv_norm_act_pool_forward_cpu(const ConvNormActPoolArgs& c) {
+  const NormActPoolArgs& a = c.nap;
+  validate_conv(c, /*need_out=*/true);
   const Isa isa = pick_isa();
   const int64_t scratch = c.Cin * (a.H + 2) * (a.W + 2) + a.H * a.W + a.W;
   for_planes(a, [&](int64_t begin, int64_t end, float* s) {
@@ -141,6 +146,34 @@ void conv_norm_act_pool_forward_cpu(const ConvNormActPoolArgs& c) {
     (void)isa;
     nap_generic::conv_forward_planes(c, begin, end, s);
   }, scratch);
+}
+
+void conv_norm_act_pool_backward_cpu(const ConvNormActPoolBackwardArgs& b) {
+  const ConvNormActPoolArgs& c = b.fwd;
+  const NormActPoolArgs& a = c.nap;
+  validate_conv(c, /*need_out=*/false);
+  check(a.N == 0 || (a.mean != nullptr && a.rstd != nullptr && b.grad_out != nullptr &&
+                     b.grad_conv_weight != nullptr && b.grad_weight != nullptr &&
+                     b.grad_bias != nullptr),
+        "null mean, rstd or gradient pointer");
+  if (a.N == 0) return;
+  const Isa isa = pick_isa();
+  const int64_t pin = c.Cin * (a.H + 2) * (a.W + 2);
+  const size_t per = static_cast<size_t>(2 * pin + 2 * a.H * a.W + a.W);
+  // one task per sample (its planes in order: the input gradient sums over channels)
+  const int64_t by_work = std::max<int64_t>(1, a.N * a.C * a.H * a.W / kMinValuesPerWorker);
+  const int n = resolve_threads(a.num_threads, std::min(a.N, by_work));
+  std::vector<float> scratch(static_cast<size_t>(n) * per);
+  run_parallel(n, [&](int t) {
+    const int64_t begin = a.N * t / n, end = a.N * (t + 1) / n;
+    float* s = scratch.data() + static_cast<size_t>(t) * per;
+#if defined(SPLATDD_CPU_X86)
+    if (isa == Isa::kAvx512) return nap_avx512::conv_backward_samples(b, begin, end, s);
+    if (isa == Isa::kAvx2) return nap_avx2::conv_backward_samples(b, begin, end, s);
+#endif
+    (void)isa;
+    nap_generic::conv_backward_samples(b, begin, end, s);
+  });
 }
 
 }  // namespace splatdd

@@ -48,9 +48,22 @@ struct ConvNormActPoolArgs {
   int64_t Cin = 0, Hin = 0, Win = 0, pad = 0;
 };
 
+// Its first-order backward (the convolution's output is recomputed, never stored): gradients of
+// the input, the convolution's weight and bias and the norm's affine. Float32.
+struct ConvNormActPoolBackwardArgs {
+  ConvNormActPoolArgs fwd;          // the forward's arguments (out unused); nap.mean, nap.rstd set
+  const float* grad_out = nullptr;  // the shape of the forward's out
+  float* grad_x = nullptr;          // (N, Cin, Hin, Win) or null (not wanted)
+  float* grad_conv_weight = nullptr;  // (N, C, Cin, 3, 3): per-sample partial sums
+  float* grad_conv_bias = nullptr;    // (N, C) or null
+  float* grad_weight = nullptr;       // (N, C)
+  float* grad_bias = nullptr;         // (N, C)
+};
+
 // Throws std::invalid_argument on inconsistent arguments (never reads or writes out of range).
 void norm_act_pool_forward_cpu(const NormActPoolArgs& a);
 void norm_act_pool_backward_cpu(const NormActPoolBackwardArgs& a);
 void conv_norm_act_pool_forward_cpu(const ConvNormActPoolArgs& a);
+void conv_norm_act_pool_backward_cpu(const ConvNormActPoolBackwardArgs& a);
 
 }  // namespace splatdd

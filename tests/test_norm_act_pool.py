@@ -216,18 +216,72 @@ def test_conv_fused_bits_do_not_depend_on_threads():
         assert torch.equal(y, outs[0])
 
 
-def test_conv_fused_falls_back_under_a_graph_and_for_wide_inputs():
-    """A gradient, float64 or more than CONV_FUSED_MAX_CIN channels: F.conv2d then the block,
-    so gradients flow and agree with the modules."""
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 3), cin=st.integers(1, CONV_FUSED_MAX_CIN), k=st.integers(1, 4),
+       h=st.integers(3, 35), w=st.integers(3, 35), pad=st.integers(0, 3),
+       act=st.sampled_from(["relu", "none"]), pool=st.sampled_from(["avg", "none"]),
+       wants_x=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_conv_fused_gradients_match_float64(n, cin, k, h, w, pad, act, pool, wants_x, seed):
+    """The first-order backward (the convolution recomputed, never stored) against autograd
+    through F.conv2d and the float64 twin: gradients of x (when it wants one), the convolution's
+    weight and bias and the norm's affine, relative to each gradient's scale. The conv bias's true
+    gradient is ~0 (instance norm removes a constant), so it is compared on the weight's scale."""
+    ho, wo = h + 2 * pad - 2, w + 2 * pad - 2
+    assume(ho >= 2 and wo >= 2)
+    ins = _conv_case(n, cin, k, h, w, seed)
+    ref = [t.clone().requires_grad_(i > 0 or wants_x) for i, t in enumerate(ins)]
+    got = [t.float().requires_grad_(i > 0 or wants_x) for i, t in enumerate(ins)]
+    y_ref = instance_norm_act_pool_reference(F.conv2d(ref[0], ref[1], ref[2], padding=pad),
+                                             ref[3], ref[4], act=act, pool=pool)
+    y = conv_instance_norm_act_pool(*got, padding=pad, act=act, pool=pool)
+    assert type(y.grad_fn).__name__ == "_ConvNormActPoolBackward"        # the fused backward
+    g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(seed + 1),
+                    dtype=torch.float64)
+    y_ref.backward(g)
+    y.backward(g.float())
+    assert (got[0].grad is not None) == wants_x
+    for i, (a, b) in enumerate(zip(got, ref)):
+        if b.grad is None:
+            continue
+        # floor 0.05: a gradient that is zero in exact arithmetic (a plane pooled to one value
+        # loses its normalised part) is fp32 rounding
+        scale = max(float((ref[1] if i == 2 else b).grad.abs().max()), 0.05)
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=2e-5 * scale)
+
+
+def test_conv_fused_backward_bits_do_not_depend_on_threads():
+    ins = [t.float().requires_grad_() for t in _conv_case(40, 1, 128, 28, 28, 13)]
+    grads = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for t in ins:
+                t.grad = None
+            conv_instance_norm_act_pool(*ins, padding=3).square().sum().backward()
+            grads.append([t.grad.clone() for t in ins])
+    finally:
+        torch.set_num_threads(old)
+    for gs in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(gs, grads[0]))
+
+
+def test_conv_fused_is_first_order_and_falls_back_for_float64_and_wide_inputs():
+    """The fused backward refuses a second derivative (like instance_norm_act_pool: models use
+    it only inside first_order); float64 or more than CONV_FUSED_MAX_CIN channels run F.conv2d
+    and the block, where a second derivative works."""
     x, cw, cb, nw, nb = _conv_case(2, 2, 3, 9, 9, 11)
     xs = x.float().requires_grad_()
     y = conv_instance_norm_act_pool(xs, cw.float(), cb.float(), nw.float(), nb.float())
-    y.square().sum().backward()
-    xr = x.clone().requires_grad_()
-    instance_norm_act_pool_reference(F.conv2d(xr, cw, cb, padding=1), nw, nb).square().sum().backward()
-    torch.testing.assert_close(xs.grad.double(), xr.grad, rtol=1e-4, atol=1e-5)
-    y64 = conv_instance_norm_act_pool(x, cw, cb, nw, nb)
+    (gx,) = torch.autograd.grad(y.square().sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+    x64 = x.clone().requires_grad_()
+    y64 = conv_instance_norm_act_pool(x64, cw, cb, nw, nb)
     assert y64.dtype == torch.float64
+    (g64,) = torch.autograd.grad(y64.square().sum(), x64, create_graph=True)
+    g64.sum().backward()
+    assert x64.grad is not None and torch.isfinite(x64.grad).all()
     wide = _conv_case(1, CONV_FUSED_MAX_CIN + 1, 2, 6, 6, 12)
     torch.testing.assert_close(
         conv_instance_norm_act_pool(*(t.float() for t in wide)).double(),

@@ -177,19 +177,77 @@ def instance_norm_act_pool(x: torch.Tensor, weight: Optional[torch.Tensor],
     return _NormActPool.apply(x.contiguous(), weight, bias, float(eps), relu, pooled)
 
 
+class _ConvNormActPool(torch.autograd.Function):
+    """The fused first block with its first-order backward (the convolution is recomputed there,
+    never stored)."""
+
+    @staticmethod
+    def forward(ctx, x, cw, cb, weight, bias, padding, eps, relu, pool):
+        out, mean, rstd = _conv_forward(x, cw, cb, weight, bias, padding, eps, relu, pool,
+                                        save_stats=True)
+        ctx.save_for_backward(x, cw, cb, weight, bias, mean, rstd)
+        ctx.meta = (padding, eps, relu, pool)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, cw, cb, weight, bias, mean, rstd = ctx.saved_tensors
+        padding, eps, relu, pool = ctx.meta
+        N, Cin, Hin, Win = x.shape
+        K = cw.shape[0]
+        need = ctx.needs_input_grad
+        grad_out = grad_out.to(torch.float32).contiguous()
+        gx = torch.empty_like(x) if need[0] else None
+        gcw = torch.empty((N, K, Cin, 3, 3), dtype=torch.float32)
+        gcb = torch.empty((N, K), dtype=torch.float32) if need[2] else None
+        gw = torch.empty((N, K), dtype=torch.float32)
+        gb = torch.empty((N, K), dtype=torch.float32)
+
+        def ptr(t):
+            return 0 if t is None else t.data_ptr()
+        _C().conv_norm_act_pool_backward(
+            x.data_ptr(), cw.data_ptr(), ptr(cb), Cin, Hin, Win, padding, ptr(weight), ptr(bias),
+            N, K, float(eps), relu, pool, mean.data_ptr(), rstd.data_ptr(), grad_out.data_ptr(),
+            ptr(gx), gcw.data_ptr(), ptr(gcb), gw.data_ptr(), gb.data_ptr(),
+            torch.get_num_threads())
+        return (gx, gcw.sum(0) if need[1] else None, gcb.sum(0) if need[2] else None,
+                gw.sum(0) if need[3] else None, gb.sum(0) if need[4] else None,
+                None, None, None, None)
+
+
+def _conv_forward(x, cw, cb, weight, bias, padding, eps, relu, pool, save_stats):
+    N, Cin, Hin, Win = x.shape
+    K = cw.shape[0]
+    Ho, Wo = Hin + 2 * padding - 2, Win + 2 * padding - 2
+    out = torch.empty((N, K) + ((Ho // 2, Wo // 2) if pool else (Ho, Wo)), dtype=torch.float32)
+    mean = torch.empty((N, K), dtype=torch.float32) if save_stats else None
+    rstd = torch.empty((N, K), dtype=torch.float32) if save_stats else None
+
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+    _C().conv_norm_act_pool_forward(
+        x.data_ptr(), cw.data_ptr(), ptr(cb), Cin, Hin, Win, padding, ptr(weight), ptr(bias),
+        N, K, float(eps), relu, pool, out.data_ptr(), ptr(mean), ptr(rstd),
+        torch.get_num_threads())
+    return out, mean, rstd
+
+
 def conv_instance_norm_act_pool(x: torch.Tensor, conv_weight: torch.Tensor,
                                 conv_bias: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                                 bias: Optional[torch.Tensor], *, padding: int = 1,
                                 eps: float = 1e-5, act: str = "relu",
                                 pool: str = "avg") -> torch.Tensor:
     """``instance_norm_act_pool(conv2d(x, conv_weight, conv_bias, padding=padding), weight, bias)``
-    for a 3x3 stride-1 convolution, in one compiled call on the CPU when no gradient is needed,
-    x is float32 and has at most :data:`CONV_FUSED_MAX_CIN` channels: each output plane is
-    computed into scratch, normalised, activated and pooled, so the convolution's full-resolution
-    output (the largest tensor of a ConvNet) is never written. Elsewhere it is those two calls.
+    for a 3x3 stride-1 convolution, in one compiled call on the CPU when every tensor is float32
+    and x has at most :data:`CONV_FUSED_MAX_CIN` channels: each output plane is computed into
+    scratch, normalised, activated and pooled, so the convolution's full-resolution output (the
+    largest tensor of a ConvNet) is never written; its first-order backward recomputes the
+    planes. Elsewhere it is those two calls. Like :func:`instance_norm_act_pool`, differentiable
+    once (x, all four parameters), not twice.
 
-    Equal to them up to float rounding (the convolution sums in another order; the instance
-    norm's division by the plane's standard deviation scales that rounding, bounded in
+    Equal to the two calls up to float rounding (the convolution sums in another order; the
+    instance norm's division by the plane's standard deviation scales that rounding, bounded in
     tests/test_norm_act_pool.py).
 
     >>> x = torch.randn(2, 1, 28, 28)
@@ -221,19 +279,17 @@ def conv_instance_norm_act_pool(x: torch.Tensor, conv_weight: torch.Tensor,
     _check(x.new_empty((0, K, Ho, Wo)), weight, bias, eps, act, pool)
     params = [t for t in (conv_weight, conv_bias, weight, bias) if t is not None]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x] + params)
-    if (grad or x.dtype != torch.float32 or x.shape[1] > CONV_FUSED_MAX_CIN
-            or not fused_available(x, grad=False) or any(t.device.type != "cpu" for t in params)
-            or not hasattr(_C(), "conv_norm_act_pool_forward")):
+    if (x.shape[1] > CONV_FUSED_MAX_CIN or not fused_available(x, grad=True)
+            or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in params)
+            or not hasattr(_C(), "conv_norm_act_pool_backward")):
         return instance_norm_act_pool(F.conv2d(x, conv_weight, conv_bias, padding=padding),
                                       weight, bias, eps=eps, act=act, pool=pool)
-    N = x.shape[0]
-    pooled = pool == "avg"
-    out = torch.empty((N, K) + ((Ho // 2, Wo // 2) if pooled else (Ho, Wo)), dtype=torch.float32)
-    x = x.contiguous()
-    cw, cb, w, b = (None if t is None else t.detach().float().contiguous()
+    relu, pooled = act == "relu", pool == "avg"
+    if not grad:
+        cw, cb, w, b = (None if t is None else t.detach().contiguous()
+                        for t in (conv_weight, conv_bias, weight, bias))
+        return _conv_forward(x.contiguous(), cw, cb, w, b, padding, eps, relu, pooled,
+                             save_stats=False)[0]
+    cw, cb, w, b = (None if t is None else t.contiguous()
                     for t in (conv_weight, conv_bias, weight, bias))
-    _C().conv_norm_act_pool_forward(
-        x.data_ptr(), cw.data_ptr(), 0 if cb is None else cb.data_ptr(), x.shape[1], x.shape[2],
-        x.shape[3], padding, 0 if w is None else w.data_ptr(), 0 if b is None else b.data_ptr(),
-        N, K, float(eps), act == "relu", pooled, out.data_ptr(), torch.get_num_threads())
-    return out
+    return _ConvNormActPool.apply(x.contiguous(), cw, cb, w, b, padding, float(eps), relu, pooled)
