@@ -1,6 +1,6 @@
 // winograd.cpp -- Winograd F(4x4, 3x3) input and output transforms on the CPU (see the header).
 //
-// Tasks are (image, block of 16 channels, row of tiles), in contiguous ranges, one range per
+// Tasks are (image, row of tiles), in contiguous ranges, one range per
 // worker, with a small scratch buffer per worker. The loops (winograd.inc) are compiled for
 // baseline x86-64, AVX2+FMA and AVX-512 and chosen at run time by the CPU's features.
 #include "winograd.h"
@@ -82,10 +82,10 @@ void winograd_input_transform_cpu(const WinogradInputArgs& a) {
         "tensor too large");
   check(a.N == 0 || (a.x != nullptr && a.v != nullptr), "null x or v pointer");
   const int64_t th = (Ho + 3) / 4, tw = (Wo + 3) / 4;
-  const int64_t tasks = a.N * ((a.C + kBlock - 1) / kBlock) * th;
-  const size_t scratch = static_cast<size_t>(2 * 6 * (4 * tw + 2) * kBlock);
+  const int64_t ncb = (a.C + kBlock - 1) / kBlock, tasks = a.N * th;
+  const size_t scratch = static_cast<size_t>((ncb + 1) * 6 * (4 * tw + 2) * kBlock);
   const Isa isa = pick_isa();
-  for_tasks(tasks, 36 * tw * kBlock, a.num_threads, scratch,
+  for_tasks(tasks, 36 * tw * ncb * kBlock, a.num_threads, scratch,
             [&](int64_t begin, int64_t end, float* s) {
 #if defined(SPLATDD_CPU_X86)
               if (isa == Isa::kAvx512) return wino_avx512::input_tasks(a, begin, end, s);
@@ -104,10 +104,10 @@ void winograd_output_transform_cpu(const WinogradOutputArgs& a) {
         "tensor too large");
   check(a.N == 0 || (a.m != nullptr && a.y != nullptr), "null m or y pointer");
   const int64_t th = (a.Ho + 3) / 4, tw = (a.Wo + 3) / 4;
-  const int64_t tasks = a.N * ((a.K + kBlock - 1) / kBlock) * th;
-  const size_t scratch = static_cast<size_t>((36 + 24 + 16 * tw) * kBlock);
+  const int64_t nkb = (a.K + kBlock - 1) / kBlock, tasks = a.N * th;
+  const size_t scratch = static_cast<size_t>((36 + 24 + nkb * 16 * tw) * kBlock);
   const Isa isa = pick_isa();
-  for_tasks(tasks, 16 * tw * kBlock, a.num_threads, scratch,
+  for_tasks(tasks, 16 * tw * nkb * kBlock, a.num_threads, scratch,
             [&](int64_t begin, int64_t end, float* s) {
 #if defined(SPLATDD_CPU_X86)
               if (isa == Isa::kAvx512) return wino_avx512::output_tasks(a, begin, end, s);
