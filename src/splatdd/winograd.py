@@ -1,0 +1,184 @@
+"""Winograd F(4x4, 3x3) convolution for CPU inference: 3x3, stride 1, float32, no gradient (issue 15).
+
+On one CPU thread ConvNet's 128 -> 128 convolutions already run near the core's fp32 peak in
+oneDNN's direct kernels; Winograd F(4x4, 3x3) needs 36 multiplies per 4x4 output tile per
+(input, output) channel pair instead of 144. :func:`conv3x3_winograd` is
+
+1. the input transform ``V = B^T d B`` of every 6x6 input patch (compiled, ``splatdd._C``),
+   layout ``V (36, P, C)`` with ``P = N * T`` tiles, ``T = ceil(Ho / 4) * ceil(Wo / 4)``;
+2. one ``(P x C) @ (C x K)`` GEMM per transform point: ``M = torch.bmm(V, U)``;
+3. the output transform ``y = A^T m A + bias`` (compiled), written straight into NCHW.
+
+Images go through in chunks of about :data:`TILES_PER_CHUNK` tiles so that V and M stay in cache
+and are reused from chunk to chunk. ``U = G g G^T`` comes from :func:`winograd_weight` (float64,
+then float32), computed once per weight by the caller. Points 0, +-1, +-2 and infinity
+(Lavin & Gray 2015, "Fast algorithms for convolutional neural networks").
+
+Accuracy: F(4, 3) amplifies rounding (the transforms have entries up to 8 and 5), so the float32
+result is further from the exact convolution than ``F.conv2d``'s. Measured against a float64
+convolution on ConvNet-like inputs (benchmarks/winograd_speed.py writes the figures to
+benchmarks/results/winograd_speed.md): the error is about 1e-6 times the scale of the outputs
+for direct float32 convolution and a few times 1e-6 for this one; tests/test_winograd.py bounds it
+by ``2e-5 * sum(|x| * |w|)`` per output, the conditioning of the sum.
+
+>>> import torch
+>>> import torch.nn.functional as F
+>>> x, w, b = torch.randn(2, 16, 9, 11), torch.randn(32, 16, 3, 3), torch.randn(32)
+>>> y = conv3x3_winograd(x, winograd_weight(w), b, padding=1)
+>>> y.shape
+torch.Size([2, 32, 9, 11])
+>>> torch.allclose(y, F.conv2d(x, w, b, padding=1), atol=1e-3)
+True
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .render import _C
+
+__all__ = ["winograd_weight", "conv3x3_winograd", "winograd_available", "MIN_CHANNELS",
+           "TILES_PER_CHUNK"]
+
+#: Input channels below which :func:`winograd_available` says no: with few channels the GEMMs
+#: are too thin to pay for the transforms (benchmarks/winograd_speed.py measures the crossover).
+MIN_CHANNELS = 16
+
+#: Tiles (rows of V and M) per chunk of images: V and M of a chunk stay in cache at C = K = 128.
+TILES_PER_CHUNK = 256
+
+_G = ((1 / 4, 0.0, 0.0),
+      (-1 / 6, -1 / 6, -1 / 6),
+      (-1 / 6, 1 / 6, -1 / 6),
+      (1 / 24, 1 / 12, 1 / 6),
+      (1 / 24, -1 / 12, 1 / 6),
+      (0.0, 0.0, 1.0))
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The transformed filters ``U (36, C, K)``: ``U[6a + b, c, k] = (G w[k, c] G^T)[a, b]``,
+    computed in float64 and returned as a contiguous CPU float32 tensor (no gradient).
+
+    >>> w = torch.zeros(1, 1, 3, 3); w[0, 0, 1, 1] = 1.0   # the identity filter
+    >>> U = winograd_weight(w)
+    >>> U.shape
+    torch.Size([36, 1, 1])
+    >>> round(float(U[7, 0, 0]) * 36, 6)   # (G e G^T)[1, 1] = G[1, 1] ** 2 = (1/6) ** 2
+    1.0
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be a (K, C, 3, 3) tensor, got {_shape(weight)}")
+    if not (weight.dtype.is_floating_point and weight.numel() > 0):
+        raise ValueError(f"weight must be a non-empty floating-point tensor, got {weight.dtype} "
+                         f"of shape {tuple(weight.shape)}")
+    K, C = weight.shape[:2]
+    g = torch.tensor(_G, dtype=torch.float64)
+    u = torch.einsum("ai,kcij,bj->abck", g, weight.detach().to("cpu", torch.float64), g)
+    return u.reshape(36, C, K).to(torch.float32).contiguous()
+
+
+def winograd_available(x: torch.Tensor, weight: torch.Tensor, *, grad: bool, stride=1,
+                       dilation=1, groups: int = 1) -> bool:
+    """Whether :func:`conv3x3_winograd` serves ``conv2d(x, weight)``: CPU float32 x and weight,
+    a 3x3 filter, stride 1, dilation 1, groups 1, no gradient (``grad``), at least
+    :data:`MIN_CHANNELS` input channels, and a compiled module that has the transforms.
+
+    >>> winograd_available(torch.zeros(1, 64, 8, 8), torch.zeros(64, 64, 3, 3), grad=False)
+    True
+    >>> winograd_available(torch.zeros(1, 64, 8, 8), torch.zeros(64, 64, 3, 3), grad=True)
+    False
+    >>> winograd_available(torch.zeros(1, 1, 8, 8), torch.zeros(64, 1, 3, 3), grad=False)
+    False
+    """
+    if grad or groups != 1 or stride not in (1, (1, 1)) or dilation not in (1, (1, 1)):
+        return False
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return False
+    if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        return False
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if x.shape[1] != weight.shape[1] or x.shape[1] < MIN_CHANNELS:
+        return False
+    try:
+        return hasattr(_C(), "winograd_input_transform")
+    except ImportError:
+        return False
+
+
+def _check(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-d (N, C, H, W) tensor, got {_shape(x)}")
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU float32 tensor, got {x.dtype} on {x.device}")
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("x requires a gradient: conv3x3_winograd is inference only "
+                         "(use F.conv2d, or torch.no_grad())")
+    if not isinstance(U, torch.Tensor) or U.dim() != 3 or U.shape[0] != 36:
+        raise ValueError(f"U must be a (36, C, K) tensor from winograd_weight, got {_shape(U)}")
+    if U.dtype != torch.float32 or U.device.type != "cpu":
+        raise ValueError(f"U must be a CPU float32 tensor, got {U.dtype} on {U.device}")
+    if U.shape[1] != x.shape[1]:
+        raise ValueError(f"U has {U.shape[1]} input channels but x has {x.shape[1]}")
+    if U.shape[2] < 1:
+        raise ValueError("U must have at least one output channel")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (U.shape[2],)
+                             or bias.device.type != "cpu"):
+        raise ValueError(f"bias must be None or a CPU tensor of shape ({U.shape[2]},), got "
+                         f"{_shape(bias)}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    H, W = x.shape[2:]
+    if H + 2 * padding < 3 or W + 2 * padding < 3:
+        raise ValueError(f"the padded input must be at least 3 x 3, got {H} x {W} with padding "
+                         f"{padding}")
+    if x.shape[1] < 1:
+        raise ValueError("x must have at least one channel")
+
+
+def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     padding: int = 1) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding)`` for a 3x3 filter, stride 1, by Winograd
+    F(4x4, 3x3): x (N, C, H, W) CPU float32, ``U = winograd_weight(weight)`` (36, C, K), bias
+    (K) or None. Returns a new contiguous (N, K, H + 2 padding - 2, W + 2 padding - 2) float32
+    tensor. Inference only (no autograd graph; x must not require a gradient under grad mode).
+    Uses ``torch.get_num_threads()`` threads; the bits do not depend on the count of threads of
+    the transforms.
+
+    >>> x = torch.randn(1, 16, 4, 4)
+    >>> U = winograd_weight(torch.randn(8, 16, 3, 3))
+    >>> conv3x3_winograd(x, U, None, padding=0).shape
+    torch.Size([1, 8, 2, 2])
+    """
+    _check(x, U, bias, padding)
+    x = x.detach().contiguous()
+    U = U.detach().contiguous()
+    N, C, H, W = x.shape
+    K = U.shape[2]
+    Ho, Wo = H + 2 * padding - 2, W + 2 * padding - 2
+    T = ((Ho + 3) // 4) * ((Wo + 3) // 4)
+    y = torch.empty((N, K, Ho, Wo), dtype=torch.float32)
+    if N == 0:
+        return y
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    per_chunk = max(1, min(N, TILES_PER_CHUNK // T))
+    v_buf = torch.empty(36 * per_chunk * T * C, dtype=torch.float32)
+    m_buf = torch.empty(36 * per_chunk * T * K, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    lib = _C()
+    for n0 in range(0, N, per_chunk):
+        n = min(per_chunk, N - n0)
+        v = v_buf[:36 * n * T * C].view(36, n * T, C)
+        m = m_buf[:36 * n * T * K].view(36, n * T, K)
+        lib.winograd_input_transform(x[n0].data_ptr(), n, C, H, W, padding, v.data_ptr(), threads)
+        torch.bmm(v, U, out=m)
+        lib.winograd_output_transform(m.data_ptr(), 0 if b is None else b.data_ptr(), n, K, Ho, Wo,
+                                      y[n0].data_ptr(), threads)
+    return y
