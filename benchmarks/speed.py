@@ -464,7 +464,10 @@ def main(argv=None) -> int:
             merged = json.loads(old_json.read_text())
             merged["figures"].update(result["figures"])
             merged["render"] = result["render"]
-            note = {"cases": cases, "stage": stage, "load_start": list(load_start),
+            if acc:                                   # a re-measured main job replaces the old
+                merged["accuracy"] = result["accuracy"]
+                merged["settings"]["accuracy"] = result["settings"]["accuracy"]
+            note = {"cases": cases + (["accuracy"] if acc else []), "stage": stage, "load_start": list(load_start),
                     "load_end": list(os.getloadavg()), "rounds": a.rounds,
                     "new": result["new"], "finished": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                     time.gmtime())}
@@ -666,12 +669,17 @@ def _markdown(r: dict) -> str:
     cf = f.get("conv_floor")
     if cf:
         L += ["", "## The fp32 floor: time inside the convolutions", "",
-              "`conv_floor`: torch.profiler's self CPU time of the convolution ops (forward and "
-              "backward products, oneDNN's kernels) inside one new-side fp32 step of each case "
-              "(minimum over 3 profiled steps; the profiler adds a little time of its own). No "
-              "fp32 change outside the convolutions can make the step faster than this; where the "
-              "target needs less, it is out of reach in fp32 on this CPU.", "",
-              "| case | base s | new s | inside convolutions s | new s minus convolutions | "
+              "`conv_floor`: torch.profiler's self CPU time of the convolution ops that still run "
+              "in oneDNN (forward and backward products) inside one new-side fp32 step of each "
+              "case (minimum over 3 profiled steps; the profiler adds a little time of its own). "
+              "oneDNN's fp32 direct convolutions run near this core's AVX-512 FMA peak, so no "
+              "change outside them can make the step faster than this; where the target needs "
+              "less, it is out of reach without a cheaper convolution algorithm. The graph-free "
+              "paths (dm's real batches, the test pass) have one now: the fused first block and "
+              "Winograd (below), whose time is not in this column; a training step under a graph "
+              "(the evaluation epoch, dm's synthetic images) keeps oneDNN's forward and both "
+              "backward products.", "",
+              "| case | base s | new s | inside oneDNN convolutions s | new s minus those | "
               "time the target needs | target below the floor? |", "|---|---|---|---|---|---|---|"]
         for case, key, tkey in (("dm_pixel", "dm_embed_conv_s", "dm_pixel"),
                                 ("eval_epoch", "eval_epoch_conv_s", "eval_epoch"),
@@ -733,19 +741,28 @@ def _markdown(r: dict) -> str:
           "`splatdd.models.first_order` (evaluation training, dm's embedder); dc and tm, which "
           "differentiate twice, keep the modules. Tested against the float64 PyTorch twin "
           "(tests/test_norm_act_pool.py).",
+          "* The convolutions of the graph-free paths (dm's real batches, the test pass): the "
+          "first block's 3x3 convolution on the image's 1-4 channels runs inside the fused block "
+          "(`splatdd.norm_act_pool.conv_instance_norm_act_pool`: each output plane is computed "
+          "into scratch, normalised, activated and pooled, never stored; oneDNN's convolution "
+          "there was bound by writing its N x 128 x 32 x 32 output), and the 128 -> 128 "
+          "convolutions by Winograd F(4x4, 3x3) (`splatdd.winograd`: 36 instead of 144 "
+          "multiplies per 4x4 output tile and channel pair; compiled transforms and a batched "
+          "GEMM; its float32 error, a few times a direct convolution's, is bounded in "
+          "tests/test_winograd.py and measured in benchmarks/results/winograd_speed.md). "
+          "Under a graph the modules' convolutions run as before.",
           "* dm: the real batches (10 x 256 images per iteration) are augmented and embedded in "
           "passes of 8 images (fp32; 16 in bf16) and their embeddings summed: the same mean up to "
           "rounding (tests/test_speed_equivalence.py), and no per-call mapping of ~100 MB "
-          "activation buffers (page-fault counts below). What remains in fp32 is the "
-          "convolutions' arithmetic (the floor table above). `precision=\"bf16\"` embeds the "
+          "activation buffers (page-fault counts below). `precision=\"bf16\"` embeds the "
           "real batches with a bf16 copy of the frozen network (AMX/AVX512-BF16 here; used only "
           "where the CPU or GPU has native bf16, else fp32 with a warning); the synthetic "
           "images' path and gradient stay fp32.",
           "* evaluation: each SGD step runs forward+backward in passes of 16 images with the "
           "gradient accumulated (same random stream, same gradient up to rounding; batch-norm "
           "nets keep one pass) through the fused blocks; the test pass runs passes of 8 under "
-          "inference_mode. The training epoch is now the convolutions' forward and both "
-          "backward products at fp32 (the floor table). The opt-in protocol option "
+          "inference_mode. The training epoch is now mostly oneDNN's convolutions: forward and "
+          "both backward products at fp32 (the floor table). The opt-in protocol option "
           "`test_precision = \"bf16\"` runs the test pass with a bf16 copy of each trained net "
           "(its accuracy effect: the `new_test_bf16` row); the papers' protocol stays fp32. "
           "channels_last was measured slower here with instance norm, so it is not used. "

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .norm_act_pool import (CONV_FUSED_MAX_CIN, conv_instance_norm_act_pool, fused_available,
                             instance_norm_act_pool)
+from .winograd import conv3x3_winograd, winograd_available, winograd_weight
 
 __all__ = ["get_network", "default_depth", "NETWORKS", "ConvNet", "AlexNet", "VGG11", "ResNet18",
            "ViT", "first_order", "set_first_order"]
@@ -164,6 +165,7 @@ class ConvNet(nn.Module):
             "avgpooling", "avg", "none")
         self._pool = "none" if pool == "none" else "avg"
         self.first_order_only = False
+        self._winograd_cache: dict[int, tuple] = {}   # layer -> ((weight ptr, version), U)
 
     def _fused_features(self, x: torch.Tensor) -> torch.Tensor | None:
         """The feature stack through the fused blocks, or None where they do not apply."""
@@ -180,9 +182,23 @@ class ConvNet(nn.Module):
                                                 padding=conv.padding[0], eps=norm.eps, act="relu",
                                                 pool=self._pool)
                 continue
-            x = instance_norm_act_pool(conv(x), norm.weight, norm.bias, eps=norm.eps, act="relu",
-                                       pool=self._pool)
+            x = instance_norm_act_pool(self._conv(i, conv, x), norm.weight, norm.bias,
+                                       eps=norm.eps, act="relu", pool=self._pool)
         return x
+
+    def _conv(self, i: int, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """``conv(x)``; without a graph on the CPU by Winograd F(4x4, 3x3) (splatdd.winograd),
+        its transformed filters cached per layer until the weight changes."""
+        if not winograd_available(x, conv.weight, grad=torch.is_grad_enabled(),
+                                  stride=conv.stride, dilation=conv.dilation, groups=conv.groups) \
+                or conv.padding_mode != "zeros" or conv.padding[0] != conv.padding[1]:
+            return conv(x)
+        key = (conv.weight.data_ptr(), conv.weight._version)
+        hit = self._winograd_cache.get(i)
+        if hit is None or hit[0] != key:
+            hit = (key, winograd_weight(conv.weight))
+            self._winograd_cache[i] = hit
+        return conv3x3_winograd(x, hit[1], conv.bias, padding=conv.padding[0])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Flattened features before the head (what DM matches)."""

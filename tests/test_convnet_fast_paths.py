@@ -1,0 +1,80 @@
+"""ConvNet's CPU fast paths (the fused first block, Winograd for the wider convolutions, the fused
+norm blocks) against the same network run module by module (nn.Conv2d, GroupNorm, ReLU,
+AvgPool2d: PyTorch's own kernels), including the Winograd filter cache across weight changes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from splatdd.models import first_order, get_network
+from splatdd.norm_act_pool import fused_available
+from splatdd.winograd import winograd_available
+
+pytestmark = pytest.mark.skipif(
+    not fused_available(torch.zeros(1, 1, 2, 2), grad=True)
+    or not winograd_available(torch.zeros(1, 16, 4, 4), torch.zeros(16, 16, 3, 3), grad=False),
+    reason="splatdd._C lacks the fused ops (an old build): rebuild with pip install -e .")
+
+
+def _modules(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The logits through the modules one by one (no fused op, no Winograd)."""
+    return net.classifier(net.features(x).flatten(1))
+
+
+@pytest.mark.parametrize("channels, size, width", [(1, 28, 128), (3, 32, 64), (1, 16, 32)])
+def test_inference_equals_the_modules(channels, size, width):
+    net = get_network("ConvNet", channels, 10, size, width=width, seed=0).eval()
+    x = torch.rand(6, channels, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = _modules(net, x)
+        got = net(x)
+    assert len(net._winograd_cache) == len(net.features) // 4 - 1   # every block but the first
+    # Winograd F(4x4, 3x3)'s fp32 rounding, divided by the instance norms' standard deviations
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_winograd_filters_follow_weight_changes():
+    """An in-place update (an optimiser step), load_state_dict and a deep copy all give the new
+    weights' logits: the cached transformed filters are keyed on the weight's storage and
+    version."""
+    net = get_network("ConvNet", 1, 10, 28, seed=0)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    with first_order(net):
+        net(x).square().sum().backward()
+    with torch.no_grad():
+        before = net(x)
+    opt.step()                                           # in place: same storage, new version
+    with torch.no_grad():
+        after, want = net(x), _modules(net, x)
+    assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    other = get_network("ConvNet", 1, 10, 28, seed=5)
+    net.load_state_dict(other.state_dict())
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        want = _modules(other, x)
+        for m in (net, twin):
+            torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_training_gradients_equal_the_modules():
+    """Inside first_order the first block's fused backward and the norm blocks' give the
+    modules' parameter gradients (Winograd is inference only: under a graph the convolutions
+    are the modules')."""
+    net = get_network("ConvNet", 1, 10, 28, seed=0)
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    _modules(net, x).square().sum().backward()
+    want = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    with first_order(net):
+        net(x).square().sum().backward()
+    for name, p in net.named_parameters():
+        if name in ("features.0.bias", "features.4.bias", "features.8.bias"):
+            # a conv bias before instance norm has a zero gradient: compare on its weight's scale
+            scale = float(want[name.replace("bias", "weight")].abs().max())
+        else:
+            scale = float(want[name].abs().max())
+        torch.testing.assert_close(p.grad, want[name], rtol=0, atol=2e-4 * scale)
