@@ -61,9 +61,9 @@ def test_winograd_filters_follow_weight_changes():
 
 
 def test_training_gradients_equal_the_modules():
-    """Inside first_order the first block's fused backward and the norm blocks' give the
-    modules' parameter gradients (Winograd is inference only: under a graph the convolutions
-    are the modules')."""
+    """Inside first_order (the fused first block's backward, the norm blocks', Winograd's
+    forward and input gradient, oneDNN's filter gradient) the parameter gradients equal the
+    modules' up to rounding; outside it a graph runs the modules (second derivatives work)."""
     net = get_network("ConvNet", 1, 10, 28, seed=0)
     x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     _modules(net, x).square().sum().backward()
@@ -78,3 +78,20 @@ def test_training_gradients_equal_the_modules():
         else:
             scale = float(want[name].abs().max())
         torch.testing.assert_close(p.grad, want[name], rtol=0, atol=2e-4 * scale)
+    x2 = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(net(x2).sum(), x2, create_graph=True)
+    g.square().sum().backward()                      # through the modules: no error
+    assert x2.grad is not None and torch.isfinite(x2.grad).all()
+
+
+def test_first_order_input_gradient_equals_the_modules():
+    """dm's synthetic images: the gradient of the embedding w.r.t. the input pixels."""
+    net = get_network("ConvNet", 1, 10, 28, seed=1)
+    net.requires_grad_(False)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    net.features(xa).flatten(1).square().sum().backward()
+    with first_order(net):
+        net.embed(xb).square().sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=2e-4 * float(xa.grad.abs().max()))
+

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .norm_act_pool import (CONV_FUSED_MAX_CIN, conv_instance_norm_act_pool, fused_available,
                             instance_norm_act_pool)
 from .winograd import conv3x3_winograd, winograd_available, winograd_weight
+from .winograd_train import MAX_TRAIN_PADDING, winograd_conv_first_order, winograd_filters
 
 __all__ = ["get_network", "default_depth", "NETWORKS", "ConvNet", "AlexNet", "VGG11", "ResNet18",
            "ViT", "first_order", "set_first_order"]
@@ -165,7 +166,8 @@ class ConvNet(nn.Module):
             "avgpooling", "avg", "none")
         self._pool = "none" if pool == "none" else "avg"
         self.first_order_only = False
-        self._winograd_cache: dict[int, tuple] = {}   # layer -> ((weight ptr, version), U)
+        # layer -> ((weight ptr, version), U, Ut or None): splatdd.winograd_train.winograd_filters
+        self._winograd_cache: dict[int, tuple] = {}
 
     def _fused_features(self, x: torch.Tensor) -> torch.Tensor | None:
         """The feature stack through the fused blocks, or None where they do not apply."""
@@ -187,17 +189,25 @@ class ConvNet(nn.Module):
         return x
 
     def _conv(self, i: int, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        """``conv(x)``; without a graph on the CPU by Winograd F(4x4, 3x3) (splatdd.winograd),
-        its transformed filters cached per layer until the weight changes."""
-        if not winograd_available(x, conv.weight, grad=torch.is_grad_enabled(),
-                                  stride=conv.stride, dilation=conv.dilation, groups=conv.groups) \
-                or conv.padding_mode != "zeros" or conv.padding[0] != conv.padding[1]:
+        """``conv(x)``; on the CPU by Winograd F(4x4, 3x3) (splatdd.winograd): without a graph,
+        or under one inside first_order (splatdd.winograd_train); the transformed filters are
+        cached per layer until the weight changes."""
+        grad = torch.is_grad_enabled()
+        if not winograd_available(x, conv.weight, grad=False, stride=conv.stride,
+                                  dilation=conv.dilation, groups=conv.groups) \
+                or conv.padding_mode != "zeros" or conv.padding[0] != conv.padding[1] \
+                or (grad and conv.padding[0] > MAX_TRAIN_PADDING):
             return conv(x)
         key = (conv.weight.data_ptr(), conv.weight._version)
         hit = self._winograd_cache.get(i)
         if hit is None or hit[0] != key:
-            hit = (key, winograd_weight(conv.weight))
-            self._winograd_cache[i] = hit
+            hit = (key, winograd_weight(conv.weight), None)
+        if grad and hit[2] is None:                  # the input gradient's filters, when needed
+            hit = (key, *winograd_filters(conv.weight))
+        self._winograd_cache[i] = hit
+        if grad:
+            return winograd_conv_first_order(x, conv.weight, conv.bias, hit[1], hit[2],
+                                             padding=conv.padding[0])
         return conv3x3_winograd(x, hit[1], conv.bias, padding=conv.padding[0])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""Winograd convolutions under a first-order graph: ConvNet training on the CPU (issue 15).
+
+:func:`splatdd.winograd.conv3x3_winograd` is inference only. :func:`winograd_conv_first_order`
+makes it a layer that can be trained: the forward by Winograd F(4x4, 3x3), the input's gradient
+by Winograd too (the gradient of a stride-1 3x3 convolution with padding ``p`` is the
+convolution of the output gradient with the filters turned 180 degrees and their channels
+swapped, padding ``2 - p``), and the filters' and bias's gradients by PyTorch's convolution
+backward (oneDNN) restricted to those two products. The backward is first-order only
+(``once_differentiable``), so models call it only inside :func:`splatdd.models.first_order`.
+
+>>> import torch
+>>> import torch.nn.functional as F
+>>> from splatdd.winograd import winograd_weight
+>>> x = torch.randn(2, 16, 8, 8, requires_grad=True)
+>>> w = torch.randn(8, 16, 3, 3, requires_grad=True)
+>>> U, Ut = winograd_filters(w)
+>>> y = winograd_conv_first_order(x, w, None, U, Ut, padding=1)
+>>> torch.allclose(y, F.conv2d(x, w, padding=1), atol=1e-3)
+True
+>>> y.sum().backward()
+>>> x.grad.shape, w.grad.shape
+(torch.Size([2, 16, 8, 8]), torch.Size([8, 16, 3, 3]))
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .winograd import conv3x3_winograd, winograd_weight
+
+__all__ = ["winograd_conv_first_order", "winograd_filters", "MAX_TRAIN_PADDING"]
+
+#: The input gradient is a Winograd convolution with padding ``2 - padding``.
+MAX_TRAIN_PADDING = 2
+
+
+def winograd_filters(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, Ut)``: the transformed filters of the forward and of the input gradient (the
+    filters turned 180 degrees with input and output channels swapped).
+
+    >>> U, Ut = winograd_filters(torch.randn(8, 16, 3, 3))
+    >>> U.shape, Ut.shape
+    (torch.Size([36, 16, 8]), torch.Size([36, 8, 16]))
+    """
+    return winograd_weight(weight), winograd_weight(weight.flip(2, 3).transpose(0, 1))
+
+
+class _WinogradConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, U, Ut, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.meta = (padding, bias is not None, Ut)
+        return conv3x3_winograd(x, U, bias, padding=padding)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        padding, has_bias, Ut = ctx.meta
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_out = grad_out.contiguous()
+        gx = conv3x3_winograd(grad_out, Ut, None, padding=2 - padding) if need_x else None
+        gw = gb = None
+        if need_w or (need_b and has_bias):
+            _, gw, gb = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, [weight.shape[0]], [1, 1], [padding, padding], [1, 1],
+                False, [0, 0], 1, [False, bool(need_w), bool(need_b and has_bias)])
+        return gx, gw, gb, None, None, None
+
+
+def winograd_conv_first_order(x: torch.Tensor, weight: torch.Tensor,
+                              bias: Optional[torch.Tensor], U: torch.Tensor, Ut: torch.Tensor,
+                              *, padding: int = 1) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding)`` (3x3, stride 1, CPU float32) by Winograd,
+    differentiable once in x, weight and bias; ``(U, Ut) = winograd_filters(weight)`` for the
+    current weight. Equal to F.conv2d up to Winograd's float32 rounding
+    (tests/test_convnet_fast_paths.py).
+    """
+    if isinstance(padding, bool) or not isinstance(padding, int) or \
+            not 0 <= padding <= MAX_TRAIN_PADDING:
+        raise ValueError(f"padding must be an int in 0..{MAX_TRAIN_PADDING}, got {padding!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or \
+            tuple(Ut.shape) != (36, weight.shape[0], weight.shape[1]):
+        raise ValueError("Ut must be winograd_filters(weight)[1], of shape (36, K, C)")
+    return _WinogradConv.apply(x, weight, bias, U, Ut, padding)
