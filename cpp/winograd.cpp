@@ -49,6 +49,8 @@ void check(bool ok, const char* msg) {
 constexpr int64_t kMaxElements = int64_t{1} << 40;
 constexpr int64_t kMaxSide = int64_t{1} << 20;
 constexpr int kBlock = wino_generic::kLanes;
+using wino_generic::input_segment_scratch;
+using wino_generic::output_segment_scratch;
 
 // Values (floats written) per worker below which a call stays on the caller's thread: a ConvNet
 // layer of a few images is a fraction of a millisecond, less than starting a thread costs.
@@ -78,12 +80,16 @@ void winograd_input_transform_cpu(const WinogradInputArgs& a) {
   const int64_t Ho = a.H + 2 * a.pad - 2, Wo = a.W + 2 * a.pad - 2;
   check(Ho >= 1 && Wo >= 1, "the padded input must be at least 3 x 3");
   const int64_t T = winograd_tiles(Ho, Wo);
-  check(a.N * a.C * a.H * a.W < kMaxElements && 36 * a.N * T * a.C < kMaxElements,
+  check(a.rows >= a.N * T, "rows must be >= N * tiles per image");
+  check(a.N * a.C * a.H * a.W < kMaxElements && 36 * a.rows * a.C < kMaxElements,
         "tensor too large");
   check(a.N == 0 || (a.x != nullptr && a.v != nullptr), "null x or v pointer");
   const int64_t th = (Ho + 3) / 4, tw = (Wo + 3) / 4;
   const int64_t ncb = (a.C + kBlock - 1) / kBlock, tasks = a.N * th;
-  const size_t scratch = static_cast<size_t>((ncb + 1) * 6 * (4 * tw + 2) * kBlock);
+  const size_t scratch = static_cast<size_t>(input_segment_scratch(a.C, tw));
+  for (int64_t xi = 0; xi < 36 && a.N > 0; ++xi)  // the padding rows: zeros for the GEMM
+    std::memset(a.v + (xi * a.rows + a.N * T) * a.C, 0,
+                sizeof(float) * static_cast<size_t>((a.rows - a.N * T) * a.C));
   const Isa isa = pick_isa();
   for_tasks(tasks, 36 * tw * ncb * kBlock, a.num_threads, scratch,
             [&](int64_t begin, int64_t end, float* s) {
@@ -100,12 +106,13 @@ void winograd_output_transform_cpu(const WinogradOutputArgs& a) {
   check(a.N >= 0 && a.K >= 1 && a.Ho >= 1 && a.Wo >= 1, "N must be >= 0 and K, Ho, Wo >= 1");
   check(a.Ho <= kMaxSide && a.Wo <= kMaxSide, "Ho and Wo must be at most 2^20");
   const int64_t T = winograd_tiles(a.Ho, a.Wo);
-  check(a.N * a.K * a.Ho * a.Wo < kMaxElements && 36 * a.N * T * a.K < kMaxElements,
+  check(a.rows >= a.N * T, "rows must be >= N * tiles per image");
+  check(a.N * a.K * a.Ho * a.Wo < kMaxElements && 36 * a.rows * a.K < kMaxElements,
         "tensor too large");
   check(a.N == 0 || (a.m != nullptr && a.y != nullptr), "null m or y pointer");
   const int64_t th = (a.Ho + 3) / 4, tw = (a.Wo + 3) / 4;
   const int64_t nkb = (a.K + kBlock - 1) / kBlock, tasks = a.N * th;
-  const size_t scratch = static_cast<size_t>((36 + 24 + nkb * 16 * tw) * kBlock);
+  const size_t scratch = static_cast<size_t>(output_segment_scratch(a.K, tw));
   const Isa isa = pick_isa();
   for_tasks(tasks, 16 * tw * nkb * kBlock, a.num_threads, scratch,
             [&](int64_t begin, int64_t end, float* s) {

@@ -5,9 +5,12 @@
 // Points 0, +-1, +-2, infinity (Lavin & Gray 2015): for a 6x6 input patch d and a 3x3 filter g the
 // 4x4 output tile is A^T [(G g G^T) . (B^T d B)] A. With T = ceil(Ho/4) * ceil(Wo/4) tiles per
 // image (Ho = H + 2 pad - 2, Wo = W + 2 pad - 2) and P = N * T tiles in all, the layouts are
-//   V (36, P, C)   input transform, V[xi, n*T + ty*tw + tx, c] = (B^T d B)[xi / 6, xi % 6]
+//   V (36, R, C)   input transform, V[xi, n*T + ty*tw + tx, c] = (B^T d B)[xi / 6, xi % 6]
 //   U (36, C, K)   weight transform (Python: G g G^T in float64)
-//   M (36, P, K)   M = V @ U, one (P x C) @ (C x K) GEMM per transform point xi
+//   M (36, R, K)   M = V @ U, one (R x C) @ (C x K) GEMM per transform point xi
+// R >= P rows per transform point: the input transform sets rows P .. R - 1 of V to zero, the
+// output transform does not read them (the caller may pad R so that the 36 planes of V and M do not all start at the same offset modulo the cache's set
+// size: 36 streams that many megabytes apart conflict in the caches).
 //   y (N, K, Ho, Wo) = A^T m A + bias, only the valid pixels of the edge tiles written.
 // Plain argument structs of raw pointers and sizes (nvdiffrast style); Python checks and allocates.
 // Deterministic: every output value is computed by one task in a fixed order, whatever the thread
@@ -22,12 +25,14 @@ struct WinogradInputArgs {
   const float* x = nullptr;  // (N, C, H, W) contiguous
   int64_t N = 0, C = 0, H = 0, W = 0;
   int64_t pad = 0;           // zero padding on every side
-  float* v = nullptr;        // (36, N * T, C)
+  int64_t rows = 0;          // R >= N * T
+  float* v = nullptr;        // (36, R, C)
   int num_threads = 0;       // 0 = hardware concurrency
 };
 
 struct WinogradOutputArgs {
-  const float* m = nullptr;     // (36, N * T, K)
+  const float* m = nullptr;     // (36, R, K)
+  int64_t rows = 0;             // R >= N * T
   const float* bias = nullptr;  // (K) or null (zeros)
   int64_t N = 0, K = 0, Ho = 0, Wo = 0;
   float* y = nullptr;           // (N, K, Ho, Wo) contiguous

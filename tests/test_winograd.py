@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from splatdd.render import _C
 from splatdd.winograd import (MIN_CHANNELS, conv3x3_winograd, winograd_available,
-                              winograd_weight)
+                              winograd_weight, workspace_size)
 
 pytestmark = pytest.mark.skipif(
     not winograd_available(torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 3, 3), grad=False),
@@ -79,6 +79,26 @@ def test_no_bias_and_empty_batch():
     assert empty.shape == (0, 5, 6, 7)
 
 
+def test_out_and_workspace():
+    """out is written and returned; a too-small workspace grows in place and is then reused;
+    results are the same bits as without either."""
+    x, wt, b = _case(40, 16, 24, 8, 8, 6)   # several chunks
+    x, U, b = x.float(), winograd_weight(wt), b.float()
+    want = conv3x3_winograd(x, U, b)
+    ws = torch.zeros(5)
+    out = torch.full((40, 24, 8, 8), float("nan"))
+    got = conv3x3_winograd(x, U, b, out=out, workspace=ws)
+    assert got is out and torch.equal(out, want)
+    assert ws.numel() == workspace_size(x.shape, U.shape)
+    ptr = ws.data_ptr()
+    assert torch.equal(conv3x3_winograd(x[:7], U, b, workspace=ws), want[:7])
+    assert ws.data_ptr() == ptr
+    with pytest.raises(ValueError, match="out must be None or a contiguous CPU float32 tensor"):
+        conv3x3_winograd(x, U, b, out=torch.empty(40, 24, 8, 9))
+    with pytest.raises(ValueError, match="workspace must be None or a 1-d"):
+        conv3x3_winograd(x, U, b, workspace=torch.empty(3, 3))
+
+
 def test_non_contiguous_input():
     """A channels_last or sliced x gives the same bits as its contiguous copy."""
     x, wt, b = _case(2, 16, 8, 9, 9, 5)
@@ -118,10 +138,10 @@ def test_bits_independent_of_thread_count():
     m = torch.randn(36, N * T, K, generator=torch.Generator().manual_seed(2))
     for threads in (1, 2, 3):
         v = torch.empty(36, N * T, C)
-        _C().winograd_input_transform(x.data_ptr(), N, C, H, W, 1, v.data_ptr(), threads)
+        _C().winograd_input_transform(x.data_ptr(), N, C, H, W, 1, N * T, v.data_ptr(), threads)
         y = torch.empty(N, K, H, W)
-        _C().winograd_output_transform(m.data_ptr(), b.data_ptr(), N, K, H, W, y.data_ptr(),
-                                       threads)
+        _C().winograd_output_transform(m.data_ptr(), N * T, b.data_ptr(), N, K, H, W,
+                                       y.data_ptr(), threads)
         results_v.append(v)
         results_y.append(y)
     for v, y in zip(results_v[1:], results_y[1:]):
@@ -138,8 +158,10 @@ def test_input_transform_against_matrix_form():
     pad = 2
     Ho, Wo = 7 + 2 * pad - 2, 5 + 2 * pad - 2
     th, tw = -(-Ho // 4), -(-Wo // 4)
-    v = torch.empty(36, 2 * th * tw, 3)
-    _C().winograd_input_transform(x.data_ptr(), 2, 3, 7, 5, pad, v.data_ptr(), 1)
+    rows = 2 * th * tw + 3   # three padding rows per transform point: zeroed
+    v = torch.full((36, rows, 3), float("nan"))
+    _C().winograd_input_transform(x.data_ptr(), 2, 3, 7, 5, pad, rows, v.data_ptr(), 1)
+    assert float(v[:, 2 * th * tw:].abs().max()) == 0.0
     xp = F.pad(x.double(), (pad, 4 * tw + 2 - 5 - pad, pad, 4 * th + 2 - 7 - pad))
     for n in range(2):
         for ty in range(th):
@@ -202,15 +224,19 @@ def test_compiled_transforms_reject_bad_sizes():
     """The compiled entry points check their integer arguments themselves (ValueError, no crash)."""
     buf = torch.zeros(36 * 16)
     with pytest.raises(ValueError, match="at least 3 x 3"):
-        _C().winograd_input_transform(buf.data_ptr(), 1, 1, 1, 1, 0, buf.data_ptr(), 1)
+        _C().winograd_input_transform(buf.data_ptr(), 1, 1, 1, 1, 0, 1, buf.data_ptr(), 1)
     with pytest.raises(ValueError, match="C, H, W >= 1"):
-        _C().winograd_input_transform(buf.data_ptr(), 1, 0, 4, 4, 1, buf.data_ptr(), 1)
+        _C().winograd_input_transform(buf.data_ptr(), 1, 0, 4, 4, 1, 4, buf.data_ptr(), 1)
+    with pytest.raises(ValueError, match="rows must be >= N"):
+        _C().winograd_input_transform(buf.data_ptr(), 1, 1, 8, 8, 1, 3, buf.data_ptr(), 1)
     with pytest.raises(ValueError, match="must not be null"):
-        _C().winograd_input_transform(0, 1, 1, 4, 4, 1, buf.data_ptr(), 1)
+        _C().winograd_input_transform(0, 1, 1, 4, 4, 1, 4, buf.data_ptr(), 1)
     with pytest.raises(ValueError, match="K, Ho, Wo >= 1"):
-        _C().winograd_output_transform(buf.data_ptr(), 0, 1, 1, 0, 4, buf.data_ptr(), 1)
+        _C().winograd_output_transform(buf.data_ptr(), 1, 0, 1, 1, 0, 4, buf.data_ptr(), 1)
+    with pytest.raises(ValueError, match="rows must be >= N"):
+        _C().winograd_output_transform(buf.data_ptr(), 3, 0, 1, 1, 8, 8, buf.data_ptr(), 1)
     with pytest.raises(ValueError, match="num_threads"):
-        _C().winograd_output_transform(buf.data_ptr(), 0, 1, 1, 4, 4, buf.data_ptr(), -1)
+        _C().winograd_output_transform(buf.data_ptr(), 4, 0, 1, 1, 4, 4, buf.data_ptr(), -1)
 
 
 def test_available():
