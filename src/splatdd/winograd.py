@@ -38,8 +38,8 @@ import torch
 
 from .render import _C
 
-__all__ = ["winograd_weight", "conv3x3_winograd", "winograd_available", "workspace_size",
-           "MIN_CHANNELS", "TILES_PER_CHUNK"]
+__all__ = ["winograd_weight", "conv3x3_winograd", "winograd_available", "MIN_CHANNELS",
+           "TILES_PER_CHUNK"]
 
 #: Input channels below which :func:`winograd_available` says no: with few channels the GEMMs
 #: are too thin to pay for the transforms (benchmarks/winograd_speed.py measures the crossover).
@@ -143,43 +143,16 @@ def _check(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor], paddi
         raise ValueError("x must have at least one channel")
 
 
-def _rows(tiles: int) -> int:
-    """Rows per transform point for ``tiles`` tiles: one more when even, so that the 36 planes of
-    V and M (megabytes apart) do not all start at the same offset modulo the caches' set sizes."""
-    return tiles + 1 if tiles % 2 == 0 else tiles
-
-
-def workspace_size(x_shape, U_shape, padding: int = 1) -> int:
-    """Floats of workspace :func:`conv3x3_winograd` uses for an input of ``x_shape`` and filters
-    ``U_shape`` (V and M of one chunk of images).
-
-    >>> workspace_size((8, 128, 16, 16), (36, 128, 128))
-    1188864
-    """
-    N, C, H, W = x_shape
-    K = U_shape[2]
-    T = ((H + 2 * padding - 2 + 3) // 4) * ((W + 2 * padding - 2 + 3) // 4)
-    per_chunk = max(1, min(N, TILES_PER_CHUNK // T))
-    return 36 * _rows(per_chunk * T) * (C + K)
-
-
-def _check_buffers(out: Optional[torch.Tensor], workspace: Optional[torch.Tensor], shape) -> None:
+def _check_out(out: Optional[torch.Tensor], shape) -> None:
     if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != shape
                             or out.dtype != torch.float32 or out.device.type != "cpu"
-                            or not out.is_contiguous()):
-        raise ValueError(f"out must be None or a contiguous CPU float32 tensor of shape {shape}, "
-                         f"got {_shape(out)}")
-    if workspace is not None and (not isinstance(workspace, torch.Tensor) or workspace.dim() != 1
-                                  or workspace.dtype != torch.float32
-                                  or workspace.device.type != "cpu"
-                                  or not workspace.is_contiguous() or workspace.requires_grad):
-        raise ValueError(f"workspace must be None or a 1-d contiguous CPU float32 tensor without "
-                         f"grad, got {_shape(workspace)}")
+                            or not out.is_contiguous() or out.requires_grad):
+        raise ValueError(f"out must be None or a contiguous CPU float32 tensor of shape {shape} "
+                         f"without grad, got {_shape(out)}")
 
 
 def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     padding: int = 1, *, out: Optional[torch.Tensor] = None,
-                     workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     padding: int = 1, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=padding)`` for a 3x3 filter, stride 1, by Winograd
     F(4x4, 3x3): x (N, C, H, W) CPU float32, ``U = winograd_weight(weight)`` (36, C, K), bias
     (K) or None. Returns a (N, K, H + 2 padding - 2, W + 2 padding - 2) float32 tensor: ``out``
@@ -187,25 +160,24 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
     must not require a gradient under grad mode). Uses ``torch.get_num_threads()`` threads; the
     transforms' bits do not depend on the count.
 
-    ``workspace``: a 1-d CPU float32 tensor the caller keeps between calls for the intermediate
-    V and M (:func:`workspace_size` floats; grown in place with ``resize_`` when smaller). Without
-    it every call allocates them afresh, which costs page faults (~10 % of a call at 8 images of
-    16 x 16 x 128; benchmarks/winograd_speed.py).
+    ``out``: a buffer the caller keeps between calls. A fresh output of 256 images of 16 x 16 x 128
+    costs its page faults on every call (measured 16 % of the call here); the intermediate V and M
+    (one chunk of images, about a megabyte each) are reused from chunk to chunk and, being
+    freed and allocated at the same size, come back from the C allocator without new faults.
 
     >>> x = torch.randn(1, 16, 4, 4)
     >>> U = winograd_weight(torch.randn(8, 16, 3, 3))
     >>> conv3x3_winograd(x, U, None, padding=0).shape
     torch.Size([1, 8, 2, 2])
-    >>> ws = torch.empty(0)
-    >>> y = conv3x3_winograd(x, U, None, workspace=ws)
-    >>> ws.numel() == workspace_size(x.shape, U.shape)
+    >>> out = torch.empty(1, 8, 4, 4)
+    >>> conv3x3_winograd(x, U, None, out=out) is out
     True
     """
     _check(x, U, bias, padding)
     N, C, H, W = x.shape
     K = U.shape[2]
     Ho, Wo = H + 2 * padding - 2, W + 2 * padding - 2
-    _check_buffers(out, workspace, (N, K, Ho, Wo))
+    _check_out(out, (N, K, Ho, Wo))
     x = x.detach().contiguous()
     U = U.detach().contiguous()
     T = ((Ho + 3) // 4) * ((Wo + 3) // 4)
@@ -214,18 +186,15 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
         return y
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
     per_chunk = max(1, min(N, TILES_PER_CHUNK // T))
-    need = workspace_size(x.shape, U.shape, padding)
-    if workspace is None:
-        workspace = torch.empty(need, dtype=torch.float32)
-    elif workspace.numel() < need:
-        workspace.resize_(need)
+    v_buf = torch.empty(36 * per_chunk * T * C, dtype=torch.float32)
+    m_buf = torch.empty(36 * per_chunk * T * K, dtype=torch.float32)
     threads = torch.get_num_threads()
     lib = _C()
     for n0 in range(0, N, per_chunk):
         n = min(per_chunk, N - n0)
-        rows = _rows(n * T)
-        v = workspace[:36 * rows * C].view(36, rows, C)
-        m = workspace[36 * rows * C:36 * rows * (C + K)].view(36, rows, K)
+        rows = n * T
+        v = v_buf[:36 * rows * C].view(36, rows, C)
+        m = m_buf[:36 * rows * K].view(36, rows, K)
         lib.winograd_input_transform(x[n0].data_ptr(), n, C, H, W, padding, rows, v.data_ptr(),
                                      threads)
         torch.bmm(v, U, out=m)
