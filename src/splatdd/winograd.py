@@ -5,8 +5,10 @@ oneDNN's direct kernels; Winograd F(4x4, 3x3) needs 36 multiplies per 4x4 output
 (input, output) channel pair instead of 144. :func:`conv3x3_winograd` is
 
 1. the input transform ``V = B^T d B`` of every 6x6 input patch (compiled, ``splatdd._C``),
-   layout ``V (36, P, C)`` with ``P = N * T`` tiles, ``T = ceil(Ho / 4) * ceil(Wo / 4)``;
-2. one ``(P x C) @ (C x K)`` GEMM per transform point: ``M = torch.bmm(V, U)``;
+   layout ``V (36, C, R)``: ``R >= P = N * T`` tiles (a multiple of 16),
+   ``T = ceil(Ho / 4) * ceil(Wo / 4)``; the compiled loops run over 16 tiles at a time (a
+   masked gather per patch element, a masked scatter per output pixel on AVX-512);
+2. one ``(K x C) @ (C x R)`` GEMM per transform point: ``M = torch.bmm(U, V)``;
 3. the output transform ``y = A^T m A + bias`` (compiled), written straight into NCHW.
 
 Images go through in chunks of about :data:`TILES_PER_CHUNK` tiles so that V and M stay in cache
@@ -65,7 +67,7 @@ def _shape(t) -> str:
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The transformed filters ``U (36, C, K)``: ``U[6a + b, c, k] = (G w[k, c] G^T)[a, b]``,
+    """The transformed filters ``U (36, K, C)``: ``U[6a + b, k, c] = (G w[k, c] G^T)[a, b]``,
     computed in float64 and returned as a contiguous CPU float32 tensor (no gradient).
 
     >>> w = torch.zeros(1, 1, 3, 3); w[0, 0, 1, 1] = 1.0   # the identity filter
@@ -82,8 +84,8 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
                          f"of shape {tuple(weight.shape)}")
     K, C = weight.shape[:2]
     g = torch.tensor(_G, dtype=torch.float64)
-    u = torch.einsum("ai,kcij,bj->abck", g, weight.detach().to("cpu", torch.float64), g)
-    return u.reshape(36, C, K).to(torch.float32).contiguous()
+    u = torch.einsum("ai,kcij,bj->abkc", g, weight.detach().to("cpu", torch.float64), g)
+    return u.reshape(36, K, C).to(torch.float32).contiguous()
 
 
 def winograd_available(x: torch.Tensor, weight: torch.Tensor, *, grad: bool, stride=1,
@@ -126,16 +128,16 @@ def _check(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor], paddi
         raise ValueError("x requires a gradient: conv3x3_winograd is inference only "
                          "(use F.conv2d, or torch.no_grad())")
     if not isinstance(U, torch.Tensor) or U.dim() != 3 or U.shape[0] != 36:
-        raise ValueError(f"U must be a (36, C, K) tensor from winograd_weight, got {_shape(U)}")
+        raise ValueError(f"U must be a (36, K, C) tensor from winograd_weight, got {_shape(U)}")
     if U.dtype != torch.float32 or U.device.type != "cpu":
         raise ValueError(f"U must be a CPU float32 tensor, got {U.dtype} on {U.device}")
-    if U.shape[1] != x.shape[1]:
-        raise ValueError(f"U has {U.shape[1]} input channels but x has {x.shape[1]}")
-    if U.shape[2] < 1:
+    if U.shape[2] != x.shape[1]:
+        raise ValueError(f"U has {U.shape[2]} input channels but x has {x.shape[1]}")
+    if U.shape[1] < 1:
         raise ValueError("U must have at least one output channel")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (U.shape[2],)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (U.shape[1],)
                              or bias.device.type != "cpu"):
-        raise ValueError(f"bias must be None or a CPU tensor of shape ({U.shape[2]},), got "
+        raise ValueError(f"bias must be None or a CPU tensor of shape ({U.shape[1]},), got "
                          f"{_shape(bias)}")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
@@ -156,13 +158,17 @@ def _check_out(out: Optional[torch.Tensor], shape) -> None:
 
 
 def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     padding: int = 1, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     padding: int = 1, *, out: Optional[torch.Tensor] = None,
+                     isa: int = 0) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=padding)`` for a 3x3 filter, stride 1, by Winograd
-    F(4x4, 3x3): x (N, C, H, W) CPU float32, ``U = winograd_weight(weight)`` (36, C, K), bias
+    F(4x4, 3x3): x (N, C, H, W) CPU float32, ``U = winograd_weight(weight)`` (36, K, C), bias
     (K) or None. Returns a (N, K, H + 2 padding - 2, W + 2 padding - 2) float32 tensor: ``out``
     when given (contiguous, that shape), else a new one. Inference only (no autograd graph; x
     must not require a gradient under grad mode). Uses ``torch.get_num_threads()`` threads; the
     transforms' bits do not depend on the count.
+
+    ``isa``: the instruction set of the compiled transforms, 0 (default) the best this CPU has;
+    1 baseline, 2 AVX2, 3 AVX-512 force one (``_C.winograd_isas()`` says which exist; for tests).
 
     ``out``: a buffer the caller keeps between calls. A fresh output of 256 images of 16 x 16 x 128
     costs its page faults on every call (measured 16 % of the call here); the intermediate V and M
@@ -179,7 +185,7 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
     """
     _check(x, U, bias, padding)
     N, C, H, W = x.shape
-    K = U.shape[2]
+    K = U.shape[1]
     Ho, Wo = H + 2 * padding - 2, W + 2 * padding - 2
     _check_out(out, (N, K, Ho, Wo))
     x = x.detach().contiguous()
@@ -190,18 +196,19 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
         return y
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
     per_chunk = max(1, min(N, TILES_PER_CHUNK // T))
-    v_buf = torch.empty(36 * per_chunk * T * C, dtype=torch.float32)
-    m_buf = torch.empty(36 * per_chunk * T * K, dtype=torch.float32)
+    R = -(-per_chunk * T // 16) * 16
+    v_buf = torch.empty(36 * C * R, dtype=torch.float32)
+    m_buf = torch.empty(36 * K * R, dtype=torch.float32)
     threads = torch.get_num_threads()
     lib = _C()
     for n0 in range(0, N, per_chunk):
         n = min(per_chunk, N - n0)
-        rows = n * T
-        v = v_buf[:36 * rows * C].view(36, rows, C)
-        m = m_buf[:36 * rows * K].view(36, rows, K)
+        rows = -(-n * T // 16) * 16
+        v = v_buf[:36 * C * rows].view(36, C, rows)
+        m = m_buf[:36 * K * rows].view(36, K, rows)
         lib.winograd_input_transform(x[n0].data_ptr(), n, C, H, W, padding, rows, v.data_ptr(),
-                                     threads)
-        torch.bmm(v, U, out=m)
+                                     threads, isa)
+        torch.bmm(U, v, out=m)
         lib.winograd_output_transform(m.data_ptr(), rows, 0 if b is None else b.data_ptr(), n, K,
-                                      Ho, Wo, y[n0].data_ptr(), threads)
+                                      Ho, Wo, y[n0].data_ptr(), threads, isa)
     return y
