@@ -287,7 +287,8 @@ void norm_act_pool_backward(uintptr_t x, uintptr_t weight, uintptr_t bias, int64
 }
 
 void winograd_input_transform(uintptr_t x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t pad,
-                              uintptr_t v, int64_t num_threads) {
+                              int64_t rows, uintptr_t v, int64_t num_threads, int64_t isa) {
+  require(isa >= 0 && isa <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
   require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
   require(N == 0 || (x != 0 && v != 0), "x and v must not be null");
   splatdd::WinogradInputArgs a;
@@ -297,18 +298,23 @@ void winograd_input_transform(uintptr_t x, int64_t N, int64_t C, int64_t H, int6
   a.H = H;
   a.W = W;
   a.pad = pad;
+  a.rows = rows;
   a.v = reinterpret_cast<float*>(v);
   a.num_threads = static_cast<int>(num_threads);
+  a.isa = static_cast<int>(isa);
   py::gil_scoped_release release;
   splatdd::winograd_input_transform_cpu(a);
 }
 
-void winograd_output_transform(uintptr_t m, uintptr_t bias, int64_t N, int64_t K, int64_t Ho,
-                               int64_t Wo, uintptr_t y, int64_t num_threads) {
+void winograd_output_transform(uintptr_t m, int64_t rows, uintptr_t bias, int64_t N, int64_t K,
+                               int64_t Ho, int64_t Wo, uintptr_t y, int64_t num_threads,
+                               int64_t isa) {
+  require(isa >= 0 && isa <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
   require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
   require(N == 0 || (m != 0 && y != 0), "m and y must not be null");
   splatdd::WinogradOutputArgs a;
   a.m = reinterpret_cast<const float*>(m);
+  a.rows = rows;
   a.bias = reinterpret_cast<const float*>(bias);
   a.N = N;
   a.K = K;
@@ -316,6 +322,7 @@ void winograd_output_transform(uintptr_t m, uintptr_t bias, int64_t N, int64_t K
   a.Wo = Wo;
   a.y = reinterpret_cast<float*>(y);
   a.num_threads = static_cast<int>(num_threads);
+  a.isa = static_cast<int>(isa);
   py::gil_scoped_release release;
   splatdd::winograd_output_transform_cpu(a);
 }
@@ -390,15 +397,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("num_threads") = 0,
         "CPU, float32: grad_x (N, C, H, W) and per-sample grad_weight / grad_bias (N, C).");
   m.def("winograd_input_transform", &winograd_input_transform, py::arg("x"), py::arg("N"),
-        py::arg("C"), py::arg("H"), py::arg("W"), py::arg("pad"), py::arg("v"),
-        py::arg("num_threads") = 0,
-        "CPU, float32: Winograd F(4x4, 3x3) input transform of x (N, C, H, W) into v (36, N * T, C). "
+        py::arg("C"), py::arg("H"), py::arg("W"), py::arg("pad"), py::arg("rows"), py::arg("v"),
+        py::arg("num_threads") = 0, py::arg("isa") = 0,
+        "CPU, float32: Winograd F(4x4, 3x3) input transform of x (N, C, H, W) into v (36, C, rows), "
+        "rows >= N * T (T tiles per image) a multiple of 16; isa 0 best, 1 generic, 2 avx2, "
+        "3 avx512. "
         "Addresses are ints; use splatdd.winograd.");
-  m.def("winograd_output_transform", &winograd_output_transform, py::arg("m"), py::arg("bias"),
-        py::arg("N"), py::arg("K"), py::arg("Ho"), py::arg("Wo"), py::arg("y"),
-        py::arg("num_threads") = 0,
-        "CPU, float32: Winograd F(4x4, 3x3) output transform of m (36, N * T, K) into y (N, K, Ho, "
+  m.def("winograd_output_transform", &winograd_output_transform, py::arg("m"), py::arg("rows"),
+        py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("Ho"), py::arg("Wo"), py::arg("y"),
+        py::arg("num_threads") = 0, py::arg("isa") = 0,
+        "CPU, float32: Winograd F(4x4, 3x3) output transform of m (36, K, rows) into y (N, K, Ho, "
         "Wo) plus bias (K) when non-zero. Addresses are ints; use splatdd.winograd.");
+  m.def("winograd_isas", &splatdd::winograd_isas,
+        "Bit mask of the instruction sets the Winograd transforms can use here (bit 1 generic, "
+        "bit 2 avx2, bit 3 avx512).");
+  m.def("winograd_default_isa", &splatdd::winograd_default_isa,
+        "The instruction set the Winograd transforms use by default: 1 generic, 2 avx2, 3 avx512.");
   m.def("backends", &backends, "Compiled backends: [\"cpu\"] or [\"cpu\", \"cuda\"].");
   m.def("cpu_kernel_name", &splatdd::cpu_kernel_name,
         "The CPU backend's inner loops on this machine: \"avx512\", \"avx2\" or \"generic\" "

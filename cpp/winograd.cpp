@@ -1,8 +1,9 @@
 // winograd.cpp -- Winograd F(4x4, 3x3) input and output transforms on the CPU (see the header).
 //
-// Tasks are (image, row of tiles), in contiguous ranges, one range per
-// worker, with a small scratch buffer per worker. The loops (winograd.inc) are compiled for
-// baseline x86-64, AVX2+FMA and AVX-512 and chosen at run time by the CPU's features.
+// Each call first computes, for every block of 16 tiles, where each lane's patch elements (input)
+// or output pixels lie relative to channel 0 and which lie inside the image; then the channels are
+// split into one contiguous range per worker. The loops (winograd.inc) are compiled for baseline
+// x86-64, AVX2+FMA (gathers) and AVX-512 (gathers and scatters) and chosen at run time.
 #include "winograd.h"
 
 #include <algorithm>
@@ -14,26 +15,38 @@
 #include "cpu_isa.h"
 #include "cpu_parallel.h"
 
+#if defined(SPLATDD_CPU_X86)
+#include <immintrin.h>
+#endif
+
 namespace splatdd {
 
+#define WINO_ISA 1
 namespace wino_generic {
 #include "winograd.inc"
 }  // namespace wino_generic
+#undef WINO_ISA
 
 #if defined(SPLATDD_CPU_X86)
+#define WINO_ISA 2
 SPLATDD_TARGET_AVX2_BEGIN
 namespace wino_avx2 {
 #include "winograd.inc"
 }  // namespace wino_avx2
 SPLATDD_TARGET_END
+#undef WINO_ISA
+#define WINO_ISA 3
 SPLATDD_TARGET_AVX512_BEGIN
 namespace wino_avx512 {
 #include "winograd.inc"
 }  // namespace wino_avx512
 SPLATDD_TARGET_END
+#undef WINO_ISA
 #endif
 
 namespace {
+
+constexpr int kLanes = wino_generic::kLanes;
 
 enum class Isa { kGeneric, kAvx2, kAvx512 };
 
@@ -46,30 +59,57 @@ void check(bool ok, const char* msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
 
-constexpr int64_t kMaxElements = int64_t{1} << 40;
+Isa choose_isa(int requested) {
+  check(requested >= 0 && requested <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
+  if (requested == 0) return pick_isa();
+  check(requested != 2 || cpu_has_avx2(), "this CPU has no AVX2+FMA");
+  check(requested != 3 || cpu_has_avx512(), "this CPU has no AVX-512");
+  return requested == 1 ? Isa::kGeneric : requested == 2 ? Isa::kAvx2 : Isa::kAvx512;
+}
+
 constexpr int64_t kMaxSide = int64_t{1} << 20;
-constexpr int kBlock = wino_generic::kLanes;
+constexpr int64_t kMaxOffset = (int64_t{1} << 31) - 1;  // the gathers' offsets are int32
+constexpr int64_t kMaxElements = int64_t{1} << 40;
 
 // Values (floats written) per worker below which a call stays on the caller's thread: a ConvNet
 // layer of a few images is a fraction of a millisecond, less than starting a thread costs.
 constexpr int64_t kMinValuesPerWorker = int64_t{1} << 20;
 
-// Splits `tasks` tasks of `values_per_task` values into one contiguous range per worker and runs
-// body(begin, end, scratch) with `scratch_floats` floats of scratch per worker.
+// Splits channels [0, channels) into one contiguous range per worker: body(begin, end).
 template <class F>
-void for_tasks(int64_t tasks, int64_t values_per_task, int requested, size_t scratch_floats,
-               const F& body) {
-  if (tasks == 0) return;
-  const int64_t by_work = std::max<int64_t>(1, tasks * values_per_task / kMinValuesPerWorker);
-  const int n = resolve_threads(requested, std::min(tasks, by_work));
-  std::vector<float> scratch(static_cast<size_t>(n) * scratch_floats);
-  run_parallel(n, [&](int t) {
-    const int64_t begin = tasks * t / n, end = tasks * (t + 1) / n;
-    body(begin, end, scratch.data() + static_cast<size_t>(t) * scratch_floats);
-  });
+void for_channels(int64_t channels, int64_t values_per_channel, int requested, const F& body) {
+  if (channels == 0) return;
+  const int64_t by_work =
+      std::max<int64_t>(1, channels * values_per_channel / kMinValuesPerWorker);
+  const int n = resolve_threads(requested, std::min(channels, by_work));
+  run_parallel(n, [&](int t) { body(channels * t / n, channels * (t + 1) / n); });
+}
+
+struct Tiling {
+  int64_t th = 0, tw = 0, T = 0, P = 0, blocks = 0;
+};
+
+Tiling tiling(int64_t N, int64_t Ho, int64_t Wo, int64_t rows) {
+  Tiling g;
+  g.th = (Ho + 3) / 4;
+  g.tw = (Wo + 3) / 4;
+  g.T = g.th * g.tw;
+  g.P = N * g.T;
+  check(rows >= g.P && rows % kLanes == 0, "rows must be >= N * tiles per image and a multiple of 16");
+  g.blocks = rows / kLanes;
+  return g;
 }
 
 }  // namespace
+
+int winograd_isas() {
+  return 2 | (cpu_has_avx2() ? 4 : 0) | (cpu_has_avx512() ? 8 : 0);
+}
+
+int winograd_default_isa() {
+  const Isa isa = pick_isa();
+  return isa == Isa::kAvx512 ? 3 : isa == Isa::kAvx2 ? 2 : 1;
+}
 
 void winograd_input_transform_cpu(const WinogradInputArgs& a) {
   check(a.N >= 0 && a.C >= 1 && a.H >= 1 && a.W >= 1, "N must be >= 0 and C, H, W >= 1");
@@ -77,45 +117,77 @@ void winograd_input_transform_cpu(const WinogradInputArgs& a) {
         "pad, H and W must be in 0..2^20");
   const int64_t Ho = a.H + 2 * a.pad - 2, Wo = a.W + 2 * a.pad - 2;
   check(Ho >= 1 && Wo >= 1, "the padded input must be at least 3 x 3");
-  const int64_t T = winograd_tiles(Ho, Wo);
-  check(a.N * a.C * a.H * a.W < kMaxElements && 36 * a.N * T * a.C < kMaxElements,
-        "tensor too large");
+  const Tiling g = tiling(a.N, Ho, Wo, a.rows);
+  check(a.N * a.C * a.H * a.W <= kMaxOffset, "N * C * H * W must be < 2^31 (split the batch)");
+  check(36 * a.rows * a.C < kMaxElements, "tensor too large");
   check(a.N == 0 || (a.x != nullptr && a.v != nullptr), "null x or v pointer");
-  const int64_t th = (Ho + 3) / 4, tw = (Wo + 3) / 4;
-  const int64_t ncb = (a.C + kBlock - 1) / kBlock, tasks = a.N * th;
-  const size_t scratch = static_cast<size_t>((ncb + 1) * 6 * (4 * tw + 2) * kBlock);
-  const Isa isa = pick_isa();
-  for_tasks(tasks, 36 * tw * ncb * kBlock, a.num_threads, scratch,
-            [&](int64_t begin, int64_t end, float* s) {
+  if (a.rows == 0) return;
+  // per block of 16 tiles: the 36 patch elements' offsets from channel 0, and masks (in image)
+  std::vector<int32_t> off(static_cast<size_t>(g.blocks * 36 * kLanes), 0);
+  std::vector<uint32_t> mask(static_cast<size_t>(g.blocks * 36), 0u);
+  for (int64_t b = 0; b < g.blocks; ++b)
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t p = b * kLanes + l;
+      if (p >= g.P) continue;
+      const int64_t n = p / g.T, t = p % g.T, ty = t / g.tw, tx = t % g.tw;
+      for (int r = 0; r < 6; ++r)
+        for (int s = 0; s < 6; ++s) {
+          const int64_t row = 4 * ty - a.pad + r, col = 4 * tx - a.pad + s;
+          if (row < 0 || row >= a.H || col < 0 || col >= a.W) continue;
+          off[(b * 36 + r * 6 + s) * kLanes + l] =
+              static_cast<int32_t>((n * a.C * a.H + row) * a.W + col);
+          mask[b * 36 + r * 6 + s] |= 1u << l;
+        }
+    }
+  const Isa isa = choose_isa(a.isa);
+  for_channels(a.C, 36 * a.rows, a.num_threads, [&](int64_t begin, int64_t end) {
 #if defined(SPLATDD_CPU_X86)
-              if (isa == Isa::kAvx512) return wino_avx512::input_tasks(a, begin, end, s);
-              if (isa == Isa::kAvx2) return wino_avx2::input_tasks(a, begin, end, s);
+    if (isa == Isa::kAvx512)
+      return wino_avx512::input_channels(a, off.data(), mask.data(), g.blocks, begin, end);
+    if (isa == Isa::kAvx2)
+      return wino_avx2::input_channels(a, off.data(), mask.data(), g.blocks, begin, end);
 #endif
-              (void)isa;
-              wino_generic::input_tasks(a, begin, end, s);
-            });
+    (void)isa;
+    wino_generic::input_channels(a, off.data(), mask.data(), g.blocks, begin, end);
+  });
 }
 
 void winograd_output_transform_cpu(const WinogradOutputArgs& a) {
   check(a.N >= 0 && a.K >= 1 && a.Ho >= 1 && a.Wo >= 1, "N must be >= 0 and K, Ho, Wo >= 1");
   check(a.Ho <= kMaxSide && a.Wo <= kMaxSide, "Ho and Wo must be at most 2^20");
-  const int64_t T = winograd_tiles(a.Ho, a.Wo);
-  check(a.N * a.K * a.Ho * a.Wo < kMaxElements && 36 * a.N * T * a.K < kMaxElements,
-        "tensor too large");
+  const Tiling g = tiling(a.N, a.Ho, a.Wo, a.rows);
+  check(a.N * a.K * a.Ho * a.Wo <= kMaxOffset, "N * K * Ho * Wo must be < 2^31 (split the batch)");
+  check(36 * a.rows * a.K < kMaxElements, "tensor too large");
   check(a.N == 0 || (a.m != nullptr && a.y != nullptr), "null m or y pointer");
-  const int64_t th = (a.Ho + 3) / 4, tw = (a.Wo + 3) / 4;
-  const int64_t nkb = (a.K + kBlock - 1) / kBlock, tasks = a.N * th;
-  const size_t scratch = static_cast<size_t>((36 + 24 + nkb * 16 * tw) * kBlock);
-  const Isa isa = pick_isa();
-  for_tasks(tasks, 16 * tw * nkb * kBlock, a.num_threads, scratch,
-            [&](int64_t begin, int64_t end, float* s) {
+  if (a.rows == 0) return;
+  // per block of 16 tiles: the 16 output pixels' offsets from channel 0, and masks (in image)
+  std::vector<int32_t> off(static_cast<size_t>(g.blocks * 16 * kLanes), 0);
+  std::vector<uint32_t> mask(static_cast<size_t>(g.blocks * 16), 0u);
+  for (int64_t b = 0; b < g.blocks; ++b)
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t p = b * kLanes + l;
+      if (p >= g.P) continue;
+      const int64_t n = p / g.T, t = p % g.T, ty = t / g.tw, tx = t % g.tw;
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+          const int64_t row = 4 * ty + i, col = 4 * tx + j;
+          if (row >= a.Ho || col >= a.Wo) continue;
+          off[(b * 16 + i * 4 + j) * kLanes + l] =
+              static_cast<int32_t>((n * a.K * a.Ho + row) * a.Wo + col);
+          mask[b * 16 + i * 4 + j] |= 1u << l;
+        }
+    }
+  const Isa isa = choose_isa(a.isa);
+  for_channels(a.K, 16 * a.rows, a.num_threads, [&](int64_t begin, int64_t end) {
 #if defined(SPLATDD_CPU_X86)
-              if (isa == Isa::kAvx512) return wino_avx512::output_tasks(a, begin, end, s);
-              if (isa == Isa::kAvx2) return wino_avx2::output_tasks(a, begin, end, s);
+    if (isa == Isa::kAvx512)
+      return wino_avx512::output_channels(a, off.data(), mask.data(), g.blocks, begin, end);
+    if (isa == Isa::kAvx2)
+      return wino_avx2::output_channels(a, off.data(), mask.data(), g.blocks, begin, end);
 #endif
-              (void)isa;
-              wino_generic::output_tasks(a, begin, end, s);
-            });
+    (void)isa;
+    wino_generic::output_channels(a, off.data(), mask.data(), g.blocks, begin, end);
+  });
 }
 
 }  // namespace splatdd

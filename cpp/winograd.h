@@ -4,10 +4,11 @@
 //
 // Points 0, +-1, +-2, infinity (Lavin & Gray 2015): for a 6x6 input patch d and a 3x3 filter g the
 // 4x4 output tile is A^T [(G g G^T) . (B^T d B)] A. With T = ceil(Ho/4) * ceil(Wo/4) tiles per
-// image (Ho = H + 2 pad - 2, Wo = W + 2 pad - 2) and P = N * T tiles in all, the layouts are
-//   V (36, P, C)   input transform, V[xi, n*T + ty*tw + tx, c] = (B^T d B)[xi / 6, xi % 6]
-//   U (36, C, K)   weight transform (Python: G g G^T in float64)
-//   M (36, P, K)   M = V @ U, one (P x C) @ (C x K) GEMM per transform point xi
+// image (Ho = H + 2 pad - 2, Wo = W + 2 pad - 2), P = N * T tiles in all, tile p = n*T + ty*tw + tx,
+// and R >= P rows (a multiple of 16), the layouts are
+//   V (36, C, R)   input transform, V[xi, c, p] = (B^T d B)[xi / 6, xi % 6]; zero for p >= P
+//   U (36, K, C)   weight transform (Python: G g G^T in float64)
+//   M (36, K, R)   M = U @ V, one (K x C) @ (C x R) GEMM per transform point xi
 //   y (N, K, Ho, Wo) = A^T m A + bias, only the valid pixels of the edge tiles written.
 // Plain argument structs of raw pointers and sizes (nvdiffrast style); Python checks and allocates.
 // Deterministic: every output value is computed by one task in a fixed order, whatever the thread
@@ -22,20 +23,29 @@ struct WinogradInputArgs {
   const float* x = nullptr;  // (N, C, H, W) contiguous
   int64_t N = 0, C = 0, H = 0, W = 0;
   int64_t pad = 0;           // zero padding on every side
-  float* v = nullptr;        // (36, N * T, C)
+  int64_t rows = 0;          // R >= N * T, a multiple of 16
+  float* v = nullptr;        // (36, C, R)
   int num_threads = 0;       // 0 = hardware concurrency
+  int isa = 0;               // 0 best available, 1 baseline, 2 AVX2, 3 AVX-512 (tests)
 };
 
 struct WinogradOutputArgs {
-  const float* m = nullptr;     // (36, N * T, K)
+  const float* m = nullptr;     // (36, K, R)
+  int64_t rows = 0;             // R >= N * T, a multiple of 16
   const float* bias = nullptr;  // (K) or null (zeros)
   int64_t N = 0, K = 0, Ho = 0, Wo = 0;
   float* y = nullptr;           // (N, K, Ho, Wo) contiguous
   int num_threads = 0;
+  int isa = 0;                  // as WinogradInputArgs::isa
 };
 
 // Tiles per image for an Ho x Wo output: ceil(Ho / 4) * ceil(Wo / 4).
 inline int64_t winograd_tiles(int64_t Ho, int64_t Wo) { return ((Ho + 3) / 4) * ((Wo + 3) / 4); }
+
+// The instruction sets this CPU runs the transforms with (1 baseline, 2 AVX2, 3 AVX-512), and the
+// one used by default (isa 0).
+int winograd_isas();  // bit i set: isa i available
+int winograd_default_isa();
 
 // Throw std::invalid_argument on inconsistent arguments (never read or write out of range).
 void winograd_input_transform_cpu(const WinogradInputArgs& a);

@@ -12,7 +12,7 @@ from splatdd.winograd import (MIN_CHANNELS, conv3x3_winograd, winograd_available
                               winograd_weight)
 
 pytestmark = pytest.mark.skipif(
-    not winograd_available(torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 3, 3), grad=False),
+    not hasattr(_C(), "winograd_input_transform"),
     reason="splatdd._C has no winograd transforms (an old build): rebuild with pip install -e .")
 
 # Error bound, relative to the conditioning of the output plane: the largest over the plane of
@@ -79,6 +79,20 @@ def test_no_bias_and_empty_batch():
     assert empty.shape == (0, 5, 6, 7)
 
 
+def test_out():
+    """out is written and returned (same bits as without it), over several chunks of images."""
+    x, wt, b = _case(40, 16, 24, 8, 8, 6)
+    x, U, b = x.float(), winograd_weight(wt), b.float()
+    want = conv3x3_winograd(x, U, b)
+    out = torch.full((40, 24, 8, 8), float("nan"))
+    got = conv3x3_winograd(x, U, b, out=out)
+    assert got is out and torch.equal(out, want)
+    for bad in (torch.empty(40, 24, 8, 9), torch.empty(40, 24, 8, 8, dtype=torch.float64),
+                torch.empty(40, 24, 8, 16)[..., ::2]):
+        with pytest.raises(ValueError, match="out must be None or a contiguous CPU float32"):
+            conv3x3_winograd(x, U, b, out=bad)
+
+
 def test_non_contiguous_input():
     """A channels_last or sliced x gives the same bits as its contiguous copy."""
     x, wt, b = _case(2, 16, 8, 9, 9, 5)
@@ -99,12 +113,12 @@ def test_weight_transform_by_hand():
     w = torch.zeros(2, 3, 3, 3)
     w[1, 2] = torch.tensor(g)
     U = winograd_weight(w)
-    assert U.shape == (36, 3, 2) and U.dtype == torch.float32 and U.is_contiguous()
+    assert U.shape == (36, 2, 3) and U.dtype == torch.float32 and U.is_contiguous()
     for a in range(6):
         for b in range(6):
             want = sum(G[a][i] * g[i][j] * G[b][j] for i in range(3) for j in range(3))
-            assert abs(float(U[6 * a + b, 2, 1]) - want) < 1e-6 * max(1.0, abs(want))
-    assert float(U[:, :2].abs().max()) == 0.0 and float(U[:, 2, 0].abs().max()) == 0.0
+            assert abs(float(U[6 * a + b, 1, 2]) - want) < 1e-6 * max(1.0, abs(want))
+    assert float(U[:, :, :2].abs().max()) == 0.0 and float(U[:, 0, 2].abs().max()) == 0.0
 
 
 def test_bits_independent_of_thread_count():
@@ -113,14 +127,15 @@ def test_bits_independent_of_thread_count():
     x, wt, b = _case(200, 32, 80, 15, 13, 11)
     x, U, b = x.float(), winograd_weight(wt), b.float()
     N, C, H, W = x.shape
-    K, T = U.shape[2], 4 * 4
+    K, T = U.shape[1], 4 * 4
+    R = N * T   # a multiple of 16
     results_v, results_y = [], []
-    m = torch.randn(36, N * T, K, generator=torch.Generator().manual_seed(2))
+    m = torch.randn(36, K, R, generator=torch.Generator().manual_seed(2))
     for threads in (1, 2, 3):
-        v = torch.empty(36, N * T, C)
-        _C().winograd_input_transform(x.data_ptr(), N, C, H, W, 1, v.data_ptr(), threads)
+        v = torch.empty(36, C, R)
+        _C().winograd_input_transform(x.data_ptr(), N, C, H, W, 1, R, v.data_ptr(), threads)
         y = torch.empty(N, K, H, W)
-        _C().winograd_output_transform(m.data_ptr(), b.data_ptr(), N, K, H, W, y.data_ptr(),
+        _C().winograd_output_transform(m.data_ptr(), R, b.data_ptr(), N, K, H, W, y.data_ptr(),
                                        threads)
         results_v.append(v)
         results_y.append(y)
@@ -138,15 +153,17 @@ def test_input_transform_against_matrix_form():
     pad = 2
     Ho, Wo = 7 + 2 * pad - 2, 5 + 2 * pad - 2
     th, tw = -(-Ho // 4), -(-Wo // 4)
-    v = torch.empty(36, 2 * th * tw, 3)
-    _C().winograd_input_transform(x.data_ptr(), 2, 3, 7, 5, pad, v.data_ptr(), 1)
+    P, rows = 2 * th * tw, 32   # columns P .. rows - 1 of every (point, channel): zeros
+    v = torch.full((36, 3, rows), float("nan"))
+    _C().winograd_input_transform(x.data_ptr(), 2, 3, 7, 5, pad, rows, v.data_ptr(), 1)
+    assert float(v[:, :, P:].abs().max()) == 0.0
     xp = F.pad(x.double(), (pad, 4 * tw + 2 - 5 - pad, pad, 4 * th + 2 - 7 - pad))
     for n in range(2):
         for ty in range(th):
             for tx in range(tw):
                 d = xp[n, :, 4 * ty:4 * ty + 6, 4 * tx:4 * tx + 6]
                 want = (BT @ d @ BT.T).reshape(3, 36).T
-                got = v[:, n * th * tw + ty * tw + tx, :].double()
+                got = v[:, :, n * th * tw + ty * tw + tx].double()
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
 
 
@@ -154,9 +171,9 @@ def test_input_transform_against_matrix_form():
     (lambda x, U, b: (x[0], U, b), "x must be a 4-d"),
     (lambda x, U, b: (x.double(), U, b), "x must be a CPU float32"),
     (lambda x, U, b: (x.to(torch.bfloat16), U, b), "x must be a CPU float32"),
-    (lambda x, U, b: (x, U[:35], b), "U must be a \\(36, C, K\\)"),
+    (lambda x, U, b: (x, U[:35], b), "U must be a \\(36, K, C\\)"),
     (lambda x, U, b: (x, U.double(), b), "U must be a CPU float32"),
-    (lambda x, U, b: (x, U[:, :8], b), "U has 8 input channels but x has 16"),
+    (lambda x, U, b: (x, U[:, :, :8], b), "U has 8 input channels but x has 16"),
     (lambda x, U, b: (x, U, b[:3]), "bias must be None or a CPU tensor of shape \\(5,\\)"),
     (lambda x, U, b: (x, U, "bias"), "bias must be None"),
     (lambda x, U, b: (x[..., :1, :1], U, b), "at least 3 x 3"),
@@ -200,17 +217,47 @@ def test_bad_weight(weight, match):
 
 def test_compiled_transforms_reject_bad_sizes():
     """The compiled entry points check their integer arguments themselves (ValueError, no crash)."""
-    buf = torch.zeros(36 * 16)
+    buf = torch.zeros(36 * 16 * 4)
     with pytest.raises(ValueError, match="at least 3 x 3"):
-        _C().winograd_input_transform(buf.data_ptr(), 1, 1, 1, 1, 0, buf.data_ptr(), 1)
+        _C().winograd_input_transform(buf.data_ptr(), 1, 1, 1, 1, 0, 16, buf.data_ptr(), 1)
     with pytest.raises(ValueError, match="C, H, W >= 1"):
-        _C().winograd_input_transform(buf.data_ptr(), 1, 0, 4, 4, 1, buf.data_ptr(), 1)
+        _C().winograd_input_transform(buf.data_ptr(), 1, 0, 4, 4, 1, 16, buf.data_ptr(), 1)
+    for rows in (8, 17):   # fewer than the 4 tiles of an 8 x 8 image is fine; not a multiple of 16
+        with pytest.raises(ValueError, match="rows must be >= N"):
+            _C().winograd_input_transform(buf.data_ptr(), 1, 1, 8, 8, 1, rows, buf.data_ptr(), 1)
+    with pytest.raises(ValueError, match="rows must be >= N"):
+        _C().winograd_input_transform(buf.data_ptr(), 5, 1, 8, 8, 1, 16, buf.data_ptr(), 1)
     with pytest.raises(ValueError, match="must not be null"):
-        _C().winograd_input_transform(0, 1, 1, 4, 4, 1, buf.data_ptr(), 1)
+        _C().winograd_input_transform(0, 1, 1, 4, 4, 1, 16, buf.data_ptr(), 1)
     with pytest.raises(ValueError, match="K, Ho, Wo >= 1"):
-        _C().winograd_output_transform(buf.data_ptr(), 0, 1, 1, 0, 4, buf.data_ptr(), 1)
+        _C().winograd_output_transform(buf.data_ptr(), 16, 0, 1, 1, 0, 4, buf.data_ptr(), 1)
+    with pytest.raises(ValueError, match="rows must be >= N"):
+        _C().winograd_output_transform(buf.data_ptr(), 16, 0, 5, 1, 8, 8, buf.data_ptr(), 1)
     with pytest.raises(ValueError, match="num_threads"):
-        _C().winograd_output_transform(buf.data_ptr(), 0, 1, 1, 4, 4, buf.data_ptr(), -1)
+        _C().winograd_output_transform(buf.data_ptr(), 16, 0, 1, 1, 4, 4, buf.data_ptr(), -1)
+    with pytest.raises(ValueError, match="isa must be"):
+        _C().winograd_output_transform(buf.data_ptr(), 16, 0, 1, 1, 4, 4, buf.data_ptr(), 1, 4)
+
+
+def _isas():
+    bits = _C().winograd_isas()
+    return [i for i in (1, 2, 3) if bits >> i & 1]
+
+
+@pytest.mark.parametrize("isa", [1, 2, 3])
+def test_every_instruction_set(isa):
+    """Each compiled build of the transforms (baseline, AVX2 gathers, AVX-512 gathers and
+    scatters) against the float64 oracle, with edge tiles, padding 0 / 2 and channel counts that
+    leave partial blocks of 16 tiles."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU cannot run isa {isa}")
+    for (n, c, k, h, w, padding, seed) in [(3, 17, 5, 9, 11, 1, 1), (2, 8, 3, 7, 6, 0, 2),
+                                           (1, 5, 33, 5, 13, 2, 3), (9, 16, 16, 8, 8, 1, 4)]:
+        x, wt, b = _case(n, c, k, h, w, seed)
+        y = conv3x3_winograd(x.float(), winograd_weight(wt), b.float(), padding=padding, isa=isa)
+        ref = F.conv2d(x, wt, b, padding=padding)
+        cond = F.conv2d(x.abs(), wt.abs(), b.abs(), padding=padding).amax(dim=(2, 3), keepdim=True)
+        assert float(((y.double() - ref).abs() / cond).max()) < REL_TOL
 
 
 def test_available():

@@ -5,8 +5,10 @@ oneDNN's direct kernels; Winograd F(4x4, 3x3) needs 36 multiplies per 4x4 output
 (input, output) channel pair instead of 144. :func:`conv3x3_winograd` is
 
 1. the input transform ``V = B^T d B`` of every 6x6 input patch (compiled, ``splatdd._C``),
-   layout ``V (36, P, C)`` with ``P = N * T`` tiles, ``T = ceil(Ho / 4) * ceil(Wo / 4)``;
-2. one ``(P x C) @ (C x K)`` GEMM per transform point: ``M = torch.bmm(V, U)``;
+   layout ``V (36, C, R)``: ``R >= P = N * T`` tiles (a multiple of 16),
+   ``T = ceil(Ho / 4) * ceil(Wo / 4)``; the compiled loops run over 16 tiles at a time (a
+   masked gather per patch element, a masked scatter per output pixel on AVX-512);
+2. one ``(K x C) @ (C x R)`` GEMM per transform point: ``M = torch.bmm(U, V)``;
 3. the output transform ``y = A^T m A + bias`` (compiled), written straight into NCHW.
 
 Images go through in chunks of about :data:`TILES_PER_CHUNK` tiles so that V and M stay in cache
@@ -14,12 +16,15 @@ and are reused from chunk to chunk. ``U = G g G^T`` comes from :func:`winograd_w
 then float32), computed once per weight by the caller. Points 0, +-1, +-2 and infinity
 (Lavin & Gray 2015, "Fast algorithms for convolutional neural networks").
 
-Accuracy: F(4, 3) amplifies rounding (the transforms have entries up to 8 and 5), so the float32
-result is further from the exact convolution than ``F.conv2d``'s. Measured against a float64
-convolution on ConvNet-like inputs (benchmarks/winograd_speed.py writes the figures to
-benchmarks/results/winograd_speed.md): the error is about 1e-6 times the scale of the outputs
-for direct float32 convolution and a few times 1e-6 for this one; tests/test_winograd.py bounds it
-by ``2e-5 * sum(|x| * |w|)`` per output, the conditioning of the sum.
+Accuracy: F(4, 3) amplifies rounding (the transforms have entries up to 8 and 5, G has 1/6 and
+1/24), so the float32 result is further from the exact convolution than ``F.conv2d``'s. Against a
+float64 convolution on ConvNet-like inputs (ReLU'd activations, Kaiming-scaled 128 -> 128 filters)
+the largest error relative to the largest output was measured at about 1e-5 for this function
+and 2e-7 for ``F.conv2d`` (benchmarks/results/winograd_speed.md, written by
+benchmarks/winograd_speed.py); relative to the conditioning of an output plane (the largest
+``sum |x| |w| + |bias|`` in the plane) up to about 5e-6 over random sizes. tests/test_winograd.py
+holds it to 2e-5 of that conditioning. That is far below what bf16 (4e-3) or the run-to-run
+spread of trained networks would notice, but it is not bit-compatible with ``F.conv2d``.
 
 >>> import torch
 >>> import torch.nn.functional as F
@@ -42,8 +47,9 @@ __all__ = ["winograd_weight", "conv3x3_winograd", "winograd_available", "MIN_CHA
            "TILES_PER_CHUNK"]
 
 #: Input channels below which :func:`winograd_available` says no: with few channels the GEMMs
-#: are too thin to pay for the transforms (benchmarks/winograd_speed.py measures the crossover).
-MIN_CHANNELS = 16
+#: are too thin to pay for the transforms (benchmarks/winograd_speed.py measures the crossover:
+#: at K = 128, 32 x 32, one thread, about 0.9x at C = 16 and 1.3x at C = 32).
+MIN_CHANNELS = 32
 
 #: Tiles (rows of V and M) per chunk of images: V and M of a chunk stay in cache at C = K = 128.
 TILES_PER_CHUNK = 256
@@ -61,7 +67,7 @@ def _shape(t) -> str:
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The transformed filters ``U (36, C, K)``: ``U[6a + b, c, k] = (G w[k, c] G^T)[a, b]``,
+    """The transformed filters ``U (36, K, C)``: ``U[6a + b, k, c] = (G w[k, c] G^T)[a, b]``,
     computed in float64 and returned as a contiguous CPU float32 tensor (no gradient).
 
     >>> w = torch.zeros(1, 1, 3, 3); w[0, 0, 1, 1] = 1.0   # the identity filter
@@ -78,8 +84,8 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
                          f"of shape {tuple(weight.shape)}")
     K, C = weight.shape[:2]
     g = torch.tensor(_G, dtype=torch.float64)
-    u = torch.einsum("ai,kcij,bj->abck", g, weight.detach().to("cpu", torch.float64), g)
-    return u.reshape(36, C, K).to(torch.float32).contiguous()
+    u = torch.einsum("ai,kcij,bj->abkc", g, weight.detach().to("cpu", torch.float64), g)
+    return u.reshape(36, K, C).to(torch.float32).contiguous()
 
 
 def winograd_available(x: torch.Tensor, weight: torch.Tensor, *, grad: bool, stride=1,
@@ -122,16 +128,16 @@ def _check(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor], paddi
         raise ValueError("x requires a gradient: conv3x3_winograd is inference only "
                          "(use F.conv2d, or torch.no_grad())")
     if not isinstance(U, torch.Tensor) or U.dim() != 3 or U.shape[0] != 36:
-        raise ValueError(f"U must be a (36, C, K) tensor from winograd_weight, got {_shape(U)}")
+        raise ValueError(f"U must be a (36, K, C) tensor from winograd_weight, got {_shape(U)}")
     if U.dtype != torch.float32 or U.device.type != "cpu":
         raise ValueError(f"U must be a CPU float32 tensor, got {U.dtype} on {U.device}")
-    if U.shape[1] != x.shape[1]:
-        raise ValueError(f"U has {U.shape[1]} input channels but x has {x.shape[1]}")
-    if U.shape[2] < 1:
+    if U.shape[2] != x.shape[1]:
+        raise ValueError(f"U has {U.shape[2]} input channels but x has {x.shape[1]}")
+    if U.shape[1] < 1:
         raise ValueError("U must have at least one output channel")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (U.shape[2],)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (U.shape[1],)
                              or bias.device.type != "cpu"):
-        raise ValueError(f"bias must be None or a CPU tensor of shape ({U.shape[2]},), got "
+        raise ValueError(f"bias must be None or a CPU tensor of shape ({U.shape[1]},), got "
                          f"{_shape(bias)}")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
@@ -143,42 +149,66 @@ def _check(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor], paddi
         raise ValueError("x must have at least one channel")
 
 
+def _check_out(out: Optional[torch.Tensor], shape) -> None:
+    if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != shape
+                            or out.dtype != torch.float32 or out.device.type != "cpu"
+                            or not out.is_contiguous() or out.requires_grad):
+        raise ValueError(f"out must be None or a contiguous CPU float32 tensor of shape {shape} "
+                         f"without grad, got {_shape(out)}")
+
+
 def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     padding: int = 1) -> torch.Tensor:
+                     padding: int = 1, *, out: Optional[torch.Tensor] = None,
+                     isa: int = 0) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=padding)`` for a 3x3 filter, stride 1, by Winograd
-    F(4x4, 3x3): x (N, C, H, W) CPU float32, ``U = winograd_weight(weight)`` (36, C, K), bias
-    (K) or None. Returns a new contiguous (N, K, H + 2 padding - 2, W + 2 padding - 2) float32
-    tensor. Inference only (no autograd graph; x must not require a gradient under grad mode).
-    Uses ``torch.get_num_threads()`` threads; the bits do not depend on the count of threads of
-    the transforms.
+    F(4x4, 3x3): x (N, C, H, W) CPU float32, ``U = winograd_weight(weight)`` (36, K, C), bias
+    (K) or None. Returns a (N, K, H + 2 padding - 2, W + 2 padding - 2) float32 tensor: ``out``
+    when given (contiguous, that shape), else a new one. Inference only (no autograd graph; x
+    must not require a gradient under grad mode). Uses ``torch.get_num_threads()`` threads; the
+    transforms' bits do not depend on the count.
+
+    ``isa``: the instruction set of the compiled transforms, 0 (default) the best this CPU has;
+    1 baseline, 2 AVX2, 3 AVX-512 force one (``_C.winograd_isas()`` says which exist; for tests).
+
+    ``out``: a buffer the caller keeps between calls. A fresh output of 256 images of 16 x 16 x 128
+    costs its page faults on every call (measured 16 % of the call here); the intermediate V and M
+    (one chunk of images, about a megabyte each) are reused from chunk to chunk and, being
+    freed and allocated at the same size, come back from the C allocator without new faults.
 
     >>> x = torch.randn(1, 16, 4, 4)
     >>> U = winograd_weight(torch.randn(8, 16, 3, 3))
     >>> conv3x3_winograd(x, U, None, padding=0).shape
     torch.Size([1, 8, 2, 2])
+    >>> out = torch.empty(1, 8, 4, 4)
+    >>> conv3x3_winograd(x, U, None, out=out) is out
+    True
     """
     _check(x, U, bias, padding)
+    N, C, H, W = x.shape
+    K = U.shape[1]
+    Ho, Wo = H + 2 * padding - 2, W + 2 * padding - 2
+    _check_out(out, (N, K, Ho, Wo))
     x = x.detach().contiguous()
     U = U.detach().contiguous()
-    N, C, H, W = x.shape
-    K = U.shape[2]
-    Ho, Wo = H + 2 * padding - 2, W + 2 * padding - 2
     T = ((Ho + 3) // 4) * ((Wo + 3) // 4)
-    y = torch.empty((N, K, Ho, Wo), dtype=torch.float32)
+    y = torch.empty((N, K, Ho, Wo), dtype=torch.float32) if out is None else out
     if N == 0:
         return y
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
     per_chunk = max(1, min(N, TILES_PER_CHUNK // T))
-    v_buf = torch.empty(36 * per_chunk * T * C, dtype=torch.float32)
-    m_buf = torch.empty(36 * per_chunk * T * K, dtype=torch.float32)
+    R = -(-per_chunk * T // 16) * 16
+    v_buf = torch.empty(36 * C * R, dtype=torch.float32)
+    m_buf = torch.empty(36 * K * R, dtype=torch.float32)
     threads = torch.get_num_threads()
     lib = _C()
     for n0 in range(0, N, per_chunk):
         n = min(per_chunk, N - n0)
-        v = v_buf[:36 * n * T * C].view(36, n * T, C)
-        m = m_buf[:36 * n * T * K].view(36, n * T, K)
-        lib.winograd_input_transform(x[n0].data_ptr(), n, C, H, W, padding, v.data_ptr(), threads)
-        torch.bmm(v, U, out=m)
-        lib.winograd_output_transform(m.data_ptr(), 0 if b is None else b.data_ptr(), n, K, Ho, Wo,
-                                      y[n0].data_ptr(), threads)
+        rows = -(-n * T // 16) * 16
+        v = v_buf[:36 * C * rows].view(36, C, rows)
+        m = m_buf[:36 * K * rows].view(36, K, rows)
+        lib.winograd_input_transform(x[n0].data_ptr(), n, C, H, W, padding, rows, v.data_ptr(),
+                                     threads, isa)
+        torch.bmm(U, v, out=m)
+        lib.winograd_output_transform(m.data_ptr(), rows, 0 if b is None else b.data_ptr(), n, K,
+                                      Ho, Wo, y[n0].data_ptr(), threads, isa)
     return y
