@@ -41,7 +41,7 @@ def winograd_filters(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     >>> U, Ut = winograd_filters(torch.randn(8, 16, 3, 3))
     >>> U.shape, Ut.shape
-    (torch.Size([36, 16, 8]), torch.Size([36, 8, 16]))
+    (torch.Size([36, 8, 16]), torch.Size([36, 16, 8]))
     """
     return winograd_weight(weight), winograd_weight(weight.flip(2, 3).transpose(0, 1))
 
@@ -80,7 +80,9 @@ def winograd_conv_first_order(x: torch.Tensor, weight: torch.Tensor,
     if isinstance(padding, bool) or not isinstance(padding, int) or \
             not 0 <= padding <= MAX_TRAIN_PADDING:
         raise ValueError(f"padding must be an int in 0..{MAX_TRAIN_PADDING}, got {padding!r}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or \
-            tuple(Ut.shape) != (36, weight.shape[0], weight.shape[1]):
-        raise ValueError("Ut must be winograd_filters(weight)[1], of shape (36, K, C)")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or not isinstance(
+            U, torch.Tensor) or not isinstance(Ut, torch.Tensor) or U.dim() != 3 or \
+            tuple(Ut.shape) != (36, U.shape[2], U.shape[1]) or \
+            sorted(U.shape[1:]) != sorted(weight.shape[:2]):
+        raise ValueError("(U, Ut) must be winograd_filters(weight) for this weight")
     return _WinogradConv.apply(x, weight, bias, U, Ut, padding)
