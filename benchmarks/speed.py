@@ -752,7 +752,7 @@ def _markdown(r: dict) -> str:
           "tests/test_winograd.py and measured in benchmarks/results/winograd_speed.md). "
           "Under a graph the modules' convolutions run as before.",
           "* dm: the real batches (10 x 256 images per iteration) are augmented and embedded in "
-          "passes of 8 images (fp32; 16 in bf16) and their embeddings summed: the same mean up to "
+          "passes of 16 images and their embeddings summed: the same mean up to "
           "rounding (tests/test_speed_equivalence.py), and no per-call mapping of ~100 MB "
           "activation buffers (page-fault counts below). `precision=\"bf16\"` embeds the "
           "real batches with a bf16 copy of the frozen network (AMX/AVX512-BF16 here; used only "
@@ -760,7 +760,7 @@ def _markdown(r: dict) -> str:
           "images' path and gradient stay fp32.",
           "* evaluation: each SGD step runs forward+backward in passes of 16 images with the "
           "gradient accumulated (same random stream, same gradient up to rounding; batch-norm "
-          "nets keep one pass) through the fused blocks; the test pass runs passes of 8 under "
+          "nets keep one pass) through the fused blocks; the test pass runs passes of 16 under "
           "inference_mode. The training epoch is now mostly oneDNN's convolutions: forward and "
           "both backward products at fp32 (the floor table). The opt-in protocol option "
           "`test_precision = \"bf16\"` runs the test pass with a bf16 copy of each trained net "

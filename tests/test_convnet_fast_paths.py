@@ -94,3 +94,36 @@ def test_first_order_input_gradient_equals_the_modules():
         net.embed(xb).square().sum().backward()
     torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=2e-4 * float(xa.grad.abs().max()))
 
+
+
+def test_reused_conv_buffers_are_per_thread_and_bounded():
+    """Graph-free passes reuse each layer's conv output buffer: two threads running one net at
+    once get the logits of running alone; a pass above SCRATCH_MAX_VALUES keeps no buffer."""
+    import threading
+    from splatdd.models import SCRATCH_MAX_VALUES
+    net = get_network("ConvNet", 1, 10, 28, seed=0).eval()
+    xs = [torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(s)) for s in (6, 7)]
+    with torch.no_grad():
+        alone = [net(x) for x in xs]
+    got = [[], []]
+
+    def work(k):
+        with torch.no_grad():
+            for _ in range(20):
+                got[k].append(net(xs[k]))
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in (0, 1):
+        assert all(torch.equal(y, alone[k]) for y in got[k])
+    n_big = SCRATCH_MAX_VALUES // (128 * 16 * 16) + 1
+    net._scratch_bufs.clear()
+    big = torch.rand(n_big, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        y = net(big)
+    layers = {i for _, i in net._scratch_bufs}
+    assert 4 not in layers and 8 in layers            # 16 x 16 output too large; 8 x 8 kept
+    assert all(b.numel() <= SCRATCH_MAX_VALUES for b in net._scratch_bufs.values())
+    torch.testing.assert_close(y[:16], net(big[:16]).detach(), rtol=1e-5, atol=1e-5)

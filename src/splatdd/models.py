@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -40,6 +41,10 @@ from .winograd_train import MAX_TRAIN_PADDING, winograd_conv_first_order, winogr
 
 __all__ = ["get_network", "default_depth", "NETWORKS", "ConvNet", "AlexNet", "VGG11", "ResNet18",
            "ViT", "first_order", "set_first_order"]
+
+#: Largest graph-free conv output (values) a ConvNet keeps as a buffer between calls (16 MB):
+#: passes of a few images (the test pass, dm's real batches) then map no fresh pages per call.
+SCRATCH_MAX_VALUES = 1 << 22
 
 NETWORKS = ("ConvNet", "ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4", "ConvNetD5",
             "ConvNetD6", "AlexNet", "VGG11", "ResNet18", "ViT")
@@ -168,6 +173,7 @@ class ConvNet(nn.Module):
         self.first_order_only = False
         # layer -> ((weight ptr, version), U, Ut or None): splatdd.winograd_train.winograd_filters
         self._winograd_cache: dict[int, tuple] = {}
+        self._scratch_bufs: dict[tuple[int, int], torch.Tensor] = {}   # (thread, layer) -> out
 
     def _fused_features(self, x: torch.Tensor) -> torch.Tensor | None:
         """The feature stack through the fused blocks, or None where they do not apply."""
@@ -208,7 +214,23 @@ class ConvNet(nn.Module):
         if grad:
             return winograd_conv_first_order(x, conv.weight, conv.bias, hit[1], hit[2],
                                              padding=conv.padding[0])
-        return conv3x3_winograd(x, hit[1], conv.bias, padding=conv.padding[0])
+        return conv3x3_winograd(x, hit[1], conv.bias, padding=conv.padding[0],
+                                out=self._scratch(i, x, conv))
+
+    def _scratch(self, i: int, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
+        """A graph-free conv output buffer of layer ``i`` kept between calls (per thread; the
+        fused block consumes it at once), so passes of a few images map no fresh pages; None
+        (a new tensor) above :data:`SCRATCH_MAX_VALUES`."""
+        p = conv.padding[0]
+        shape = (x.shape[0], conv.out_channels, x.shape[2] + 2 * p - 2, x.shape[3] + 2 * p - 2)
+        if math.prod(shape) > SCRATCH_MAX_VALUES:
+            return None
+        key = (threading.get_ident(), i)
+        buf = self._scratch_bufs.get(key)
+        if buf is None or tuple(buf.shape) != shape:
+            buf = torch.empty(shape, dtype=torch.float32)
+            self._scratch_bufs[key] = buf
+        return buf
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Flattened features before the head (what DM matches)."""

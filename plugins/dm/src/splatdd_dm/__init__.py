@@ -46,7 +46,7 @@ __all__ = ["DistributionMatching", "REAL_CHUNK", "REAL_CHUNK_BF16"]
 __version__ = "0.1.0"
 
 #: Real images per graph-free embedding pass on the CPU, fp32 and bf16 (benchmarks/speed.py).
-REAL_CHUNK = 8
+REAL_CHUNK = 16
 REAL_CHUNK_BF16 = 16
 
 
