@@ -165,8 +165,10 @@ def main(argv=None) -> None:
         if r["shape"] in TARGET_SHAPES:
             bt = r["best"]
             plain, buf = bt["conv2d"] / bt["winograd"], bt["conv2d"] / bt["winograd + out"]
-            lines.append(f"- {r['shape']}: {plain:.2f}x (fresh output), {buf:.2f}x (kept out) "
-                         f"({'met' if max(plain, buf) >= TARGET else 'missed'})")
+            verdict = ("met" if plain >= TARGET else
+                       "met only with a kept output" if buf >= TARGET else "missed")
+            lines.append(f"- {r['shape']}: {plain:.2f}x (fresh output), {buf:.2f}x (kept out): "
+                         f"{verdict}")
     small = [r for r in rows if r["shape"][1] < 128]
     lines += ["", f"`winograd_available` requires C >= MIN_CHANNELS = {MIN_CHANNELS}; measured "
               "ratios at small C (8 images, 32 x 32, K = 128): " + ", ".join(

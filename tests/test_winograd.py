@@ -91,6 +91,9 @@ def test_out():
                 torch.empty(40, 24, 8, 16)[..., ::2]):
         with pytest.raises(ValueError, match="out must be None or a contiguous CPU float32"):
             conv3x3_winograd(x, U, b, out=bad)
+    x16 = torch.randn(40, 16, 8, 8)
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        conv3x3_winograd(x16, winograd_weight(torch.randn(16, 16, 3, 3)), None, out=x16)
 
 
 def test_non_contiguous_input():

@@ -11,8 +11,8 @@ oneDNN's direct kernels; Winograd F(4x4, 3x3) needs 36 multiplies per 4x4 output
 2. one ``(K x C) @ (C x R)`` GEMM per transform point: ``M = torch.bmm(U, V)``;
 3. the output transform ``y = A^T m A + bias`` (compiled), written straight into NCHW.
 
-Images go through in chunks of about :data:`TILES_PER_CHUNK` tiles so that V and M stay in cache
-and are reused from chunk to chunk. ``U = G g G^T`` comes from :func:`winograd_weight` (float64,
+Images go through in chunks of about :data:`TILES_PER_CHUNK` tiles (V and M a few megabytes,
+reused from chunk to chunk). ``U = G g G^T`` comes from :func:`winograd_weight` (float64,
 then float32), computed once per weight by the caller. Points 0, +-1, +-2 and infinity
 (Lavin & Gray 2015, "Fast algorithms for convolutional neural networks").
 
@@ -48,10 +48,11 @@ __all__ = ["winograd_weight", "conv3x3_winograd", "winograd_available", "MIN_CHA
 
 #: Input channels below which :func:`winograd_available` says no: with few channels the GEMMs
 #: are too thin to pay for the transforms (benchmarks/winograd_speed.py measures the crossover:
-#: at K = 128, 32 x 32, one thread, about 0.9x at C = 16 and 1.3x at C = 32).
-MIN_CHANNELS = 32
+#: at K = 128, 32 x 32, one thread, about 0.9x at C = 8 and 1.3x at C = 16).
+MIN_CHANNELS = 16
 
-#: Tiles (rows of V and M) per chunk of images: V and M of a chunk stay in cache at C = K = 128.
+#: Tiles (columns of V and M) per chunk of images: enough for the GEMMs to run near peak, few
+#: enough to bound V and M (measured best between 256 and 384 at C = K = 128, one thread).
 TILES_PER_CHUNK = 256
 
 _G = ((1 / 4, 0.0, 0.0),
@@ -155,12 +156,18 @@ def _check(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor], paddi
         raise ValueError("x must have at least one channel")
 
 
-def _check_out(out: Optional[torch.Tensor], shape) -> None:
-    if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != shape
-                            or out.dtype != torch.float32 or out.device.type != "cpu"
-                            or not out.is_contiguous() or out.requires_grad):
+def _check_out(out: Optional[torch.Tensor], shape, x: torch.Tensor) -> None:
+    if out is None:
+        return
+    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != shape
+            or out.dtype != torch.float32 or out.device.type != "cpu"
+            or not out.is_contiguous() or out.requires_grad):
         raise ValueError(f"out must be None or a contiguous CPU float32 tensor of shape {shape} "
                          f"without grad, got {_shape(out)}")
+    o0, x0 = out.data_ptr(), x.data_ptr()
+    o1, x1 = o0 + 4 * out.numel(), x0 + x.element_size() * max(1, x.numel())
+    if out.numel() and x.numel() and o0 < x1 and x0 < o1:
+        raise ValueError("out must not overlap x (the chunks after the first would read outputs)")
 
 
 def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -176,10 +183,10 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
     ``isa``: the instruction set of the compiled transforms, 0 (default) the best this CPU has;
     1 baseline, 2 AVX2, 3 AVX-512 force one (``_C.winograd_isas()`` says which exist; for tests).
 
-    ``out``: a buffer the caller keeps between calls. A fresh output of 256 images of 16 x 16 x 128
-    costs its page faults on every call (measured 16 % of the call here); the intermediate V and M
-    (one chunk of images, about a megabyte each) are reused from chunk to chunk and, being
-    freed and allocated at the same size, come back from the C allocator without new faults.
+    ``out``: a buffer the caller keeps between calls (it must not overlap x). A fresh output of
+    256 images of 16 x 16 x 128 costs its page faults on every call (measured 16 % of the call
+    here). The intermediate V and M (one chunk of images) are allocated per call: keeping them
+    measured no faster at 8 images of 16 x 16 x 128.
 
     >>> x = torch.randn(1, 16, 4, 4)
     >>> U = winograd_weight(torch.randn(8, 16, 3, 3))
@@ -193,7 +200,7 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
     N, C, H, W = x.shape
     K = U.shape[1]
     Ho, Wo = H + 2 * padding - 2, W + 2 * padding - 2
-    _check_out(out, (N, K, Ho, Wo))
+    _check_out(out, (N, K, Ho, Wo), x)
     x = x.detach().contiguous()
     U = U.detach().contiguous()
     T = ((Ho + 3) // 4) * ((Wo + 3) // 4)
