@@ -410,6 +410,7 @@ def main(argv=None) -> int:
     if a.report_only:
         from splatdd.io_utils import atomic_write_text
         result = json.loads((a.out / "speed.json").read_text())
+        result["merged"] = _prune_notes(result.get("merged", []))
         render_json = HERE / "results" / "render_speed.json"
         if render_json.exists():
             result["render"] = json.loads(render_json.read_text())
@@ -471,8 +472,7 @@ def main(argv=None) -> int:
                     "load_end": list(os.getloadavg()), "rounds": a.rounds,
                     "new": result["new"], "finished": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                     time.gmtime())}
-            merged["merged"] = [m for m in merged.get("merged", [])        # superseded notes go
-                                if not set(m.get("cases", ())) <= set(cases)] + [note]
+            merged["merged"] = _prune_notes(merged.get("merged", []) + [note])
             result = merged
         if tm.get("grid"):
             result["tm"] = _tm_summary(tm)
@@ -518,6 +518,16 @@ def main(argv=None) -> int:
     write("complete")
     print((a.out / "speed.md").read_text())
     return 0
+
+
+def _prune_notes(notes: list[dict]) -> list[dict]:
+    """The ``--merge`` notes without those a later note supersedes (its cases cover theirs)."""
+    kept = []
+    for i, m in enumerate(notes):
+        if not any(set(m.get("cases", ())) <= set(later.get("cases", ()))
+                   for later in notes[i + 1:]):
+            kept.append(m)
+    return kept
 
 
 def _summarise(a, rows, acc, base: Path, bf16: bool, t_start: float, load_start) -> dict:
