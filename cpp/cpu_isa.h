@@ -53,4 +53,13 @@ inline bool cpu_has_avx512() {
 #endif
 }
 
+// The instruction set a compiled kernel family runs with: the best this CPU has (the .inc bodies
+// are compiled once per entry, each in its own namespace, and chosen at run time).
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+inline Isa pick_isa() {
+  if (cpu_has_avx512()) return Isa::kAvx512;
+  return cpu_has_avx2() ? Isa::kAvx2 : Isa::kGeneric;
+}
+
 }  // namespace splatdd

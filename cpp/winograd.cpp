@@ -48,13 +48,6 @@ namespace {
 
 constexpr int kLanes = wino_generic::kLanes;
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
-Isa pick_isa() {
-  if (cpu_has_avx512()) return Isa::kAvx512;
-  return cpu_has_avx2() ? Isa::kAvx2 : Isa::kGeneric;
-}
-
 void check(bool ok, const char* msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
