@@ -123,7 +123,8 @@ def main(argv=None) -> None:
         r = measure(shape, rounds)
         rows.append(r)
         bt = r["best"]
-        print(f"N={shape[0]} C={shape[1]} K={shape[2]} H={shape[3]}: conv2d {bt['conv2d'] * 1e3:.3f} ms, "
+        print(f"N={shape[0]} C={shape[1]} K={shape[2]} H={shape[3]}: "
+              f"conv2d {bt['conv2d'] * 1e3:.3f} ms, "
               f"winograd {bt['conv2d'] / bt['winograd']:.2f}x, with out "
               f"{bt['conv2d'] / bt['winograd + out']:.2f}x; error {r['err_direct']:.1e} (direct) "
               f"{r['err_wino']:.1e} (winograd)", flush=True)

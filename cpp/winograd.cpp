@@ -53,7 +53,8 @@ void check(bool ok, const char* msg) {
 }
 
 Isa choose_isa(int requested) {
-  check(requested >= 0 && requested <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
+  check(requested >= 0 && requested <= 3,
+        "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
   if (requested == 0) return pick_isa();
   check(requested != 2 || cpu_has_avx2(), "this CPU has no AVX2+FMA");
   check(requested != 3 || cpu_has_avx512(), "this CPU has no AVX-512");
@@ -88,7 +89,8 @@ Tiling tiling(int64_t N, int64_t Ho, int64_t Wo, int64_t rows) {
   g.tw = (Wo + 3) / 4;
   g.T = g.th * g.tw;
   g.P = N * g.T;
-  check(rows >= g.P && rows % kLanes == 0, "rows must be >= N * tiles per image and a multiple of 16");
+  check(rows >= g.P && rows % kLanes == 0,
+        "rows must be >= N * tiles per image and a multiple of 16");
   g.blocks = rows / kLanes;
   return g;
 }

@@ -1,11 +1,11 @@
-// winograd.h -- Winograd F(4x4, 3x3) transforms for a 3x3, stride-1 convolution on the CPU (float32,
-// forward only, no gradient): the input and output transforms around a batched GEMM done by the
-// caller (src/splatdd/winograd.py, torch.bmm).
+// winograd.h -- Winograd F(4x4, 3x3) transforms for a 3x3, stride-1 convolution on the CPU
+// (float32, forward only, no gradient): the input and output transforms around a batched GEMM
+// done by the caller (src/splatdd/winograd.py, torch.bmm).
 //
 // Points 0, +-1, +-2, infinity (Lavin & Gray 2015): for a 6x6 input patch d and a 3x3 filter g the
 // 4x4 output tile is A^T [(G g G^T) . (B^T d B)] A. With T = ceil(Ho/4) * ceil(Wo/4) tiles per
-// image (Ho = H + 2 pad - 2, Wo = W + 2 pad - 2), P = N * T tiles in all, tile p = n*T + ty*tw + tx,
-// and R >= P rows (a multiple of 16), the layouts are
+// image (Ho = H + 2 pad - 2, Wo = W + 2 pad - 2), P = N * T tiles in all, tile
+// p = n*T + ty*tw + tx, and R >= P columns (a multiple of 16), the layouts are
 //   V (36, C, R)   input transform, V[xi, c, p] = (B^T d B)[xi / 6, xi % 6]; zero for p >= P
 //   U (36, K, C)   weight transform (Python: G g G^T in float64)
 //   M (36, K, R)   M = U @ V, one (K x C) @ (C x R) GEMM per transform point xi
@@ -38,9 +38,6 @@ struct WinogradOutputArgs {
   int num_threads = 0;
   int isa = 0;                  // as WinogradInputArgs::isa
 };
-
-// Tiles per image for an Ho x Wo output: ceil(Ho / 4) * ceil(Wo / 4).
-inline int64_t winograd_tiles(int64_t Ho, int64_t Wo) { return ((Ho + 3) / 4) * ((Wo + 3) / 4); }
 
 // The instruction sets this CPU runs the transforms with (1 baseline, 2 AVX2, 3 AVX-512), and the
 // one used by default (isa 0).

@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) convolution for CPU inference: 3x3, stride 1, float32, no gradient (issue 15).
+"""Winograd F(4x4, 3x3) convolution for CPU inference: 3x3, stride 1, float32, no grad (issue 15).
 
 On one CPU thread ConvNet's 128 -> 128 convolutions already run near the core's fp32 peak in
 oneDNN's direct kernels; Winograd F(4x4, 3x3) needs 36 multiplies per 4x4 output tile per
@@ -85,7 +85,8 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     >>> round(float(U[7, 0, 0]) * 36, 6)   # (G e G^T)[1, 1] = G[1, 1] ** 2 = (1/6) ** 2
     1.0
     """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+    if (not isinstance(weight, torch.Tensor) or weight.dim() != 4
+            or tuple(weight.shape[2:]) != (3, 3)):
         raise ValueError(f"weight must be a (K, C, 3, 3) tensor, got {_shape(weight)}")
     if not (weight.dtype.is_floating_point and weight.numel() > 0):
         raise ValueError(f"weight must be a non-empty floating-point tensor, got {weight.dtype} "
@@ -142,8 +143,8 @@ def _check(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor], paddi
         raise ValueError(f"U has {U.shape[2]} input channels but x has {x.shape[1]}")
     if U.shape[1] < 1:
         raise ValueError("U must have at least one output channel")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (U.shape[1],)
-                             or bias.device.type != "cpu"):
+    if bias is not None and (not isinstance(bias, torch.Tensor)
+                             or tuple(bias.shape) != (U.shape[1],) or bias.device.type != "cpu"):
         raise ValueError(f"bias must be None or a CPU tensor of shape ({U.shape[1]},), got "
                          f"{_shape(bias)}")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
