@@ -7,7 +7,7 @@
 // image (Ho = H + 2 pad - 2, Wo = W + 2 pad - 2), P = N * T tiles in all, tile
 // p = n*T + ty*tw + tx, and R >= P columns (a multiple of 16), the layouts are
 //   V (36, C, R)   input transform, V[xi, c, p] = (B^T d B)[xi / 6, xi % 6]; zero for p >= P
-//   U (36, K, C)   weight transform (Python: G g G^T in float64)
+//   U (36, K, C)   weight transform (Python: G g G^T, one float32 GEMM with G kron G)
 //   M (36, K, R)   M = U @ V, one (K x C) @ (C x R) GEMM per transform point xi
 //   y (N, K, Ho, Wo) = A^T m A + bias, only the valid pixels of the edge tiles written.
 // Plain argument structs of raw pointers and sizes (nvdiffrast style); Python checks and allocates.

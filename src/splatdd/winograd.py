@@ -12,8 +12,8 @@ oneDNN's direct kernels; Winograd F(4x4, 3x3) needs 36 multiplies per 4x4 output
 3. the output transform ``y = A^T m A + bias`` (compiled), written straight into NCHW.
 
 Images go through in chunks of about :data:`TILES_PER_CHUNK` tiles (V and M a few megabytes,
-reused from chunk to chunk). ``U = G g G^T`` comes from :func:`winograd_weight` (float64,
-then float32), computed once per weight by the caller. Points 0, +-1, +-2 and infinity
+reused from chunk to chunk). ``U = G g G^T`` comes from :func:`winograd_weight` (one float32
+GEMM), computed once per weight by the caller. Points 0, +-1, +-2 and infinity
 (Lavin & Gray 2015, "Fast algorithms for convolutional neural networks").
 
 Accuracy: F(4, 3) amplifies rounding (the transforms have entries up to 8 and 5, G has 1/6 and
