@@ -67,7 +67,10 @@ def test_sigint_before_the_first_checkpoint_says_nothing_was_saved(fmnist_root, 
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)              # second Ctrl-C: stop at once
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    # 130, or killed by the second SIGINT itself when it lands while the interpreter shuts down
+    # (Python gives SIGINT its default action back at exit; on a loaded machine that teardown
+    # outlasts the 0.5 s): a shell reports both as 130, and the message below was printed
+    assert proc.returncode in (130, -signal.SIGINT), stderr
     assert "Traceback" not in stderr
     assert ("iterations are saved" in stderr) or ("nothing of this run is saved" in stderr)
     assert "saved" in stderr

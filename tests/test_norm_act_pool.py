@@ -243,9 +243,10 @@ def test_conv_fused_gradients_match_float64(n, cin, k, h, w, pad, act, pool, wan
     for i, (a, b) in enumerate(zip(got, ref)):
         if b.grad is None:
             continue
-        # floor 0.05: a gradient that is zero in exact arithmetic (a plane pooled to one value
-        # loses its normalised part) is fp32 rounding
-        scale = max(float((ref[1] if i == 2 else b).grad.abs().max()), 0.05)
+        # floor 1: a gradient summed over a plane can cancel to near zero (or be zero in exact
+        # arithmetic: a plane pooled to one value loses its normalised part), leaving the fp32
+        # rounding of its O(1) terms (a seed gave 0.041 +- 3.4e-6 over 1404 terms)
+        scale = max(float((ref[1] if i == 2 else b).grad.abs().max()), 1.0)
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=2e-5 * scale)
 
 
