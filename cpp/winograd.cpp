@@ -106,6 +106,30 @@ int winograd_default_isa() {
   return isa == Isa::kAvx512 ? 3 : isa == Isa::kAvx2 ? 2 : 1;
 }
 
+// For every block of 16 tiles and every one of a tile's side x side pixels (a tile's first pixel
+// at (4 ty - pad, 4 tx - pad) of an (N, Ch, Hh, Ww) tensor): each lane's offset from channel 0 of
+// its image, and a lane mask of the pixels inside the tensor (tiles >= P: none).
+static void tile_offsets(const Tiling& g, int side, int64_t pad, int64_t Ch, int64_t Hh, int64_t Ww,
+                         std::vector<int32_t>* off, std::vector<uint32_t>* mask) {
+  const int64_t sq = int64_t{side} * side;
+  off->assign(static_cast<size_t>(g.blocks * sq * kLanes), 0);
+  mask->assign(static_cast<size_t>(g.blocks * sq), 0u);
+  for (int64_t b = 0; b < g.blocks; ++b)
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t p = b * kLanes + l;
+      if (p >= g.P) continue;
+      const int64_t n = p / g.T, t = p % g.T, ty = t / g.tw, tx = t % g.tw;
+      for (int r = 0; r < side; ++r)
+        for (int c = 0; c < side; ++c) {
+          const int64_t row = 4 * ty - pad + r, col = 4 * tx - pad + c;
+          if (row < 0 || row >= Hh || col < 0 || col >= Ww) continue;
+          (*off)[(b * sq + r * side + c) * kLanes + l] =
+              static_cast<int32_t>((n * Ch * Hh + row) * Ww + col);
+          (*mask)[b * sq + r * side + c] |= 1u << l;
+        }
+    }
+}
+
 void winograd_input_transform_cpu(const WinogradInputArgs& a) {
   check(a.N >= 0 && a.C >= 1 && a.H >= 1 && a.W >= 1, "N must be >= 0 and C, H, W >= 1");
   check(a.pad >= 0 && a.pad <= kMaxSide && a.H <= kMaxSide && a.W <= kMaxSide,
@@ -118,22 +142,9 @@ void winograd_input_transform_cpu(const WinogradInputArgs& a) {
   check(a.N == 0 || (a.x != nullptr && a.v != nullptr), "null x or v pointer");
   if (a.rows == 0) return;
   // per block of 16 tiles: the 36 patch elements' offsets from channel 0, and masks (in image)
-  std::vector<int32_t> off(static_cast<size_t>(g.blocks * 36 * kLanes), 0);
-  std::vector<uint32_t> mask(static_cast<size_t>(g.blocks * 36), 0u);
-  for (int64_t b = 0; b < g.blocks; ++b)
-    for (int l = 0; l < kLanes; ++l) {
-      const int64_t p = b * kLanes + l;
-      if (p >= g.P) continue;
-      const int64_t n = p / g.T, t = p % g.T, ty = t / g.tw, tx = t % g.tw;
-      for (int r = 0; r < 6; ++r)
-        for (int s = 0; s < 6; ++s) {
-          const int64_t row = 4 * ty - a.pad + r, col = 4 * tx - a.pad + s;
-          if (row < 0 || row >= a.H || col < 0 || col >= a.W) continue;
-          off[(b * 36 + r * 6 + s) * kLanes + l] =
-              static_cast<int32_t>((n * a.C * a.H + row) * a.W + col);
-          mask[b * 36 + r * 6 + s] |= 1u << l;
-        }
-    }
+  std::vector<int32_t> off;
+  std::vector<uint32_t> mask;
+  tile_offsets(g, 6, a.pad, a.C, a.H, a.W, &off, &mask);
   const Isa isa = choose_isa(a.isa);
   for_channels(a.C, 36 * a.rows, a.num_threads, [&](int64_t begin, int64_t end) {
 #if defined(SPLATDD_CPU_X86)
@@ -156,22 +167,9 @@ void winograd_output_transform_cpu(const WinogradOutputArgs& a) {
   check(a.N == 0 || (a.m != nullptr && a.y != nullptr), "null m or y pointer");
   if (a.rows == 0) return;
   // per block of 16 tiles: the 16 output pixels' offsets from channel 0, and masks (in image)
-  std::vector<int32_t> off(static_cast<size_t>(g.blocks * 16 * kLanes), 0);
-  std::vector<uint32_t> mask(static_cast<size_t>(g.blocks * 16), 0u);
-  for (int64_t b = 0; b < g.blocks; ++b)
-    for (int l = 0; l < kLanes; ++l) {
-      const int64_t p = b * kLanes + l;
-      if (p >= g.P) continue;
-      const int64_t n = p / g.T, t = p % g.T, ty = t / g.tw, tx = t % g.tw;
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) {
-          const int64_t row = 4 * ty + i, col = 4 * tx + j;
-          if (row >= a.Ho || col >= a.Wo) continue;
-          off[(b * 16 + i * 4 + j) * kLanes + l] =
-              static_cast<int32_t>((n * a.K * a.Ho + row) * a.Wo + col);
-          mask[b * 16 + i * 4 + j] |= 1u << l;
-        }
-    }
+  std::vector<int32_t> off;
+  std::vector<uint32_t> mask;
+  tile_offsets(g, 4, 0, a.K, a.Ho, a.Wo, &off, &mask);
   const Isa isa = choose_isa(a.isa);
   for_channels(a.K, 16 * a.rows, a.num_threads, [&](int64_t begin, int64_t end) {
 #if defined(SPLATDD_CPU_X86)
