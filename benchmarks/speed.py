@@ -760,7 +760,9 @@ def _markdown(r: dict) -> str:
           "multiplies per 4x4 output tile and channel pair; compiled transforms and a batched "
           "GEMM; its float32 error, a few times a direct convolution's, is bounded in "
           "tests/test_winograd.py and measured in benchmarks/results/winograd_speed.md). "
-          "Under a graph the modules' convolutions run as before.",
+          "Under a graph inside `first_order` (evaluation training, dm's synthetic images) the "
+          "forward and the input's gradient run by Winograd too (`splatdd.winograd_train`) and "
+          "the filters' gradient by oneDNN; outside it (dc, tm) the modules run as before.",
           "* dm: the real batches (10 x 256 images per iteration) are augmented and embedded in "
           "passes of 16 images and their embeddings summed: the same mean up to "
           "rounding (tests/test_speed_equivalence.py), and no per-call mapping of ~100 MB "
