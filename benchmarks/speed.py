@@ -684,11 +684,11 @@ def _markdown(r: dict) -> str:
               "case (minimum over 3 profiled steps; the profiler adds a little time of its own). "
               "oneDNN's fp32 direct convolutions run near this core's AVX-512 FMA peak, so no "
               "change outside them can make the step faster than this; where the target needs "
-              "less, it is out of reach without a cheaper convolution algorithm. The graph-free "
-              "paths (dm's real batches, the test pass) have one now: the fused first block and "
-              "Winograd (below), whose time is not in this column; a training step under a graph "
-              "(the evaluation epoch, dm's synthetic images) keeps oneDNN's forward and both "
-              "backward products.", "",
+              "less, it is out of reach without a cheaper convolution algorithm. The fused first "
+              "block and Winograd (below) are such algorithms, and their time is not in this "
+              "column: the graph-free paths (dm's real batches, the test pass) use no oneDNN "
+              "convolution any more; a training step inside `first_order` (the evaluation epoch, "
+              "dm's synthetic images) keeps oneDNN's filter gradients.", "",
               "| case | base s | new s | inside oneDNN convolutions s | new s minus those | "
               "time the target needs | target below the floor? |", "|---|---|---|---|---|---|---|"]
         for case, key, tkey in (("dm_pixel", "dm_embed_conv_s", "dm_pixel"),
