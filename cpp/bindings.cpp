@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "norm_act_pool.h"
 #include "render_cpu.h"
 #include "render_params.h"
@@ -161,7 +162,9 @@ void render_batch_backward(const std::string& device, uintptr_t params, int64_t 
 splatdd::NormActPoolArgs make_nap_args(uintptr_t x, int64_t dtype, uintptr_t weight,
                                        uintptr_t bias, int64_t N, int64_t C, int64_t H, int64_t W,
                                        double eps, bool relu, bool pool, uintptr_t out,
-                                       uintptr_t mean, uintptr_t rstd, int64_t num_threads) {
+                                       uintptr_t mean, uintptr_t rstd, int64_t num_threads,
+                                       int64_t isa = 0) {
+  require(isa >= 0 && isa <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
   require(dtype == splatdd::kFloat32 || dtype == splatdd::kBFloat16,
           "dtype must be 0 (float32) or 1 (bfloat16), got " + std::to_string(dtype));
   require(N >= 0 && N <= INT32_MAX, "N must be in 0..2^31-1, got " + std::to_string(N));
@@ -188,15 +191,16 @@ splatdd::NormActPoolArgs make_nap_args(uintptr_t x, int64_t dtype, uintptr_t wei
   a.mean = reinterpret_cast<float*>(mean);
   a.rstd = reinterpret_cast<float*>(rstd);
   a.num_threads = static_cast<int>(num_threads);
+  a.isa = static_cast<int>(isa);
   return a;
 }
 
 void norm_act_pool_forward(uintptr_t x, int64_t dtype, uintptr_t weight, uintptr_t bias,
                            int64_t N, int64_t C, int64_t H, int64_t W, double eps, bool relu,
                            bool pool, uintptr_t out, uintptr_t mean, uintptr_t rstd,
-                           int64_t num_threads) {
-  const splatdd::NormActPoolArgs a =
-      make_nap_args(x, dtype, weight, bias, N, C, H, W, eps, relu, pool, out, mean, rstd, num_threads);
+                           int64_t num_threads, int64_t isa) {
+  const splatdd::NormActPoolArgs a = make_nap_args(x, dtype, weight, bias, N, C, H, W, eps, relu,
+                                                   pool, out, mean, rstd, num_threads, isa);
   require(N == 0 || out != 0, "out must not be null");
   py::gil_scoped_release release;
   splatdd::norm_act_pool_forward_cpu(a);
@@ -207,7 +211,7 @@ splatdd::ConvNormActPoolArgs make_conv_nap_args(uintptr_t x, uintptr_t conv_weig
                                                 int64_t Win, int64_t pad, uintptr_t weight,
                                                 uintptr_t bias, int64_t N, int64_t C, double eps,
                                                 bool relu, bool pool, uintptr_t out,
-                                                int64_t num_threads) {
+                                                int64_t num_threads, int64_t isa) {
   require(Cin >= 1 && Cin <= 64, "Cin must be in 1..64, got " + std::to_string(Cin));
   require(pad >= 0 && pad <= 16, "pad must be in 0..16, got " + std::to_string(pad));
   require(Hin >= 1 && Hin <= kMaxSide && Win >= 1 && Win <= kMaxSide,
@@ -217,7 +221,7 @@ splatdd::ConvNormActPoolArgs make_conv_nap_args(uintptr_t x, uintptr_t conv_weig
   splatdd::ConvNormActPoolArgs c;
   // nap.x is unused by the fused convolution; the input's address keeps make_nap_args' check
   c.nap = make_nap_args(x, splatdd::kFloat32, weight, bias, N, C, Hin + 2 * pad - 2,
-                        Win + 2 * pad - 2, eps, relu, pool, out, 0, 0, num_threads);
+                        Win + 2 * pad - 2, eps, relu, pool, out, 0, 0, num_threads, isa);
   c.conv_x = reinterpret_cast<const float*>(x);
   c.conv_weight = reinterpret_cast<const float*>(conv_weight);
   c.conv_bias = reinterpret_cast<const float*>(conv_bias);
@@ -232,11 +236,11 @@ void conv_norm_act_pool_forward(uintptr_t x, uintptr_t conv_weight, uintptr_t co
                                 int64_t Cin, int64_t Hin, int64_t Win, int64_t pad,
                                 uintptr_t weight, uintptr_t bias, int64_t N, int64_t C, double eps,
                                 bool relu, bool pool, uintptr_t out, uintptr_t mean,
-                                uintptr_t rstd, int64_t num_threads) {
+                                uintptr_t rstd, int64_t num_threads, int64_t isa) {
   require(N == 0 || out != 0, "out must not be null");
   splatdd::ConvNormActPoolArgs c = make_conv_nap_args(
       x, conv_weight, conv_bias, Cin, Hin, Win, pad, weight, bias, N, C, eps, relu, pool, out,
-      num_threads);
+      num_threads, isa);
   c.nap.mean = reinterpret_cast<float*>(mean);
   c.nap.rstd = reinterpret_cast<float*>(rstd);
   py::gil_scoped_release release;
@@ -249,10 +253,10 @@ void conv_norm_act_pool_backward(uintptr_t x, uintptr_t conv_weight, uintptr_t c
                                  double eps, bool relu, bool pool, uintptr_t mean, uintptr_t rstd,
                                  uintptr_t grad_out, uintptr_t grad_x, uintptr_t grad_conv_weight,
                                  uintptr_t grad_conv_bias, uintptr_t grad_weight,
-                                 uintptr_t grad_bias, int64_t num_threads) {
+                                 uintptr_t grad_bias, int64_t num_threads, int64_t isa) {
   splatdd::ConvNormActPoolBackwardArgs b;
   b.fwd = make_conv_nap_args(x, conv_weight, conv_bias, Cin, Hin, Win, pad, weight, bias, N, C,
-                             eps, relu, pool, 0, num_threads);
+                             eps, relu, pool, 0, num_threads, isa);
   require(N == 0 || (mean != 0 && rstd != 0 && grad_out != 0 && grad_conv_weight != 0 &&
                      grad_weight != 0 && grad_bias != 0),
           "mean, rstd, grad_out, grad_conv_weight, grad_weight and grad_bias must not be null");
@@ -271,10 +275,11 @@ void conv_norm_act_pool_backward(uintptr_t x, uintptr_t conv_weight, uintptr_t c
 void norm_act_pool_backward(uintptr_t x, uintptr_t weight, uintptr_t bias, int64_t N, int64_t C,
                             int64_t H, int64_t W, double eps, bool relu, bool pool,
                             uintptr_t mean, uintptr_t rstd, uintptr_t grad_out, uintptr_t grad_x,
-                            uintptr_t grad_weight, uintptr_t grad_bias, int64_t num_threads) {
+                            uintptr_t grad_weight, uintptr_t grad_bias, int64_t num_threads,
+                            int64_t isa) {
   splatdd::NormActPoolBackwardArgs b;
   b.fwd = make_nap_args(x, splatdd::kFloat32, weight, bias, N, C, H, W, eps, relu, pool, 0, mean,
-                        rstd, num_threads);                  // the backward writes no `out`
+                        rstd, num_threads, isa);             // the backward writes no `out`
   require(N == 0 || (mean != 0 && rstd != 0 && grad_out != 0 && grad_x != 0 && grad_weight != 0 &&
                      grad_bias != 0),
           "mean, rstd, grad_out, grad_x, grad_weight and grad_bias must not be null");
@@ -368,7 +373,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("norm_act_pool_forward", &norm_act_pool_forward, py::arg("x"), py::arg("dtype"),
         py::arg("weight"), py::arg("bias"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
         py::arg("eps"), py::arg("relu"), py::arg("pool"), py::arg("out"), py::arg("mean"),
-        py::arg("rstd"), py::arg("num_threads") = 0,
+        py::arg("rstd"), py::arg("num_threads") = 0, py::arg("isa") = 0,
         "CPU: out = avgpool2x2(relu(instance_norm(x) * weight + bias)) (pool/relu optional); "
         "mean/rstd (N, C) float32 are written when non-zero. Addresses are ints; use "
         "splatdd.norm_act_pool.");
@@ -376,7 +381,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("conv_weight"), py::arg("conv_bias"), py::arg("Cin"), py::arg("Hin"),
         py::arg("Win"), py::arg("pad"), py::arg("weight"), py::arg("bias"), py::arg("N"),
         py::arg("C"), py::arg("eps"), py::arg("relu"), py::arg("pool"), py::arg("out"),
-        py::arg("mean"), py::arg("rstd"), py::arg("num_threads") = 0,
+        py::arg("mean"), py::arg("rstd"), py::arg("num_threads") = 0, py::arg("isa") = 0,
         "CPU float32: out = avgpool2x2(relu(instance_norm(conv3x3(x, conv_weight, conv_bias, "
         "padding=pad)) * weight + bias)) without storing the convolution's output; mean/rstd "
         "(N, C) written when non-zero. Addresses are ints; use "
@@ -387,14 +392,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("C"), py::arg("eps"), py::arg("relu"), py::arg("pool"), py::arg("mean"),
         py::arg("rstd"), py::arg("grad_out"), py::arg("grad_x"), py::arg("grad_conv_weight"),
         py::arg("grad_conv_bias"), py::arg("grad_weight"), py::arg("grad_bias"),
-        py::arg("num_threads") = 0,
+        py::arg("num_threads") = 0, py::arg("isa") = 0,
         "CPU float32 backward of conv_norm_act_pool_forward: grad_x (or 0), per-sample partial "
         "grad_conv_weight (N, C, Cin, 3, 3), grad_conv_bias (N, C) (or 0), grad_weight and "
         "grad_bias (N, C).");
   m.def("norm_act_pool_backward", &norm_act_pool_backward, py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("eps"),
         py::arg("relu"), py::arg("pool"), py::arg("mean"), py::arg("rstd"), py::arg("grad_out"),
-        py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("num_threads") = 0,
+        py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),
+        py::arg("num_threads") = 0, py::arg("isa") = 0,
         "CPU, float32: grad_x (N, C, H, W) and per-sample grad_weight / grad_bias (N, C).");
   m.def("winograd_input_transform", &winograd_input_transform, py::arg("x"), py::arg("N"),
         py::arg("C"), py::arg("H"), py::arg("W"), py::arg("pad"), py::arg("rows"), py::arg("v"),
@@ -408,6 +414,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads") = 0, py::arg("isa") = 0,
         "CPU, float32: Winograd F(4x4, 3x3) output transform of m (36, K, rows) into y (N, K, Ho, "
         "Wo) plus bias (K) when non-zero. Addresses are ints; use splatdd.winograd.");
+  m.def("cpu_isas", &splatdd::cpu_isas,
+        "Bit i set when the CPU ops' isa code i runs here (1 generic, 2 AVX2, 3 AVX-512).");
   m.def("winograd_isas", &splatdd::winograd_isas,
         "Bit mask of the instruction sets the Winograd transforms can use here (bit 1 generic, "
         "bit 2 avx2, bit 3 avx512).");

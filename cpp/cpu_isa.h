@@ -8,6 +8,8 @@
 // macros are empty and only the baseline build of the loops is used.
 #pragma once
 
+#include <stdexcept>
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SPLATDD_CPU_X86 1
 #endif
@@ -60,6 +62,19 @@ enum class Isa { kGeneric, kAvx2, kAvx512 };
 inline Isa pick_isa() {
   if (cpu_has_avx512()) return Isa::kAvx512;
   return cpu_has_avx2() ? Isa::kAvx2 : Isa::kGeneric;
+}
+
+// The codes the ops' `isa` argument takes: 0 the best this CPU has, 1 generic, 2 AVX2, 3 AVX-512
+// (tests force each build this CPU runs). cpu_isas(): bit i set when code i runs here.
+inline int cpu_isas() { return 2 | (cpu_has_avx2() ? 4 : 0) | (cpu_has_avx512() ? 8 : 0); }
+
+inline Isa choose_isa(int requested) {
+  if (requested < 0 || requested > 3)
+    throw std::invalid_argument("isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
+  if (requested == 0) return pick_isa();
+  if (!(cpu_isas() & (1 << requested)))
+    throw std::invalid_argument(requested == 2 ? "this CPU has no AVX2+FMA" : "this CPU has no AVX-512");
+  return requested == 1 ? Isa::kGeneric : requested == 2 ? Isa::kAvx2 : Isa::kAvx512;
 }
 
 }  // namespace splatdd

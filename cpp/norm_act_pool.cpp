@@ -77,7 +77,7 @@ void for_planes(const NormActPoolArgs& a, const F& body, int64_t scratch_per_wor
 
 void norm_act_pool_forward_cpu(const NormActPoolArgs& a) {
   validate(a, /*need_out=*/true);
-  const Isa isa = pick_isa();
+  const Isa isa = choose_isa(a.isa);
   for_planes(a, [&](int64_t begin, int64_t end, float* row) {
 #if defined(SPLATDD_CPU_X86)
     if (isa == Isa::kAvx512) {
@@ -104,7 +104,7 @@ void norm_act_pool_backward_cpu(const NormActPoolBackwardArgs& b) {
   check(a.N == 0 || (a.mean != nullptr && a.rstd != nullptr && b.grad_out != nullptr &&
                      b.grad_x != nullptr && b.grad_weight != nullptr && b.grad_bias != nullptr),
         "null mean, rstd or gradient pointer");
-  const Isa isa = pick_isa();
+  const Isa isa = choose_isa(a.isa);
   for_planes(a, [&](int64_t begin, int64_t end, float* row) {
 #if defined(SPLATDD_CPU_X86)
     if (isa == Isa::kAvx512) return nap_avx512::backward_planes(b, begin, end, row);
@@ -129,7 +129,7 @@ static void validate_conv(const ConvNormActPoolArgs& c, bool need_out) {
 void conv_norm_act_pool_forward_cpu(const ConvNormActPoolArgs& c) {
   const NormActPoolArgs& a = c.nap;
   validate_conv(c, /*need_out=*/true);
-  const Isa isa = pick_isa();
+  const Isa isa = choose_isa(a.isa);
   const int64_t scratch = c.Cin * (a.H + 2) * (a.W + 2) + a.H * a.W + a.W;
   for_planes(a, [&](int64_t begin, int64_t end, float* s) {
 #if defined(SPLATDD_CPU_X86)
@@ -150,7 +150,7 @@ void conv_norm_act_pool_backward_cpu(const ConvNormActPoolBackwardArgs& b) {
                      b.grad_bias != nullptr),
         "null mean, rstd or gradient pointer");
   if (a.N == 0) return;
-  const Isa isa = pick_isa();
+  const Isa isa = choose_isa(a.isa);
   const int64_t pin = c.Cin * (a.H + 2) * (a.W + 2);
   const size_t per = static_cast<size_t>(2 * pin + 2 * a.H * a.W + a.W);
   // one task per sample (its planes in order: the input gradient sums over channels)

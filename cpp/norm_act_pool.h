@@ -26,6 +26,7 @@ struct NormActPoolArgs {
   float* mean = nullptr;           // (N, C) or null: the planes' means (saved for backward)
   float* rstd = nullptr;           // (N, C) or null: 1 / sqrt(var + eps)
   int num_threads = 0;             // 0 = hardware concurrency
+  int isa = 0;                     // 0 best available, 1 generic, 2 AVX2, 3 AVX-512 (cpu_isa.h)
 };
 
 struct NormActPoolBackwardArgs {

@@ -52,15 +52,6 @@ void check(bool ok, const char* msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
 
-Isa choose_isa(int requested) {
-  check(requested >= 0 && requested <= 3,
-        "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
-  if (requested == 0) return pick_isa();
-  check(requested != 2 || cpu_has_avx2(), "this CPU has no AVX2+FMA");
-  check(requested != 3 || cpu_has_avx512(), "this CPU has no AVX-512");
-  return requested == 1 ? Isa::kGeneric : requested == 2 ? Isa::kAvx2 : Isa::kAvx512;
-}
-
 constexpr int64_t kMaxSide = int64_t{1} << 20;
 constexpr int64_t kMaxOffset = (int64_t{1} << 31) - 1;  // the gathers' offsets are int32
 constexpr int64_t kMaxElements = int64_t{1} << 40;
@@ -97,9 +88,7 @@ Tiling tiling(int64_t N, int64_t Ho, int64_t Wo, int64_t rows) {
 
 }  // namespace
 
-int winograd_isas() {
-  return 2 | (cpu_has_avx2() ? 4 : 0) | (cpu_has_avx512() ? 8 : 0);
-}
+int winograd_isas() { return cpu_isas(); }
 
 int winograd_default_isa() {
   const Isa isa = pick_isa();

@@ -309,3 +309,80 @@ def test_conv_fused_bad_input_is_a_clear_error(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         conv_instance_norm_act_pool(*args.values(), **opts)
+
+
+# ---- every compiled build (generic, AVX2, AVX-512) that this CPU runs ------------------------
+def _isas():
+    from splatdd.render import _C
+    bits = _C().cpu_isas()
+    return [i for i in (1, 2, 3) if bits & (1 << i)]
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_every_isa_build_matches_the_default(isa):
+    """The norm block (forward fp32 and bf16, backward) and the fused first block (forward,
+    backward) compiled for each instruction set agree with the default build within float
+    rounding (the CPUs users run on may lack AVX-512 or AVX2: each build is run here)."""
+    from splatdd.render import _C
+    lib = _C()
+    x, w, b = (t.float().contiguous() for t in _case((2, 5, 9, 12), 21))
+    N, C, H, W = x.shape
+
+    def nap(isa_, dtype):
+        xi = x.to(dtype)
+        out = torch.empty((N, C, H // 2, W // 2), dtype=dtype)
+        mean, rstd = torch.empty(N, C), torch.empty(N, C)
+        lib.norm_act_pool_forward(xi.data_ptr(), 0 if dtype == torch.float32 else 1, w.data_ptr(),
+                                  b.data_ptr(), N, C, H, W, 1e-5, True, True, out.data_ptr(),
+                                  mean.data_ptr(), rstd.data_ptr(), 1, isa=isa_)
+        if dtype != torch.float32:
+            return [out.float()]
+        g = torch.linspace(-1, 1, out.numel()).reshape(out.shape).contiguous()
+        gx, gw, gb = torch.empty_like(x), torch.empty(N, C), torch.empty(N, C)
+        lib.norm_act_pool_backward(x.data_ptr(), w.data_ptr(), b.data_ptr(), N, C, H, W, 1e-5,
+                                   True, True, mean.data_ptr(), rstd.data_ptr(), g.data_ptr(),
+                                   gx.data_ptr(), gw.data_ptr(), gb.data_ptr(), 1, isa=isa_)
+        return [out, gx, gw, gb]
+
+    ins = [t.float().contiguous() for t in _conv_case(2, 3, 4, 13, 18, 22)]
+    cx, cw, cb, nw, nb = ins
+
+    def conv(isa_):
+        n, cin, h, wd = cx.shape
+        k = cw.shape[0]
+        out = torch.empty((n, k, (h - 2 + 2) // 2, (wd - 2 + 2) // 2))
+        mean, rstd = torch.empty(n, k), torch.empty(n, k)
+        lib.conv_norm_act_pool_forward(cx.data_ptr(), cw.data_ptr(), cb.data_ptr(), cin, h, wd, 1,
+                                       nw.data_ptr(), nb.data_ptr(), n, k, 1e-5, True, True,
+                                       out.data_ptr(), mean.data_ptr(), rstd.data_ptr(), 1,
+                                       isa=isa_)
+        g = torch.linspace(-1, 1, out.numel()).reshape(out.shape).contiguous()
+        gx, gcw, gcb = torch.empty_like(cx), torch.empty(n, k, cin, 3, 3), torch.empty(n, k)
+        gw, gb = torch.empty(n, k), torch.empty(n, k)
+        lib.conv_norm_act_pool_backward(cx.data_ptr(), cw.data_ptr(), cb.data_ptr(), cin, h, wd,
+                                        1, nw.data_ptr(), nb.data_ptr(), n, k, 1e-5, True, True,
+                                        mean.data_ptr(), rstd.data_ptr(), g.data_ptr(),
+                                        gx.data_ptr(), gcw.data_ptr(), gcb.data_ptr(),
+                                        gw.data_ptr(), gb.data_ptr(), 1, isa=isa_)
+        return [out, gx, gcw, gcb, gw, gb]
+
+    # fp32: float rounding of other vector widths; bf16 output: at most one bf16 step (2^-8)
+    for got, want, tol in ((nap(isa, torch.float32), nap(0, torch.float32), 2e-5),
+                           (nap(isa, torch.bfloat16), nap(0, torch.bfloat16), 2 ** -8),
+                           (conv(isa), conv(0), 2e-5)):
+        for a, e in zip(got, want):
+            scale = max(float(e.abs().max()), 1.0)
+            torch.testing.assert_close(a, e, rtol=0, atol=tol * scale)
+    # and the conv block against the float64 twin, so a build is not only self-consistent
+    ref = instance_norm_act_pool_reference(F.conv2d(*(t.double() for t in (cx, cw, cb)),
+                                                    padding=1), nw.double(), nb.double())
+    torch.testing.assert_close(conv(isa)[0].double(), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_isa_bad_input():
+    from splatdd.render import _C
+    x = torch.zeros(1, 1, 4, 4)
+    out = torch.empty(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="isa must be"):
+        _C().norm_act_pool_forward(x.data_ptr(), 0, 0, 0, 1, 1, 4, 4, 1e-5, True, True,
+                                   out.data_ptr(), 0, 0, 1, isa=7)
