@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .norm_act_pool import (CONV_FUSED_MAX_CIN, conv_instance_norm_act_pool, fused_available,
                             instance_norm_act_pool)
 from .winograd import conv3x3_winograd, winograd_available, winograd_weight
-from .winograd_train import MAX_TRAIN_PADDING, winograd_conv_first_order, winograd_filters
+from .winograd_train import MAX_TRAIN_PADDING, winograd_conv_first_order, winograd_grad_weight
 
 __all__ = ["get_network", "default_depth", "NETWORKS", "ConvNet", "AlexNet", "VGG11", "ResNet18",
            "ViT", "first_order", "set_first_order"]
@@ -209,7 +209,7 @@ class ConvNet(nn.Module):
         if hit is None or hit[0] != key:
             hit = (key, winograd_weight(conv.weight), None)
         if grad and hit[2] is None:                  # the input gradient's filters, when needed
-            hit = (key, *winograd_filters(conv.weight))
+            hit = (key, hit[1], winograd_grad_weight(conv.weight))
         self._winograd_cache[i] = hit
         if grad:
             return winograd_conv_first_order(x, conv.weight, conv.bias, hit[1], hit[2],

@@ -44,6 +44,11 @@ CONV_FUSED_MAX_CIN = 4
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 
 
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    """A tensor's address for the compiled ops; 0 for an absent optional tensor."""
+    return 0 if t is None else t.data_ptr()
+
+
 def _check(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
            eps: float, act: str, pool: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -112,10 +117,8 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
         mean = torch.empty((N, C), dtype=torch.float32)
         rstd = torch.empty((N, C), dtype=torch.float32)
     _C().norm_act_pool_forward(
-        x.data_ptr(), _DTYPE_CODE[x.dtype], 0 if weight is None else weight.data_ptr(),
-        0 if bias is None else bias.data_ptr(), N, C, H, W, float(eps), relu, pool,
-        out.data_ptr(), 0 if mean is None else mean.data_ptr(),
-        0 if rstd is None else rstd.data_ptr(), torch.get_num_threads())
+        x.data_ptr(), _DTYPE_CODE[x.dtype], _ptr(weight), _ptr(bias), N, C, H, W, float(eps),
+        relu, pool, out.data_ptr(), _ptr(mean), _ptr(rstd), torch.get_num_threads())
     return out, mean, rstd
 
 
@@ -138,8 +141,7 @@ class _NormActPool(torch.autograd.Function):
         gw = torch.empty((N, C), dtype=torch.float32)
         gb = torch.empty((N, C), dtype=torch.float32)
         _C().norm_act_pool_backward(
-            x.data_ptr(), 0 if weight is None else weight.data_ptr(),
-            0 if bias is None else bias.data_ptr(), N, C, H, W, float(eps), relu, pool,
+            x.data_ptr(), _ptr(weight), _ptr(bias), N, C, H, W, float(eps), relu, pool,
             mean.data_ptr(), rstd.data_ptr(), grad_out.data_ptr(), grad_x.data_ptr(),
             gw.data_ptr(), gb.data_ptr(), torch.get_num_threads())
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -203,13 +205,10 @@ class _ConvNormActPool(torch.autograd.Function):
         gcb = torch.empty((N, K), dtype=torch.float32) if need[2] else None
         gw = torch.empty((N, K), dtype=torch.float32)
         gb = torch.empty((N, K), dtype=torch.float32)
-
-        def ptr(t):
-            return 0 if t is None else t.data_ptr()
         _C().conv_norm_act_pool_backward(
-            x.data_ptr(), cw.data_ptr(), ptr(cb), Cin, Hin, Win, padding, ptr(weight), ptr(bias),
-            N, K, float(eps), relu, pool, mean.data_ptr(), rstd.data_ptr(), grad_out.data_ptr(),
-            ptr(gx), gcw.data_ptr(), ptr(gcb), gw.data_ptr(), gb.data_ptr(),
+            x.data_ptr(), cw.data_ptr(), _ptr(cb), Cin, Hin, Win, padding, _ptr(weight),
+            _ptr(bias), N, K, float(eps), relu, pool, mean.data_ptr(), rstd.data_ptr(),
+            grad_out.data_ptr(), _ptr(gx), gcw.data_ptr(), _ptr(gcb), gw.data_ptr(), gb.data_ptr(),
             torch.get_num_threads())
         return (gx, gcw.sum(0) if need[1] else None, gcb.sum(0) if need[2] else None,
                 gw.sum(0) if need[3] else None, gb.sum(0) if need[4] else None,
@@ -223,12 +222,9 @@ def _conv_forward(x, cw, cb, weight, bias, padding, eps, relu, pool, save_stats)
     out = torch.empty((N, K) + ((Ho // 2, Wo // 2) if pool else (Ho, Wo)), dtype=torch.float32)
     mean = torch.empty((N, K), dtype=torch.float32) if save_stats else None
     rstd = torch.empty((N, K), dtype=torch.float32) if save_stats else None
-
-    def ptr(t):
-        return 0 if t is None else t.data_ptr()
     _C().conv_norm_act_pool_forward(
-        x.data_ptr(), cw.data_ptr(), ptr(cb), Cin, Hin, Win, padding, ptr(weight), ptr(bias),
-        N, K, float(eps), relu, pool, out.data_ptr(), ptr(mean), ptr(rstd),
+        x.data_ptr(), cw.data_ptr(), _ptr(cb), Cin, Hin, Win, padding, _ptr(weight), _ptr(bias),
+        N, K, float(eps), relu, pool, out.data_ptr(), _ptr(mean), _ptr(rstd),
         torch.get_num_threads())
     return out, mean, rstd
 
@@ -285,11 +281,9 @@ def conv_instance_norm_act_pool(x: torch.Tensor, conv_weight: torch.Tensor,
         return instance_norm_act_pool(F.conv2d(x, conv_weight, conv_bias, padding=padding),
                                       weight, bias, eps=eps, act=act, pool=pool)
     relu, pooled = act == "relu", pool == "avg"
+    cw, cb, w, b = (None if t is None else (t if grad else t.detach()).contiguous()
+                    for t in (conv_weight, conv_bias, weight, bias))
     if not grad:
-        cw, cb, w, b = (None if t is None else t.detach().contiguous()
-                        for t in (conv_weight, conv_bias, weight, bias))
         return _conv_forward(x.contiguous(), cw, cb, w, b, padding, eps, relu, pooled,
                              save_stats=False)[0]
-    cw, cb, w, b = (None if t is None else t.contiguous()
-                    for t in (conv_weight, conv_bias, weight, bias))
     return _ConvNormActPool.apply(x.contiguous(), cw, cb, w, b, padding, float(eps), relu, pooled)

@@ -29,7 +29,8 @@ import torch
 
 from .winograd import conv3x3_winograd, winograd_weight
 
-__all__ = ["winograd_conv_first_order", "winograd_filters", "MAX_TRAIN_PADDING"]
+__all__ = ["winograd_conv_first_order", "winograd_filters", "winograd_grad_weight",
+           "MAX_TRAIN_PADDING"]
 
 #: The input gradient is a Winograd convolution with padding ``2 - padding``.
 MAX_TRAIN_PADDING = 2
@@ -43,7 +44,16 @@ def winograd_filters(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     >>> U.shape, Ut.shape
     (torch.Size([36, 8, 16]), torch.Size([36, 16, 8]))
     """
-    return winograd_weight(weight), winograd_weight(weight.flip(2, 3).transpose(0, 1))
+    return winograd_weight(weight), winograd_grad_weight(weight)
+
+
+def winograd_grad_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``Ut``: the transformed filters of the input gradient alone (``winograd_filters(w)[1]``).
+
+    >>> winograd_grad_weight(torch.randn(8, 16, 3, 3)).shape
+    torch.Size([36, 16, 8])
+    """
+    return winograd_weight(weight.flip(2, 3).transpose(0, 1))
 
 
 class _WinogradConv(torch.autograd.Function):
@@ -80,9 +90,12 @@ def winograd_conv_first_order(x: torch.Tensor, weight: torch.Tensor,
     if isinstance(padding, bool) or not isinstance(padding, int) or \
             not 0 <= padding <= MAX_TRAIN_PADDING:
         raise ValueError(f"padding must be an int in 0..{MAX_TRAIN_PADDING}, got {padding!r}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or not isinstance(
-            U, torch.Tensor) or not isinstance(Ut, torch.Tensor) or U.dim() != 3 or \
-            tuple(Ut.shape) != (36, U.shape[2], U.shape[1]) or \
-            sorted(U.shape[1:]) != sorted(weight.shape[:2]):
-        raise ValueError("(U, Ut) must be winograd_filters(weight) for this weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError("weight must be a (K, C, 3, 3) tensor, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    K, C = weight.shape[:2]
+    if not (isinstance(U, torch.Tensor) and tuple(U.shape) == (36, K, C)
+            and isinstance(Ut, torch.Tensor) and tuple(Ut.shape) == (36, C, K)):
+        raise ValueError(f"(U, Ut) must be winograd_filters(weight): shapes (36, {K}, {C}) and "
+                         f"(36, {C}, {K})")
     return _WinogradConv.apply(x, weight, bias, U, Ut, padding)

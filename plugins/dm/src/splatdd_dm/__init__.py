@@ -142,8 +142,8 @@ class DistributionMatching(Algorithm):
         else:
             chunk = REAL_CHUNK_BF16 if precision == "bf16" else REAL_CHUNK
         fn = _bf16_embedder(embed) if precision == "bf16" else embed
-        dtype = _param_dtype(fn) if precision == "bf16" else None
-        dtype = torch.bfloat16 if dtype == torch.bfloat16 else real.dtype
+        dtype = (torch.bfloat16 if precision == "bf16" and _param_dtype(fn) == torch.bfloat16
+                 else real.dtype)
         autocast = precision == "bf16" and dtype != torch.bfloat16
         total = None
         for i in range(0, n, chunk):
