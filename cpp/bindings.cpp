@@ -332,6 +332,25 @@ void winograd_output_transform(uintptr_t m, int64_t rows, uintptr_t bias, int64_
   splatdd::winograd_output_transform_cpu(a);
 }
 
+void winograd_grad_transform(uintptr_t dy, int64_t N, int64_t K, int64_t Ho, int64_t Wo,
+                             int64_t rows, uintptr_t dm, int64_t num_threads, int64_t isa) {
+  require(isa >= 0 && isa <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
+  require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
+  require(N == 0 || (dy != 0 && dm != 0), "dy and dm must not be null");
+  splatdd::WinogradGradArgs a;
+  a.dy = reinterpret_cast<const float*>(dy);
+  a.N = N;
+  a.K = K;
+  a.Ho = Ho;
+  a.Wo = Wo;
+  a.rows = rows;
+  a.dm = reinterpret_cast<float*>(dm);
+  a.num_threads = static_cast<int>(num_threads);
+  a.isa = static_cast<int>(isa);
+  py::gil_scoped_release release;
+  splatdd::winograd_grad_transform_cpu(a);
+}
+
 std::vector<std::string> backends() {
   std::vector<std::string> b{"cpu"};
 #ifdef SPLATDD_WITH_CUDA
@@ -416,6 +435,12 @@ PYBIND11_MODULE(_C, m) {
         "Wo) plus bias (K) when non-zero. Addresses are ints; use splatdd.winograd.");
   m.def("cpu_isas", &splatdd::cpu_isas,
         "Bit i set when the CPU ops' isa code i runs here (1 generic, 2 AVX2, 3 AVX-512).");
+  m.def("winograd_grad_transform", &winograd_grad_transform, py::arg("dy"), py::arg("N"),
+        py::arg("K"), py::arg("Ho"), py::arg("Wo"), py::arg("rows"), py::arg("dm"),
+        py::arg("num_threads") = 0, py::arg("isa") = 0,
+        "CPU float32 Winograd F(4x4, 3x3) output transform's adjoint: dm (36, K, rows) = A dy A^T "
+        "of every 4x4 tile of dy (N, K, Ho, Wo), for the filters' gradient. Addresses are ints; "
+        "use splatdd.winograd.");
   m.def("winograd_isas", &splatdd::winograd_isas,
         "Bit mask of the instruction sets the Winograd transforms can use here (bit 1 generic, "
         "bit 2 avx2, bit 3 avx512).");

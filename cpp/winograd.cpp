@@ -172,4 +172,29 @@ void winograd_output_transform_cpu(const WinogradOutputArgs& a) {
   });
 }
 
+void winograd_grad_transform_cpu(const WinogradGradArgs& a) {
+  check(a.N >= 0 && a.K >= 1 && a.Ho >= 1 && a.Wo >= 1, "N must be >= 0 and K, Ho, Wo >= 1");
+  check(a.Ho <= kMaxSide && a.Wo <= kMaxSide, "Ho and Wo must be at most 2^20");
+  const Tiling g = tiling(a.N, a.Ho, a.Wo, a.rows);
+  check(a.N * a.K * a.Ho * a.Wo <= kMaxOffset, "N * K * Ho * Wo must be < 2^31 (split the batch)");
+  check(36 * a.rows * a.K < kMaxElements, "tensor too large");
+  check(a.N == 0 || (a.dy != nullptr && a.dm != nullptr), "null dy or dm pointer");
+  if (a.rows == 0) return;
+  // per block of 16 tiles: the 16 output pixels' offsets from channel 0, and masks (in image)
+  std::vector<int32_t> off;
+  std::vector<uint32_t> mask;
+  tile_offsets(g, 4, 0, a.K, a.Ho, a.Wo, &off, &mask);
+  const Isa isa = choose_isa(a.isa);
+  for_channels(a.K, 36 * a.rows, a.num_threads, [&](int64_t begin, int64_t end) {
+#if defined(SPLATDD_CPU_X86)
+    if (isa == Isa::kAvx512)
+      return wino_avx512::grad_channels(a, off.data(), mask.data(), g.blocks, begin, end);
+    if (isa == Isa::kAvx2)
+      return wino_avx2::grad_channels(a, off.data(), mask.data(), g.blocks, begin, end);
+#endif
+    (void)isa;
+    wino_generic::grad_channels(a, off.data(), mask.data(), g.blocks, begin, end);
+  });
+}
+
 }  // namespace splatdd

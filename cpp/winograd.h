@@ -1,6 +1,6 @@
 // winograd.h -- Winograd F(4x4, 3x3) transforms for a 3x3, stride-1 convolution on the CPU
-// (float32, forward only, no gradient): the input and output transforms around a batched GEMM
-// done by the caller (src/splatdd/winograd.py, torch.bmm).
+// (float32): the input and output transforms around a batched GEMM done by the caller, and the
+// output transform's adjoint for the filters' gradient (src/splatdd/winograd.py, torch.bmm).
 //
 // Points 0, +-1, +-2, infinity (Lavin & Gray 2015): for a 6x6 input patch d and a 3x3 filter g the
 // 4x4 output tile is A^T [(G g G^T) . (B^T d B)] A. With T = ceil(Ho/4) * ceil(Wo/4) tiles per
@@ -39,6 +39,18 @@ struct WinogradOutputArgs {
   int isa = 0;                  // as WinogradInputArgs::isa
 };
 
+// The output transform's adjoint, for the filters' gradient: dM = A dY A^T of every 4x4 tile of dy
+// (pixels outside the Ho x Wo plane read as zero; columns p >= N * T of dm are zero). Then
+// dU = dM @ V^T per transform point, and d(filter) = G^T dU G (Python).
+struct WinogradGradArgs {
+  const float* dy = nullptr;  // (N, K, Ho, Wo) contiguous: the output's gradient
+  int64_t N = 0, K = 0, Ho = 0, Wo = 0;
+  int64_t rows = 0;           // R >= N * T, a multiple of 16
+  float* dm = nullptr;        // (36, K, R)
+  int num_threads = 0;
+  int isa = 0;                // as WinogradInputArgs::isa
+};
+
 // The instruction sets this CPU runs the transforms with (1 baseline, 2 AVX2, 3 AVX-512), and the
 // one used by default (isa 0).
 int winograd_isas();  // bit i set: isa i available
@@ -47,5 +59,6 @@ int winograd_default_isa();
 // Throw std::invalid_argument on inconsistent arguments (never read or write out of range).
 void winograd_input_transform_cpu(const WinogradInputArgs& a);
 void winograd_output_transform_cpu(const WinogradOutputArgs& a);
+void winograd_grad_transform_cpu(const WinogradGradArgs& a);
 
 }  // namespace splatdd

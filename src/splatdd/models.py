@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from .norm_act_pool import (CONV_FUSED_MAX_CIN, conv_instance_norm_act_pool, fused_available,
                             instance_norm_act_pool)
-from .winograd import conv3x3_winograd, winograd_available, winograd_weight
+from .winograd import (WinogradWorkspace, conv3x3_winograd, winograd_available,
+                       winograd_weight)
 from .winograd_train import MAX_TRAIN_PADDING, winograd_conv_first_order, winograd_grad_weight
 
 __all__ = ["get_network", "default_depth", "NETWORKS", "ConvNet", "AlexNet", "VGG11", "ResNet18",
@@ -174,6 +175,7 @@ class ConvNet(nn.Module):
         # layer -> ((weight ptr, version), U, Ut or None): splatdd.winograd_train.winograd_filters
         self._winograd_cache: dict[int, tuple] = {}
         self._scratch_bufs: dict[tuple[int, int], torch.Tensor] = {}   # (thread, layer) -> out
+        self._workspaces: dict[tuple[int, int], WinogradWorkspace] = {}  # (thread, layer)
 
     def _fused_features(self, x: torch.Tensor) -> torch.Tensor | None:
         """The feature stack through the fused blocks, or None where they do not apply."""
@@ -211,11 +213,12 @@ class ConvNet(nn.Module):
         if grad and hit[2] is None:                  # the input gradient's filters, when needed
             hit = (key, hit[1], winograd_grad_weight(conv.weight))
         self._winograd_cache[i] = hit
+        ws = self._workspaces.setdefault((threading.get_ident(), i), WinogradWorkspace())
         if grad:
             return winograd_conv_first_order(x, conv.weight, conv.bias, hit[1], hit[2],
-                                             padding=conv.padding[0])
+                                             padding=conv.padding[0], workspace=ws)
         return conv3x3_winograd(x, hit[1], conv.bias, padding=conv.padding[0],
-                                out=self._scratch(i, x, conv))
+                                out=self._scratch(i, x, conv), workspace=ws)
 
     def _scratch(self, i: int, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
         """A graph-free conv output buffer of layer ``i`` kept between calls (per thread; the

@@ -43,7 +43,8 @@ import torch
 
 from .render import _C
 
-__all__ = ["winograd_weight", "conv3x3_winograd", "winograd_available", "MIN_CHANNELS",
+__all__ = ["winograd_weight", "conv3x3_winograd", "conv3x3_winograd_grad_weight",
+           "WinogradWorkspace", "winograd_available", "MIN_CHANNELS",
            "TILES_PER_CHUNK"]
 
 #: Input channels below which :func:`winograd_available` says no: with few channels the GEMMs
@@ -66,6 +67,7 @@ _G = ((1 / 4, 0.0, 0.0),
 # (G kron G)[6a + b, 3i + j] = G[a, i] G[b, j]: vec(G w G^T) = (G kron G) vec(w)
 _GG = torch.kron(torch.tensor(_G, dtype=torch.float64),
                  torch.tensor(_G, dtype=torch.float64)).to(torch.float32)
+_GGT = _GG.T.contiguous()   # (9, 36): the filters gradient's transform back
 
 
 def _shape(t) -> str:
@@ -127,14 +129,26 @@ def winograd_available(x: torch.Tensor, weight: torch.Tensor, *, grad: bool, str
         return False
 
 
-def _check(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> None:
+def _check_x(x: torch.Tensor, padding: int, fn: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-d (N, C, H, W) tensor, got {_shape(x)}")
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"x must be a CPU float32 tensor, got {x.dtype} on {x.device}")
     if x.requires_grad and torch.is_grad_enabled():
-        raise ValueError("x requires a gradient: conv3x3_winograd is inference only "
+        raise ValueError(f"x requires a gradient: {fn} builds no autograd graph "
                          "(use F.conv2d, or torch.no_grad())")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    H, W = x.shape[2:]
+    if H + 2 * padding < 3 or W + 2 * padding < 3:
+        raise ValueError(f"the padded input must be at least 3 x 3, got {H} x {W} with padding "
+                         f"{padding}")
+    if x.shape[1] < 1:
+        raise ValueError("x must have at least one channel")
+
+
+def _check(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> None:
+    _check_x(x, padding, "conv3x3_winograd")
     if not isinstance(U, torch.Tensor) or U.dim() != 3 or U.shape[0] != 36:
         raise ValueError(f"U must be a (36, K, C) tensor from winograd_weight, got {_shape(U)}")
     if U.dtype != torch.float32 or U.device.type != "cpu":
@@ -147,14 +161,6 @@ def _check(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor], paddi
                              or tuple(bias.shape) != (U.shape[1],) or bias.device.type != "cpu"):
         raise ValueError(f"bias must be None or a CPU tensor of shape ({U.shape[1]},), got "
                          f"{_shape(bias)}")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
-    H, W = x.shape[2:]
-    if H + 2 * padding < 3 or W + 2 * padding < 3:
-        raise ValueError(f"the padded input must be at least 3 x 3, got {H} x {W} with padding "
-                         f"{padding}")
-    if x.shape[1] < 1:
-        raise ValueError("x must have at least one channel")
 
 
 def _check_out(out: Optional[torch.Tensor], shape, x: torch.Tensor) -> None:
@@ -171,9 +177,45 @@ def _check_out(out: Optional[torch.Tensor], shape, x: torch.Tensor) -> None:
         raise ValueError("out must not overlap x (the chunks after the first would read outputs)")
 
 
+class WinogradWorkspace:
+    """The V and M buffers of :func:`conv3x3_winograd` and its gradients, kept between calls so
+    that passes of a few images map no fresh pages (fresh ones cost 8 % of a ConvNet training
+    epoch here: about 6,000 page faults per epoch of 110 images). Not thread-safe: keep one per
+    thread (and, to keep a layer's input transform for its backward, one per layer).
+
+    ``generation`` counts the writes into the forward's V buffer: a V kept for a backward is
+    valid while the count is unchanged (else the backward recomputes it).
+
+    >>> ws = WinogradWorkspace()
+    >>> a = ws.buffer("v", 100); b = ws.buffer("v", 50)
+    >>> a.data_ptr() == b.data_ptr(), b.numel()
+    (True, 50)
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+        self.generation = 0
+
+    def buffer(self, name: str, numel: int) -> torch.Tensor:
+        """A float32 buffer of ``numel`` values (the contents are undefined), grown as needed."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=torch.float32)
+            self._bufs[name] = buf
+        return buf[:numel]
+
+
+def _buffer(ws: Optional[WinogradWorkspace], name: str, numel: int) -> torch.Tensor:
+    if ws is None:
+        return torch.empty(numel, dtype=torch.float32)
+    if not isinstance(ws, WinogradWorkspace):
+        raise ValueError(f"workspace must be None or a WinogradWorkspace, got {type(ws).__name__}")
+    return ws.buffer(name, numel)
+
+
 def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      padding: int = 1, *, out: Optional[torch.Tensor] = None,
-                     isa: int = 0) -> torch.Tensor:
+                     isa: int = 0, workspace: Optional[WinogradWorkspace] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=padding)`` for a 3x3 filter, stride 1, by Winograd
     F(4x4, 3x3): x (N, C, H, W) CPU float32, ``U = winograd_weight(weight)`` (36, K, C), bias
     (K) or None. Returns a (N, K, H + 2 padding - 2, W + 2 padding - 2) float32 tensor: ``out``
@@ -186,8 +228,8 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
 
     ``out``: a buffer the caller keeps between calls (it must not overlap x). A fresh output of
     256 images of 16 x 16 x 128 costs its page faults on every call (measured 16 % of the call
-    here). The intermediate V and M (one chunk of images) are allocated per call: keeping them
-    measured no faster at 8 images of 16 x 16 x 128.
+    here). ``workspace``: a :class:`WinogradWorkspace` for the intermediate V and M (one chunk
+    of images), else they are allocated per call.
 
     >>> x = torch.randn(1, 16, 4, 4)
     >>> U = winograd_weight(torch.randn(8, 16, 3, 3))
@@ -197,6 +239,19 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
     >>> conv3x3_winograd(x, U, None, out=out) is out
     True
     """
+    return _conv3x3_winograd(x, U, bias, padding, out, isa, workspace, keep=False)[0]
+
+
+def _chunking(N: int, T: int) -> tuple[int, int]:
+    """(images per chunk, columns R of V and M for a full chunk: a multiple of 16)."""
+    per_chunk = max(1, min(N, TILES_PER_CHUNK // T))
+    return per_chunk, -(-per_chunk * T // 16) * 16
+
+
+def _conv3x3_winograd(x, U, bias, padding, out, isa, ws, keep):
+    """conv3x3_winograd's body; with ``keep`` and all of x in one chunk, also returns the input
+    transform V (36, C, R) and the workspace generation it was written at, for the filters'
+    gradient (else ``None``)."""
     _check(x, U, bias, padding)
     N, C, H, W = x.shape
     K = U.shape[1]
@@ -207,14 +262,16 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
     T = ((Ho + 3) // 4) * ((Wo + 3) // 4)
     y = torch.empty((N, K, Ho, Wo), dtype=torch.float32) if out is None else out
     if N == 0:
-        return y
+        return y, None
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    per_chunk = max(1, min(N, TILES_PER_CHUNK // T))
-    R = -(-per_chunk * T // 16) * 16
-    v_buf = torch.empty(36 * C * R, dtype=torch.float32)
-    m_buf = torch.empty(36 * K * R, dtype=torch.float32)
+    per_chunk, R = _chunking(N, T)
+    v_buf = _buffer(ws, "v", 36 * C * R)
+    m_buf = _buffer(ws, "m", 36 * K * R)
+    if ws is not None:
+        ws.generation += 1
     threads = torch.get_num_threads()
     lib = _C()
+    v = None
     for n0 in range(0, N, per_chunk):
         n = min(per_chunk, N - n0)
         rows = -(-n * T // 16) * 16
@@ -225,4 +282,68 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
         torch.bmm(U, v, out=m)
         lib.winograd_output_transform(m.data_ptr(), rows, 0 if b is None else b.data_ptr(), n, K,
                                       Ho, Wo, y[n0].data_ptr(), threads, isa)
-    return y
+    kept = keep and per_chunk >= N
+    return y, ((v, None if ws is None else ws.generation) if kept else None)
+
+
+def conv3x3_winograd_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, padding: int = 1, *,
+                                 isa: int = 0, workspace: Optional[WinogradWorkspace] = None,
+                                 _kept=None) -> torch.Tensor:
+    """The filters' gradient of ``F.conv2d(x, weight, padding=padding)`` (3x3, stride 1) for the
+    output gradient ``grad_out`` (N, K, Ho, Wo), by Winograd F(4x4, 3x3): a (K, C, 3, 3) float32
+    tensor, ``G^T (sum over tiles of (A dY A^T) V^T) G`` per transform point (36 multiplies per
+    tile and channel pair instead of 144). CPU float32, no autograd graph; ``isa`` as in
+    :func:`conv3x3_winograd`, ``workspace`` too. Equal to PyTorch's up to Winograd's float32
+    rounding (tests/test_winograd.py).
+
+    >>> x, w = torch.randn(2, 16, 8, 8), torch.randn(4, 16, 3, 3)
+    >>> g = torch.randn(2, 4, 8, 8)
+    >>> ref = torch.ops.aten.convolution_backward(g, x, w, [4], [1, 1], [1, 1], [1, 1], False,
+    ...                                           [0, 0], 1, [False, True, False])[1]
+    >>> torch.allclose(conv3x3_winograd_grad_weight(x, g, 1), ref, atol=1e-3)
+    True
+    """
+    _check_x(x, padding, "conv3x3_winograd_grad_weight")
+    N, C, H, W = x.shape
+    Ho, Wo = H + 2 * padding - 2, W + 2 * padding - 2
+    if (not isinstance(grad_out, torch.Tensor) or grad_out.dim() != 4
+            or grad_out.shape[0] != N or tuple(grad_out.shape[2:]) != (Ho, Wo)
+            or grad_out.shape[1] < 1):
+        raise ValueError(f"grad_out must be a ({N}, K, {Ho}, {Wo}) tensor for x of shape "
+                         f"{tuple(x.shape)} and padding {padding}, got {_shape(grad_out)}")
+    if grad_out.dtype != torch.float32 or grad_out.device.type != "cpu":
+        raise ValueError(f"grad_out must be a CPU float32 tensor, got {grad_out.dtype} on "
+                         f"{grad_out.device}")
+    K = grad_out.shape[1]
+    if N == 0:
+        return torch.zeros(K, C, 3, 3, dtype=torch.float32)
+    dU = torch.empty(36, K, C, dtype=torch.float32)
+    x = x.detach().contiguous()
+    dy = grad_out.detach().contiguous()
+    T = ((Ho + 3) // 4) * ((Wo + 3) // 4)
+    per_chunk, R = _chunking(N, T)
+    kept = _kept is not None and per_chunk >= N and \
+        tuple(_kept[0].shape) == (36, C, -(-N * T // 16) * 16) and \
+        (_kept[1] is None or (workspace is not None and workspace.generation == _kept[1]))
+    v_buf = None if kept else _buffer(workspace, "grad_v", 36 * C * R)
+    m_buf = _buffer(workspace, "m", 36 * K * R)
+    threads = torch.get_num_threads()
+    lib = _C()
+    for n0 in range(0, N, per_chunk):
+        n = min(per_chunk, N - n0)
+        rows = -(-n * T // 16) * 16
+        if kept:
+            v = _kept[0]
+        else:
+            v = v_buf[:36 * C * rows].view(36, C, rows)
+            lib.winograd_input_transform(x[n0].data_ptr(), n, C, H, W, padding, rows,
+                                         v.data_ptr(), threads, isa)
+        m = m_buf[:36 * K * rows].view(36, K, rows)
+        lib.winograd_grad_transform(dy[n0].data_ptr(), n, K, Ho, Wo, rows, m.data_ptr(),
+                                    threads, isa)
+        if n0 == 0:
+            torch.bmm(m, v.transpose(1, 2), out=dU)
+        else:
+            dU.baddbmm_(m, v.transpose(1, 2))
+    # vec(G^T dU G) = (G kron G)^T vec(dU): one (9, 36) @ (36, K C) GEMM, as (K, C, 3, 3)
+    return (_GGT @ dU.view(36, K * C)).T.reshape(K, C, 3, 3)

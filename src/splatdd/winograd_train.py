@@ -4,8 +4,9 @@
 makes it a layer that can be trained: the forward by Winograd F(4x4, 3x3), the input's gradient
 by Winograd too (the gradient of a stride-1 3x3 convolution with padding ``p`` is the
 convolution of the output gradient with the filters turned 180 degrees and their channels
-swapped, padding ``2 - p``), and the filters' and bias's gradients by PyTorch's convolution
-backward (oneDNN) restricted to those two products. The backward is first-order only
+swapped, padding ``2 - p``), and the filters' gradient by Winograd as well
+(:func:`splatdd.winograd.conv3x3_winograd_grad_weight`, reusing the forward's input transform
+when the batch was one chunk of tiles). The backward is first-order only
 (``once_differentiable``), so models call it only inside :func:`splatdd.models.first_order`.
 
 >>> import torch
@@ -27,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from .winograd import conv3x3_winograd, winograd_weight
+from .winograd import (WinogradWorkspace, _conv3x3_winograd, conv3x3_winograd,
+                       conv3x3_winograd_grad_weight, winograd_weight)
 
 __all__ = ["winograd_conv_first_order", "winograd_filters", "winograd_grad_weight",
            "MAX_TRAIN_PADDING"]
@@ -58,34 +60,40 @@ def winograd_grad_weight(weight: torch.Tensor) -> torch.Tensor:
 
 class _WinogradConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, U, Ut, padding):
-        ctx.save_for_backward(x, weight)
-        ctx.meta = (padding, bias is not None, Ut)
-        return conv3x3_winograd(x, U, bias, padding=padding)
+    def forward(ctx, x, weight, bias, U, Ut, padding, ws):
+        ctx.save_for_backward(x)
+        y, kept = _conv3x3_winograd(x, U, bias, padding, None, 0, ws,
+                                    keep=ctx.needs_input_grad[1])
+        ctx.meta = (padding, Ut, ws, kept)   # kept: x's input transform, when it is one chunk
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        padding, has_bias, Ut = ctx.meta
+        x, = ctx.saved_tensors
+        padding, Ut, ws, kept = ctx.meta
+        ctx.meta = None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_out = grad_out.contiguous()
-        gx = conv3x3_winograd(grad_out, Ut, None, padding=2 - padding) if need_x else None
-        gw = gb = None
-        if need_w or (need_b and has_bias):
-            _, gw, gb = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, [weight.shape[0]], [1, 1], [padding, padding], [1, 1],
-                False, [0, 0], 1, [False, bool(need_w), bool(need_b and has_bias)])
-        return gx, gw, gb, None, None, None
+        grad_out = grad_out.to(torch.float32).contiguous()
+        # the filters' gradient first: it reads the kept V before anything can overwrite it
+        gw = conv3x3_winograd_grad_weight(x, grad_out, padding, workspace=ws,
+                                          _kept=kept) if need_w else None
+        gx = conv3x3_winograd(grad_out, Ut, None, padding=2 - padding,
+                              workspace=ws) if need_x else None
+        gb = grad_out.sum((0, 2, 3)) if need_b else None
+        return gx, gw, gb, None, None, None, None
 
 
 def winograd_conv_first_order(x: torch.Tensor, weight: torch.Tensor,
                               bias: Optional[torch.Tensor], U: torch.Tensor, Ut: torch.Tensor,
-                              *, padding: int = 1) -> torch.Tensor:
+                              *, padding: int = 1,
+                              workspace: Optional[WinogradWorkspace] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=padding)`` (3x3, stride 1, CPU float32) by Winograd,
     differentiable once in x, weight and bias; ``(U, Ut) = winograd_filters(weight)`` for the
     current weight. Equal to F.conv2d up to Winograd's float32 rounding
-    (tests/test_convnet_fast_paths.py).
+    (tests/test_convnet_fast_paths.py). ``workspace``: a
+    :class:`~splatdd.winograd.WinogradWorkspace` of this thread and layer for the buffers (and
+    the input transform kept for the backward), else they are allocated per call.
     """
     if isinstance(padding, bool) or not isinstance(padding, int) or \
             not 0 <= padding <= MAX_TRAIN_PADDING:
@@ -98,4 +106,7 @@ def winograd_conv_first_order(x: torch.Tensor, weight: torch.Tensor,
             and isinstance(Ut, torch.Tensor) and tuple(Ut.shape) == (36, C, K)):
         raise ValueError(f"(U, Ut) must be winograd_filters(weight): shapes (36, {K}, {C}) and "
                          f"(36, {C}, {K})")
-    return _WinogradConv.apply(x, weight, bias, U, Ut, padding)
+    if workspace is not None and not isinstance(workspace, WinogradWorkspace):
+        raise ValueError("workspace must be None or a WinogradWorkspace, got "
+                         f"{type(workspace).__name__}")
+    return _WinogradConv.apply(x, weight, bias, U, Ut, padding, workspace)
