@@ -199,7 +199,8 @@ class WinogradWorkspace:
     def buffer(self, name: str, numel: int) -> torch.Tensor:
         """A float32 buffer of ``numel`` values (the contents are undefined), grown as needed."""
         buf = self._bufs.get(name)
-        if buf is None or buf.numel() < numel:
+        if buf is None or buf.numel() < numel or (      # one made under inference_mode
+                buf.is_inference() and not torch.is_inference_mode_enabled()):
             buf = torch.empty(numel, dtype=torch.float32)
             self._bufs[name] = buf
         return buf[:numel]
