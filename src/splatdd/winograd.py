@@ -67,7 +67,6 @@ _G = ((1 / 4, 0.0, 0.0),
 # (G kron G)[6a + b, 3i + j] = G[a, i] G[b, j]: vec(G w G^T) = (G kron G) vec(w)
 _GG = torch.kron(torch.tensor(_G, dtype=torch.float64),
                  torch.tensor(_G, dtype=torch.float64)).to(torch.float32)
-_GGT = _GG.T.contiguous()   # (9, 36): the filters gradient's transform back
 
 
 def _shape(t) -> str:
@@ -346,5 +345,5 @@ def conv3x3_winograd_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, paddin
             torch.bmm(m, v.transpose(1, 2), out=dU)
         else:
             dU.baddbmm_(m, v.transpose(1, 2))
-    # vec(G^T dU G) = (G kron G)^T vec(dU): one (9, 36) @ (36, K C) GEMM, as (K, C, 3, 3)
-    return (_GGT @ dU.view(36, K * C)).T.reshape(K, C, 3, 3)
+    # vec(G^T dU G) = (G kron G)^T vec(dU): one (K C, 36) @ (36, 9) GEMM
+    return (dU.view(36, K * C).T @ _GG).view(K, C, 3, 3)
