@@ -15,6 +15,13 @@ round on the same input so that all see the same background load, and keeps each
 It also reports the error of each against a float64 ``F.conv2d`` (max over outputs, relative to
 the largest output), on ConvNet-like inputs (ReLU'd, Kaiming-scaled weights).
 
+A second table times the filters' gradient of the training layers at ConvNet-3's shapes (a pass
+of 16 images, as evaluation training runs them, and 110 images in one pass): oneDNN's
+``convolution_backward`` (weight only) against ``conv3x3_winograd_grad_weight`` recomputing the
+input transform V, and with V kept from the forward in a ``WinogradWorkspace`` (what
+splatdd.winograd_train does), with the error of each against float64 autograd (max over
+entries, relative to the largest entry).
+
     python benchmarks/winograd_speed.py            # writes benchmarks/results/winograd_speed.md
     python benchmarks/winograd_speed.py --quick    # fewer rounds, prints only
 """
@@ -31,7 +38,8 @@ import torch.nn.functional as F
 from splatdd.fit import machine_description
 from splatdd.io_utils import atomic_write_text
 from splatdd.render import _C
-from splatdd.winograd import MIN_CHANNELS, conv3x3_winograd, winograd_weight
+from splatdd.winograd import (MIN_CHANNELS, WinogradWorkspace, _conv3x3_winograd,
+                              conv3x3_winograd, conv3x3_winograd_grad_weight, winograd_weight)
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,6 +48,8 @@ SHAPES = [(8, 128, 128, 16), (8, 128, 128, 8), (256, 128, 128, 16), (256, 128, 1
           (8, 1, 128, 32), (8, 3, 128, 32), (8, 8, 128, 32), (8, 16, 128, 32), (8, 24, 128, 32),
           (8, 32, 128, 32), (8, 64, 128, 32)]
 TARGET_SHAPES = {(8, 128, 128, 16), (256, 128, 128, 16)}
+# (N, C, K, H) of the filter-gradient table: the training passes of 16 images, and 110 in one.
+GRAD_SHAPES = [(16, 128, 128, 16), (16, 128, 128, 8), (110, 128, 128, 16), (110, 128, 128, 8)]
 TARGET = 2.5
 
 
@@ -107,6 +117,38 @@ def measure(shape, rounds: int) -> dict:
             "err_wino": err_wino}
 
 
+def measure_grad(shape, rounds: int) -> dict:
+    """Filter gradient: oneDNN vs Winograd (recomputed V, kept V); times and errors."""
+    N, C, K, H = shape
+    x64, w64, _ = _layer(N, C, K, H)
+    dy64 = torch.randn(N, K, H, H, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64)
+    x, w, dy = x64.float(), w64.float(), dy64.float()
+    ws = WinogradWorkspace()
+    _, kept = _conv3x3_winograd(x, winograd_weight(w), None, 1, None, 0, ws, keep=True)
+
+    def onednn():
+        return torch.ops.aten.convolution_backward(dy, x, w, [K], [1, 1], [1, 1], [1, 1], False,
+                                                   [0, 0], 1, [False, True, False])[1]
+    methods = {"onednn": onednn,
+               "winograd": lambda: conv3x3_winograd_grad_weight(x, dy, 1),
+               "winograd, kept V": lambda: conv3x3_winograd_grad_weight(x, dy, 1, workspace=ws,
+                                                                        _kept=kept)}
+    reps = max(1, min(20, int(0.05 / max(1e-6, N * C * K * H * H * 18 / 150e9))))
+    best = {k: float("inf") for k in methods}
+    for fn in methods.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            best[name] = min(best[name], _time(fn, reps))
+    wr = w64.clone().requires_grad_(True)
+    ref, = torch.autograd.grad(F.conv2d(x64, wr, padding=1), wr, dy64)
+    scale = float(ref.abs().max())
+    errs = {name: float((fn().double() - ref).abs().max()) / scale
+            for name, fn in methods.items() if name != "winograd"}
+    return {"shape": shape, "best": best, "reps": reps, "errs": errs, "kept": kept is not None}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -128,13 +170,22 @@ def main(argv=None) -> None:
               f"winograd {bt['conv2d'] / bt['winograd']:.2f}x, with out "
               f"{bt['conv2d'] / bt['winograd + out']:.2f}x; error {r['err_direct']:.1e} (direct) "
               f"{r['err_wino']:.1e} (winograd)", flush=True)
+    grad_rows = []
+    for shape in GRAD_SHAPES:
+        r = measure_grad(shape, rounds)
+        grad_rows.append(r)
+        bt = r["best"]
+        print(f"filter grad N={shape[0]} H={shape[3]}: oneDNN {bt['onednn'] * 1e3:.3f} ms, "
+              f"winograd {bt['onednn'] / bt['winograd']:.2f}x, kept V "
+              f"{bt['onednn'] / bt['winograd, kept V']:.2f}x", flush=True)
     load_after = _loadavg()
     if args.quick:
         return
     lines = [
         "# Winograd F(4x4, 3x3) vs F.conv2d on the CPU",
         "",
-        "Written by `benchmarks/winograd_speed.py` (do not edit by hand). Forward only, no grad, "
+        "Written by `benchmarks/winograd_speed.py` (do not edit by hand). First table: forward "
+        "only, no grad, "
         "float32, 3x3, stride 1, padding 1, ConvNet-like inputs (ReLU'd x, Kaiming-scaled w).",
         "",
         f"- machine: {machine_description()}",
@@ -175,6 +226,24 @@ def main(argv=None) -> None:
               "ratios at small C (8 images, 32 x 32, K = 128): " + ", ".join(
                   f"C={r['shape'][1]}: {r['best']['conv2d'] / r['best']['winograd']:.2f}x"
                   for r in small)]
+    lines += ["", "## Filters' gradient (training)", "",
+              "oneDNN's `convolution_backward` (weight only) against "
+              "`conv3x3_winograd_grad_weight` (V recomputed) and with the forward's V kept in a "
+              "`WinogradWorkspace` (splatdd.winograd_train's path; 110 images do not fit one "
+              "chunk of tiles, so V is recomputed there too). Error: max |g - g_float64| / "
+              "max |g_float64| (float64 autograd).", "",
+              "| N | C | K | H | reps | oneDNN (ms) | winograd (ms) | ratio | kept V (ms) | ratio "
+              "| error oneDNN | error winograd |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in grad_rows:
+        N, C, K, H = r["shape"]
+        bt = r["best"]
+        lines.append(
+            f"| {N} | {C} | {K} | {H} | {r['reps']} | {bt['onednn'] * 1e3:.3f} | "
+            f"{bt['winograd'] * 1e3:.3f} | {bt['onednn'] / bt['winograd']:.2f}x | "
+            f"{bt['winograd, kept V'] * 1e3:.3f} | "
+            f"{bt['onednn'] / bt['winograd, kept V']:.2f}x | {r['errs']['onednn']:.1e} | "
+            f"{r['errs']['winograd, kept V']:.1e} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
