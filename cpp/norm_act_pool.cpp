@@ -44,21 +44,28 @@ int64_t conv_backward_scratch(int64_t Cin, int64_t H, int64_t W) {
 }
 }  // namespace
 
+// NAP_LANES: the floats of the build's widest register, the .inc's vector width
+#define NAP_LANES 4
 namespace nap_generic {
 #include "norm_act_pool.inc"
 }  // namespace nap_generic
+#undef NAP_LANES
 
 #if defined(SPLATDD_CPU_X86)
+#define NAP_LANES 8
 SPLATDD_TARGET_AVX2_BEGIN
 namespace nap_avx2 {
 #include "norm_act_pool.inc"
 }  // namespace nap_avx2
 SPLATDD_TARGET_END
+#undef NAP_LANES
+#define NAP_LANES 16
 SPLATDD_TARGET_AVX512_BEGIN
 namespace nap_avx512 {
 #include "norm_act_pool.inc"
 }  // namespace nap_avx512
 SPLATDD_TARGET_END
+#undef NAP_LANES
 #endif
 
 namespace {
