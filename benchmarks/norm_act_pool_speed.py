@@ -7,7 +7,9 @@ Ops and shapes (batch 16, ConvNet width 128, as in the evaluation's training pas
   channels -> instance norm -> ReLU -> 2x2 average pool): 28 px, 1 channel, padding 1 (28 x 28
   planes); 28 px, 1 channel, padding 3 (32 x 32 planes: ConvNet's FashionMNIST padding); 32 px,
   3 channels, padding 1 (CIFAR);
-* ``instance_norm_act_pool`` (the later blocks): 128-channel planes of 28, 14, 7, 32, 16, 8 px.
+* ``instance_norm_act_pool`` (the later blocks): 128-channel planes of 28, 14, 7, 32, 16, 8 px;
+* for scale, one training pass (forward, loss, backward inside ``first_order``) of the whole
+  ConvNet-3 on 16 FashionMNIST-sized images (its blocks run at 32, 16 and 8 px).
 
 Each is timed forward only (no graph) and forward + backward (the evaluation's training pass:
 the parameters want gradients; for the norm block x does too, and one first-block case also asks
@@ -103,6 +105,18 @@ def worker(repeats: int, inner: int) -> dict:
                 t.grad = None
             call(xg, pg).backward(g)
         times[f"{label} | forward + backward"] = _best(train_step, repeats, inner)
+    # the whole network: one training pass of ConvNet-3 on 16 FashionMNIST-sized images inside
+    # first_order (how the evaluation trains), all of its layers included
+    from splatdd.models import first_order, get_network
+    net = get_network("ConvNet", 1, 10, 28, seed=0)
+    xs = torch.rand(16, 1, 28, 28, generator=gen)
+    ys = torch.randint(0, 10, (16,), generator=gen)
+
+    def net_step():
+        net.zero_grad(set_to_none=True)
+        with first_order(net):
+            torch.nn.functional.cross_entropy(net(xs), ys).backward()
+    times["ConvNet-3, 16 x 1x28x28 (first_order) | training pass"] = _best(net_step, repeats, inner)
     for label, shape in BF16_CASES:
         x = (torch.randn(*shape, generator=gen) * 2 + 0.5).bfloat16()
         w, b = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen) / 10
