@@ -51,7 +51,8 @@ CASES = [
 ]
 BF16_CASES = [("norm block 128 x 14x14, bf16", (16, 128, 14, 14)),
               ("norm block 128 x 16x16, bf16", (16, 128, 16, 16)),
-              ("norm block 128 x 7x7, bf16", (16, 128, 7, 7))]
+              ("norm block 128 x 7x7, bf16", (16, 128, 7, 7)),
+              ("norm block 128 x 8x8, bf16", (16, 128, 8, 8))]
 
 
 def _best(fn, repeats: int, inner: int) -> float:

@@ -34,7 +34,8 @@ int64_t padded_input_floats(int64_t Cin, int64_t H, int64_t W) {
   return Cin * (H + 2) * (W + 2) + kScratchPad;
 }
 // Row strides of the fused first block's backward: the padded input's gradient (W + 2 rounded up
-// to whole 16-float vectors) and the zero-bordered copy of the plane's gradient read by it.
+// to 16 floats, whole vectors of every build) and the zero-bordered copy of the plane's gradient
+// read by it.
 int64_t conv_grad_stride(int64_t W) { return (W + 2 + 15) / 16 * 16; }
 int64_t conv_gx_stride(int64_t W) { return conv_grad_stride(W) + 16; }
 int64_t conv_backward_scratch(int64_t Cin, int64_t H, int64_t W) {
