@@ -2,8 +2,9 @@
 //
 // Tasks are (sample, channel) planes in contiguous ranges, one range per worker; each plane is
 // read twice for its statistics and once for the output (forward), twice for the backward, with
-// a few planes of scratch per worker (kLanes-wide vectors over whole planes and padded rows). The loops (norm_act_pool.inc) are compiled for baseline x86-64,
-// AVX2+FMA and AVX-512 and chosen at run time by the CPU's features.
+// a few planes of scratch per worker (vectors over whole planes, rows with slack). The loops
+// (norm_act_pool.inc) are compiled for baseline x86-64 (4-float vectors), AVX2+FMA (8) and
+// AVX-512 (16) and chosen at run time by the CPU's features.
 #include "norm_act_pool.h"
 
 #include <algorithm>
