@@ -2,8 +2,9 @@
 //
 // Tasks are (sample, channel) planes in contiguous ranges, one range per worker; each plane is
 // read twice for its statistics and once for the output (forward), twice for the backward, with
-// a row of scratch per worker. The loops (norm_act_pool.inc) are compiled for baseline x86-64,
-// AVX2+FMA and AVX-512 and chosen at run time by the CPU's features.
+// a few planes of scratch per worker (vectors over whole planes, rows with slack). The loops
+// (norm_act_pool.inc) are compiled for baseline x86-64 (4-float vectors), AVX2+FMA (8) and
+// AVX-512 (16) and chosen at run time by the CPU's features.
 #include "norm_act_pool.h"
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -19,21 +21,53 @@
 
 namespace splatdd {
 
+namespace {
+// Floats of slack after each scratch buffer of the plane loops: a row's or a plane's last
+// kLanes-wide vector may read or write up to 2 kLanes floats past its end (norm_act_pool.inc).
+constexpr int64_t kScratchPad = 64;
+
+// Scratch floats per worker of each op (the layouts are in norm_act_pool.inc).
+int64_t nap_forward_scratch(int64_t H, int64_t W) { return 3 * (H * W + kScratchPad); }
+int64_t nap_backward_scratch(int64_t H, int64_t W) {
+  return H * W + (H / 2) * (W / 2) + 2 * kScratchPad;
+}
+int64_t padded_input_floats(int64_t Cin, int64_t H, int64_t W) {
+  return Cin * (H + 2) * (W + 2) + kScratchPad;
+}
+// Row strides of the fused first block's backward: the padded input's gradient (W + 2 rounded up
+// to 16 floats, whole vectors of every build) and the zero-bordered copy of the plane's gradient
+// read by it.
+int64_t conv_grad_stride(int64_t W) { return (W + 2 + 15) / 16 * 16; }
+int64_t conv_gx_stride(int64_t W) { return conv_grad_stride(W) + 16; }
+int64_t conv_backward_scratch(int64_t Cin, int64_t H, int64_t W) {
+  return padded_input_floats(Cin, H, W) + (Cin * (H + 2) * conv_grad_stride(W) + kScratchPad) +
+         ((H + 4) * conv_gx_stride(W) + kScratchPad) + 2 * (H * W + kScratchPad) +
+         nap_backward_scratch(H, W);
+}
+}  // namespace
+
+// NAP_LANES: the floats of the build's widest register, the .inc's vector width
+#define NAP_LANES 4
 namespace nap_generic {
 #include "norm_act_pool.inc"
 }  // namespace nap_generic
+#undef NAP_LANES
 
 #if defined(SPLATDD_CPU_X86)
+#define NAP_LANES 8
 SPLATDD_TARGET_AVX2_BEGIN
 namespace nap_avx2 {
 #include "norm_act_pool.inc"
 }  // namespace nap_avx2
 SPLATDD_TARGET_END
+#undef NAP_LANES
+#define NAP_LANES 16
 SPLATDD_TARGET_AVX512_BEGIN
 namespace nap_avx512 {
 #include "norm_act_pool.inc"
 }  // namespace nap_avx512
 SPLATDD_TARGET_END
+#undef NAP_LANES
 #endif
 
 namespace {
@@ -58,14 +92,14 @@ void validate(const NormActPoolArgs& a, bool need_out) {
 constexpr int64_t kMinValuesPerWorker = int64_t{1} << 21;
 
 // Splits the N*C planes into one contiguous range per worker and runs body(begin, end, scratch)
-// with `scratch_per_worker` floats of scratch (default: a row, W).
+// with `scratch_per_worker` floats of scratch.
 template <class F>
-void for_planes(const NormActPoolArgs& a, const F& body, int64_t scratch_per_worker = 0) {
+void for_planes(const NormActPoolArgs& a, const F& body, int64_t scratch_per_worker) {
   const int64_t planes = a.N * a.C;
   if (planes == 0) return;
   const int64_t by_work = std::max<int64_t>(1, planes * a.H * a.W / kMinValuesPerWorker);
   const int n = resolve_threads(a.num_threads, std::min(planes, by_work));
-  const size_t per = static_cast<size_t>(scratch_per_worker > 0 ? scratch_per_worker : a.W);
+  const size_t per = static_cast<size_t>(scratch_per_worker);
   std::vector<float> scratch(static_cast<size_t>(n) * per);
   run_parallel(n, [&](int t) {
     const int64_t begin = planes * t / n, end = planes * (t + 1) / n;
@@ -78,23 +112,23 @@ void for_planes(const NormActPoolArgs& a, const F& body, int64_t scratch_per_wor
 void norm_act_pool_forward_cpu(const NormActPoolArgs& a) {
   validate(a, /*need_out=*/true);
   const Isa isa = choose_isa(a.isa);
-  for_planes(a, [&](int64_t begin, int64_t end, float* row) {
+  for_planes(a, [&](int64_t begin, int64_t end, float* s) {
 #if defined(SPLATDD_CPU_X86)
     if (isa == Isa::kAvx512) {
-      if (a.dtype == 0) nap_avx512::forward_planes<float>(a, begin, end, row);
-      else nap_avx512::forward_planes<uint16_t>(a, begin, end, row);
+      if (a.dtype == 0) nap_avx512::forward_planes<float>(a, begin, end, s);
+      else nap_avx512::forward_planes<uint16_t>(a, begin, end, s);
       return;
     }
     if (isa == Isa::kAvx2) {
-      if (a.dtype == 0) nap_avx2::forward_planes<float>(a, begin, end, row);
-      else nap_avx2::forward_planes<uint16_t>(a, begin, end, row);
+      if (a.dtype == 0) nap_avx2::forward_planes<float>(a, begin, end, s);
+      else nap_avx2::forward_planes<uint16_t>(a, begin, end, s);
       return;
     }
 #endif
     (void)isa;
-    if (a.dtype == 0) nap_generic::forward_planes<float>(a, begin, end, row);
-    else nap_generic::forward_planes<uint16_t>(a, begin, end, row);
-  });
+    if (a.dtype == 0) nap_generic::forward_planes<float>(a, begin, end, s);
+    else nap_generic::forward_planes<uint16_t>(a, begin, end, s);
+  }, nap_forward_scratch(a.H, a.W));
 }
 
 void norm_act_pool_backward_cpu(const NormActPoolBackwardArgs& b) {
@@ -105,14 +139,14 @@ void norm_act_pool_backward_cpu(const NormActPoolBackwardArgs& b) {
                      b.grad_x != nullptr && b.grad_weight != nullptr && b.grad_bias != nullptr),
         "null mean, rstd or gradient pointer");
   const Isa isa = choose_isa(a.isa);
-  for_planes(a, [&](int64_t begin, int64_t end, float* row) {
+  for_planes(a, [&](int64_t begin, int64_t end, float* s) {
 #if defined(SPLATDD_CPU_X86)
-    if (isa == Isa::kAvx512) return nap_avx512::backward_planes(b, begin, end, row);
-    if (isa == Isa::kAvx2) return nap_avx2::backward_planes(b, begin, end, row);
+    if (isa == Isa::kAvx512) return nap_avx512::backward_planes(b, begin, end, s);
+    if (isa == Isa::kAvx2) return nap_avx2::backward_planes(b, begin, end, s);
 #endif
     (void)isa;
-    nap_generic::backward_planes(b, begin, end, row);
-  });
+    nap_generic::backward_planes(b, begin, end, s);
+  }, nap_backward_scratch(a.H, a.W));
 }
 
 static void validate_conv(const ConvNormActPoolArgs& c, bool need_out) {
@@ -130,7 +164,8 @@ void conv_norm_act_pool_forward_cpu(const ConvNormActPoolArgs& c) {
   const NormActPoolArgs& a = c.nap;
   validate_conv(c, /*need_out=*/true);
   const Isa isa = choose_isa(a.isa);
-  const int64_t scratch = c.Cin * (a.H + 2) * (a.W + 2) + a.H * a.W + a.W;
+  const int64_t scratch = padded_input_floats(c.Cin, a.H, a.W) + (a.H * a.W + kScratchPad) +
+                          2 * (a.H * a.W + kScratchPad);
   for_planes(a, [&](int64_t begin, int64_t end, float* s) {
 #if defined(SPLATDD_CPU_X86)
     if (isa == Isa::kAvx512) return nap_avx512::conv_forward_planes(c, begin, end, s);
@@ -151,8 +186,7 @@ void conv_norm_act_pool_backward_cpu(const ConvNormActPoolBackwardArgs& b) {
         "null mean, rstd or gradient pointer");
   if (a.N == 0) return;
   const Isa isa = choose_isa(a.isa);
-  const int64_t pin = c.Cin * (a.H + 2) * (a.W + 2);
-  const size_t per = static_cast<size_t>(2 * pin + 2 * a.H * a.W + a.W);
+  const size_t per = static_cast<size_t>(conv_backward_scratch(c.Cin, a.H, a.W));
   // one task per sample (its planes in order: the input gradient sums over channels)
   const int64_t by_work = std::max<int64_t>(1, a.N * a.C * a.H * a.W / kMinValuesPerWorker);
   const int n = resolve_threads(a.num_threads, std::min(a.N, by_work));

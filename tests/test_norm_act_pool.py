@@ -57,6 +57,30 @@ def test_fused_matches_float64_reference(n, c, h, w, act, pool, seed):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("hw", [(7, 7), (3, 5), (8, 8), (14, 14), (15, 17), (16, 16), (17, 33),
+                                (28, 28), (29, 31), (32, 32)])
+@pytest.mark.parametrize("act, pool", [("relu", "avg"), ("none", "avg"), ("relu", "none")])
+def test_fused_matches_float64_at_row_lengths_around_the_vectors(hw, act, pool):
+    """Planes of fewer than 16 values, rows shorter than, equal to and longer than the kernel's
+    16-lane vectors (ConvNet's 7/14/28 and 8/16/32), odd rows and columns: forward and gradients
+    within fp32 rounding of the float64 twin."""
+    y, y_ref, grads, grads_ref = _fused_and_reference((2, 3) + hw, sum(hw), act, pool)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        scale = max(float(want.abs().max()), 1.0)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("hw", [(7, 7), (14, 14), (15, 9), (28, 28), (33, 17)])
+def test_bf16_forward_close_to_fp32_at_row_lengths(hw):
+    """The bf16 forward (converted to fp32 per plane) at short, odd and 16-straddling rows."""
+    x, w, b = (t.float() for t in _case((2, 4) + hw, 8))
+    with torch.no_grad():
+        y16 = instance_norm_act_pool(x.bfloat16(), w, b)
+        y32 = instance_norm_act_pool_reference(x.bfloat16().float(), w, b)
+    torch.testing.assert_close(y16.float(), y32, rtol=2 ** -7, atol=2 ** -7 * float(y32.abs().max()))
+
+
 def test_fused_matches_reference_at_convnet_size():
     y, y_ref, grads, grads_ref = _fused_and_reference((4, 128, 32, 32), 3, "relu", "avg")
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
@@ -386,3 +410,71 @@ def test_isa_bad_input():
     with pytest.raises(ValueError, match="isa must be"):
         _C().norm_act_pool_forward(x.data_ptr(), 0, 0, 0, 1, 1, 4, 4, 1e-5, True, True,
                                    out.data_ptr(), 0, 0, 1, isa=7)
+
+
+def _nap_raw(lib, x, w, b, isa, backward=True):
+    """The norm block's compiled forward (and backward for a fixed output gradient) with one isa."""
+    N, C, H, W = x.shape
+    out = torch.empty((N, C, H // 2, W // 2), dtype=x.dtype)
+    mean, rstd = torch.empty(N, C), torch.empty(N, C)
+    lib.norm_act_pool_forward(x.data_ptr(), 0 if x.dtype == torch.float32 else 1, w.data_ptr(),
+                              b.data_ptr(), N, C, H, W, 1e-5, True, True, out.data_ptr(),
+                              mean.data_ptr(), rstd.data_ptr(), 1, isa=isa)
+    if not backward:
+        return [out.float()]
+    g = torch.linspace(-1, 1, out.numel()).reshape(out.shape).contiguous()
+    gx, gw, gb = torch.empty_like(x), torch.empty(N, C), torch.empty(N, C)
+    lib.norm_act_pool_backward(x.data_ptr(), w.data_ptr(), b.data_ptr(), N, C, H, W, 1e-5, True,
+                               True, mean.data_ptr(), rstd.data_ptr(), g.data_ptr(), gx.data_ptr(),
+                               gw.data_ptr(), gb.data_ptr(), 1, isa=isa)
+    return [out, gx, gw, gb]
+
+
+def _conv_raw(lib, cx, cw, cb, nw, nb, pad, isa):
+    """The fused first block's compiled forward and backward (every gradient) with one isa."""
+    n, cin, h, wd = cx.shape
+    k = cw.shape[0]
+    ho, wo = h + 2 * pad - 2, wd + 2 * pad - 2
+    out = torch.empty((n, k, ho // 2, wo // 2))
+    mean, rstd = torch.empty(n, k), torch.empty(n, k)
+    lib.conv_norm_act_pool_forward(cx.data_ptr(), cw.data_ptr(), cb.data_ptr(), cin, h, wd, pad,
+                                   nw.data_ptr(), nb.data_ptr(), n, k, 1e-5, True, True,
+                                   out.data_ptr(), mean.data_ptr(), rstd.data_ptr(), 1, isa=isa)
+    g = torch.linspace(-1, 1, out.numel()).reshape(out.shape).contiguous()
+    gx, gcw, gcb = torch.empty_like(cx), torch.empty(n, k, cin, 3, 3), torch.empty(n, k)
+    gw, gb = torch.empty(n, k), torch.empty(n, k)
+    lib.conv_norm_act_pool_backward(cx.data_ptr(), cw.data_ptr(), cb.data_ptr(), cin, h, wd, pad,
+                                    nw.data_ptr(), nb.data_ptr(), n, k, 1e-5, True, True,
+                                    mean.data_ptr(), rstd.data_ptr(), g.data_ptr(), gx.data_ptr(),
+                                    gcw.data_ptr(), gcb.data_ptr(), gw.data_ptr(), gb.data_ptr(), 1,
+                                    isa=isa)
+    return [out, gx, gcw, gcb, gw, gb], g
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_every_isa_build_at_convnet_row_lengths(isa):
+    """Each compiled build at ConvNet's plane widths (28 / 14 / 7 and 32 / 16 / 8, where rows
+    straddle or undershoot the 16-lane vectors): the norm block (fp32 forward and backward, bf16
+    forward) within rounding of the default build, and the fused first block's forward and every
+    gradient against autograd through F.conv2d and the float64 twin."""
+    from splatdd.render import _C
+    lib = _C()
+    for hw in ((28, 28), (14, 14), (7, 7), (16, 16), (8, 8)):
+        x, w, b = (t.float().contiguous() for t in _case((2, 3) + hw, hw[0]))
+        for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2 ** -8)):
+            xi = x.to(dtype).contiguous()
+            got, want = (_nap_raw(lib, xi, w, b, i, dtype == torch.float32) for i in (isa, 0))
+            for a, e in zip(got, want):
+                torch.testing.assert_close(a, e, rtol=0, atol=tol * max(float(e.abs().max()), 1.0))
+    for cin, size, pad in ((1, 28, 1), (1, 28, 3), (3, 32, 1), (2, 9, 2)):
+        ins = [t.float().contiguous() for t in _conv_case(2, cin, 5, size, size, size + pad)]
+        got, g = _conv_raw(lib, *ins, pad, isa)
+        ref = [t.double().requires_grad_() for t in ins]
+        y = instance_norm_act_pool_reference(F.conv2d(ref[0], ref[1], ref[2], padding=pad),
+                                             ref[3], ref[4])
+        torch.testing.assert_close(got[0].double(), y, rtol=1e-5, atol=2e-5)
+        y.backward(g.double())
+        sums = [got[1], got[2].sum(0), got[3].sum(0), got[4].sum(0), got[5].sum(0)]
+        for i, (a, r) in enumerate(zip(sums, ref)):
+            scale = max(float((ref[1] if i == 2 else r).grad.abs().max()), 1.0)
+            torch.testing.assert_close(a.double(), r.grad, rtol=0, atol=2e-5 * scale)
