@@ -147,18 +147,29 @@ void winograd_input_transform_cpu(const WinogradInputArgs& a) {
   });
 }
 
+// The output side shared by the output transform and its adjoint: checks the sizes and returns
+// the tiling; `off` / `mask` get, per block of 16 tiles, the 16 output pixels' offsets from
+// channel 0 and masks (in image). False when there is nothing to do (no rows).
+static bool output_tiles(int64_t N, int64_t K, int64_t Ho, int64_t Wo, int64_t rows, bool ptrs_ok,
+                         Tiling* g, std::vector<int32_t>* off, std::vector<uint32_t>* mask) {
+  check(N >= 0 && K >= 1 && Ho >= 1 && Wo >= 1, "N must be >= 0 and K, Ho, Wo >= 1");
+  check(Ho <= kMaxSide && Wo <= kMaxSide, "Ho and Wo must be at most 2^20");
+  *g = tiling(N, Ho, Wo, rows);
+  check(N * K * Ho * Wo <= kMaxOffset, "N * K * Ho * Wo must be < 2^31 (split the batch)");
+  check(36 * rows * K < kMaxElements, "tensor too large");
+  check(N == 0 || ptrs_ok, "null data pointer");
+  if (rows == 0) return false;
+  tile_offsets(*g, 4, 0, K, Ho, Wo, off, mask);
+  return true;
+}
+
 void winograd_output_transform_cpu(const WinogradOutputArgs& a) {
-  check(a.N >= 0 && a.K >= 1 && a.Ho >= 1 && a.Wo >= 1, "N must be >= 0 and K, Ho, Wo >= 1");
-  check(a.Ho <= kMaxSide && a.Wo <= kMaxSide, "Ho and Wo must be at most 2^20");
-  const Tiling g = tiling(a.N, a.Ho, a.Wo, a.rows);
-  check(a.N * a.K * a.Ho * a.Wo <= kMaxOffset, "N * K * Ho * Wo must be < 2^31 (split the batch)");
-  check(36 * a.rows * a.K < kMaxElements, "tensor too large");
-  check(a.N == 0 || (a.m != nullptr && a.y != nullptr), "null m or y pointer");
-  if (a.rows == 0) return;
-  // per block of 16 tiles: the 16 output pixels' offsets from channel 0, and masks (in image)
+  Tiling g;
   std::vector<int32_t> off;
   std::vector<uint32_t> mask;
-  tile_offsets(g, 4, 0, a.K, a.Ho, a.Wo, &off, &mask);
+  if (!output_tiles(a.N, a.K, a.Ho, a.Wo, a.rows, a.m != nullptr && a.y != nullptr, &g, &off,
+                    &mask))
+    return;
   const Isa isa = choose_isa(a.isa);
   for_channels(a.K, 16 * a.rows, a.num_threads, [&](int64_t begin, int64_t end) {
 #if defined(SPLATDD_CPU_X86)
@@ -173,17 +184,12 @@ void winograd_output_transform_cpu(const WinogradOutputArgs& a) {
 }
 
 void winograd_grad_transform_cpu(const WinogradGradArgs& a) {
-  check(a.N >= 0 && a.K >= 1 && a.Ho >= 1 && a.Wo >= 1, "N must be >= 0 and K, Ho, Wo >= 1");
-  check(a.Ho <= kMaxSide && a.Wo <= kMaxSide, "Ho and Wo must be at most 2^20");
-  const Tiling g = tiling(a.N, a.Ho, a.Wo, a.rows);
-  check(a.N * a.K * a.Ho * a.Wo <= kMaxOffset, "N * K * Ho * Wo must be < 2^31 (split the batch)");
-  check(36 * a.rows * a.K < kMaxElements, "tensor too large");
-  check(a.N == 0 || (a.dy != nullptr && a.dm != nullptr), "null dy or dm pointer");
-  if (a.rows == 0) return;
-  // per block of 16 tiles: the 16 output pixels' offsets from channel 0, and masks (in image)
+  Tiling g;
   std::vector<int32_t> off;
   std::vector<uint32_t> mask;
-  tile_offsets(g, 4, 0, a.K, a.Ho, a.Wo, &off, &mask);
+  if (!output_tiles(a.N, a.K, a.Ho, a.Wo, a.rows, a.dy != nullptr && a.dm != nullptr, &g, &off,
+                    &mask))
+    return;
   const Isa isa = choose_isa(a.isa);
   for_channels(a.K, 36 * a.rows, a.num_threads, [&](int64_t begin, int64_t end) {
 #if defined(SPLATDD_CPU_X86)
