@@ -686,9 +686,11 @@ def _markdown(r: dict) -> str:
               "change outside them can make the step faster than this; where the target needs "
               "less, it is out of reach without a cheaper convolution algorithm. The fused first "
               "block and Winograd (below) are such algorithms, and their time is not in this "
-              "column: the graph-free paths (dm's real batches, the test pass) use no oneDNN "
-              "convolution any more; a training step inside `first_order` (the evaluation epoch, "
-              "dm's synthetic images) keeps oneDNN's filter gradients.", "",
+              "column: none of the three steps uses a oneDNN convolution any more (the graph-free "
+              "paths since the fused first block and Winograd; a training step inside "
+              "`first_order` since the filters' gradient runs by Winograd as well), so the "
+              "column is zero and the remaining time is the Winograd GEMMs, the transforms, "
+              "the fused blocks and the step's fixed costs.", "",
               "| case | base s | new s | inside oneDNN convolutions s | new s minus those | "
               "time the target needs | target below the floor? |", "|---|---|---|---|---|---|---|"]
         for case, key, tkey in (("dm_pixel", "dm_embed_conv_s", "dm_pixel"),
@@ -761,8 +763,10 @@ def _markdown(r: dict) -> str:
           "GEMM; its float32 error, a few times a direct convolution's, is bounded in "
           "tests/test_winograd.py and measured in benchmarks/results/winograd_speed.md). "
           "Under a graph inside `first_order` (evaluation training, dm's synthetic images) the "
-          "forward and the input's gradient run by Winograd too (`splatdd.winograd_train`) and "
-          "the filters' gradient by oneDNN; outside it (dc, tm) the modules run as before.",
+          "forward, the input's gradient and the filters' gradient run by Winograd too "
+          "(`splatdd.winograd_train`; the filters' gradient through the output transform's "
+          "adjoint and the forward's kept input transform; the transforms' buffers kept per "
+          "layer in a `WinogradWorkspace`); outside it (dc, tm) the modules run as before.",
           "* dm: the real batches (10 x 256 images per iteration) are augmented and embedded in "
           "passes of 16 images and their embeddings summed: the same mean up to "
           "rounding (tests/test_speed_equivalence.py), and no per-call mapping of ~100 MB "
@@ -773,9 +777,10 @@ def _markdown(r: dict) -> str:
           "* evaluation: each SGD step runs forward+backward in passes of 16 images with the "
           "gradient accumulated (same random stream, same gradient up to rounding; batch-norm "
           "nets keep one pass) through the fused blocks; the test pass runs passes of 16 under "
-          "inference_mode. The training epoch's time is now the Winograd GEMMs (forward and "
-          "input gradient), oneDNN's filter gradients (the floor table) and the fused blocks' "
-          "backward. The opt-in protocol option "
+          "inference_mode. The training epoch's time is now mostly the Winograd GEMMs (forward, "
+          "input and filters' gradients; benchmarks/results/winograd_speed.md times them "
+          "alone), then the transforms, the fused blocks and the step's fixed costs. The "
+          "opt-in protocol option "
           "`test_precision = \"bf16\"` runs the test pass with a bf16 copy of each trained net "
           "(its accuracy effect: the `new_test_bf16` row); the papers' protocol stays fp32. "
           "channels_last was measured slower here with instance norm, so it is not used. "
