@@ -59,9 +59,29 @@ def test_winograd_filters_follow_weight_changes():
             torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+def test_copies_leave_out_buffers_and_train_the_same():
+    """copy.deepcopy and pickling drop the filter cache and the per-thread buffers a training
+    pass leaves behind (they are rebuilt), and the copy's gradients equal the original's bits."""
+    import pickle
+    net = get_network("ConvNet", 1, 10, 28, seed=0)
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    with first_order(net):
+        net(x).square().sum().backward()
+    assert net._workspaces and net._winograd_cache
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert not (twin._workspaces or twin._winograd_cache or twin._scratch_bufs)
+        assert net._workspaces                      # the original keeps its own
+        for m in (net, twin):
+            m.zero_grad()
+            with first_order(m):
+                m(x).square().sum().backward()
+        for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+
+
 def test_training_gradients_equal_the_modules():
     """Inside first_order (the fused first block's backward, the norm blocks', Winograd's
-    forward and input gradient, oneDNN's filter gradient) the parameter gradients equal the
+    forward, input gradient and filter gradient) the parameter gradients equal the
     modules' up to rounding; outside it a graph runs the modules (second derivatives work)."""
     net = get_network("ConvNet", 1, 10, 28, seed=0)
     x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))

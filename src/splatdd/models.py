@@ -220,6 +220,14 @@ class ConvNet(nn.Module):
         return conv3x3_winograd(x, hit[1], conv.bias, padding=conv.padding[0],
                                 out=self._scratch(i, x, conv), workspace=ws)
 
+    def __getstate__(self) -> dict:
+        """Pickling and ``copy.deepcopy`` leave out the filter cache and the per-thread buffers
+        (rebuilt on first use; tens of megabytes after a training pass, which dm's bf16 copy of
+        its embedder would otherwise copy every step)."""
+        state = dict(super().__getstate__())
+        state.update(_winograd_cache={}, _scratch_bufs={}, _workspaces={})
+        return state
+
     def _scratch(self, i: int, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
         """A graph-free conv output buffer of layer ``i`` kept between calls (per thread; the
         fused block consumes it at once), so passes of a few images map no fresh pages; None
