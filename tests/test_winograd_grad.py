@@ -16,7 +16,8 @@ from splatdd.winograd_train import winograd_conv_first_order, winograd_filters
 
 pytestmark = pytest.mark.skipif(
     not hasattr(_C(), "winograd_grad_transform"),
-    reason="splatdd._C has no winograd grad transform (an old build): rebuild with pip install -e .")
+    reason="splatdd._C has no winograd grad transform (an old build): rebuild with "
+           "pip install -e .")
 
 # Error bound relative to the conditioning of a filter's gradient: the largest over (c, i, j) of
 # sum_{n, h, w} |dY[n, k, h, w]| |x[n, c, h + i - p, w + j - p]|. A wrong term (an indexing slip)

@@ -242,10 +242,17 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
     return _conv3x3_winograd(x, U, bias, padding, out, isa, workspace, keep=False)[0]
 
 
-def _chunking(N: int, T: int) -> tuple[int, int]:
-    """(images per chunk, columns R of V and M for a full chunk: a multiple of 16)."""
+def _rows(n: int, T: int) -> int:
+    """Columns of V and M for n images of T tiles each: a multiple of 16 (the transforms'
+    vectors)."""
+    return -(-n * T // 16) * 16
+
+
+def _chunking(N: int, Ho: int, Wo: int) -> tuple[int, int, int]:
+    """(tiles per image T, images per chunk, columns R of V and M for a full chunk)."""
+    T = ((Ho + 3) // 4) * ((Wo + 3) // 4)
     per_chunk = max(1, min(N, TILES_PER_CHUNK // T))
-    return per_chunk, -(-per_chunk * T // 16) * 16
+    return T, per_chunk, _rows(per_chunk, T)
 
 
 def _conv3x3_winograd(x, U, bias, padding, out, isa, ws, keep):
@@ -259,12 +266,11 @@ def _conv3x3_winograd(x, U, bias, padding, out, isa, ws, keep):
     _check_out(out, (N, K, Ho, Wo), x)
     x = x.detach().contiguous()
     U = U.detach().contiguous()
-    T = ((Ho + 3) // 4) * ((Wo + 3) // 4)
     y = torch.empty((N, K, Ho, Wo), dtype=torch.float32) if out is None else out
     if N == 0:
         return y, None
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    per_chunk, R = _chunking(N, T)
+    T, per_chunk, R = _chunking(N, Ho, Wo)
     v_buf = _buffer(ws, "v", 36 * C * R)
     m_buf = _buffer(ws, "m", 36 * K * R)
     if ws is not None:
@@ -274,7 +280,7 @@ def _conv3x3_winograd(x, U, bias, padding, out, isa, ws, keep):
     v = None
     for n0 in range(0, N, per_chunk):
         n = min(per_chunk, N - n0)
-        rows = -(-n * T // 16) * 16
+        rows = _rows(n, T)
         v = v_buf[:36 * C * rows].view(36, C, rows)
         m = m_buf[:36 * K * rows].view(36, K, rows)
         lib.winograd_input_transform(x[n0].data_ptr(), n, C, H, W, padding, rows, v.data_ptr(),
@@ -320,10 +326,9 @@ def conv3x3_winograd_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, paddin
     dU = torch.empty(36, K, C, dtype=torch.float32)
     x = x.detach().contiguous()
     dy = grad_out.detach().contiguous()
-    T = ((Ho + 3) // 4) * ((Wo + 3) // 4)
-    per_chunk, R = _chunking(N, T)
+    T, per_chunk, R = _chunking(N, Ho, Wo)
     kept = _kept is not None and per_chunk >= N and \
-        tuple(_kept[0].shape) == (36, C, -(-N * T // 16) * 16) and \
+        tuple(_kept[0].shape) == (36, C, _rows(N, T)) and \
         (_kept[1] is None or (workspace is not None and workspace.generation == _kept[1]))
     v_buf = None if kept else _buffer(workspace, "grad_v", 36 * C * R)
     m_buf = _buffer(workspace, "m", 36 * K * R)
@@ -331,7 +336,7 @@ def conv3x3_winograd_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, paddin
     lib = _C()
     for n0 in range(0, N, per_chunk):
         n = min(per_chunk, N - n0)
-        rows = -(-n * T // 16) * 16
+        rows = _rows(n, T)
         if kept:
             v = _kept[0]
         else:

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .winograd import (WinogradWorkspace, _conv3x3_winograd, conv3x3_winograd,
+from .winograd import (WinogradWorkspace, _conv3x3_winograd, _shape, conv3x3_winograd,
                        conv3x3_winograd_grad_weight, winograd_weight)
 
 __all__ = ["winograd_conv_first_order", "winograd_filters", "winograd_grad_weight",
@@ -99,8 +99,7 @@ def winograd_conv_first_order(x: torch.Tensor, weight: torch.Tensor,
             not 0 <= padding <= MAX_TRAIN_PADDING:
         raise ValueError(f"padding must be an int in 0..{MAX_TRAIN_PADDING}, got {padding!r}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        raise ValueError("weight must be a (K, C, 3, 3) tensor, got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        raise ValueError(f"weight must be a (K, C, 3, 3) tensor, got {_shape(weight)}")
     K, C = weight.shape[:2]
     if not (isinstance(U, torch.Tensor) and tuple(U.shape) == (36, K, C)
             and isinstance(Ut, torch.Tensor) and tuple(Ut.shape) == (36, C, K)):
