@@ -524,10 +524,14 @@ class Check:
 # ---- the report ----------------------------------------------------------------------------------
 def _load(name: str) -> ModuleType:
     """benchmarks/<name>.py as a module (they are scripts, not a package)."""
-    key = f"splatdd_bench_{name}"
+    return _load_file(f"splatdd_bench_{name}", HERE / f"{name}.py")
+
+
+def _load_file(key: str, path: Path) -> ModuleType:
+    """The Python file ``path`` as the module ``sys.modules[key]`` (loaded once)."""
     if key in sys.modules:
         return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(key, path)
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     sys.modules[key] = mod          # dataclasses look their module up while it executes
@@ -677,11 +681,12 @@ def summary(rep: dict[str, Any]) -> list[str]:
 def write_outputs(results: Path, rep: dict[str, Any], export: Path | None) -> list[Path]:
     """render_cuda.md and render_cuda.json into ``results`` (atomically); with ``export``, copies
     of both and logs.tar.gz there."""
-    try:
-        from splatdd.io_utils import atomic_write_json, atomic_write_text
-    except ImportError:         # splatdd not installed (the build failed): the source tree's copy
-        sys.path.insert(0, str(REPO / "src"))
-        from splatdd.io_utils import atomic_write_json, atomic_write_text
+    # The source tree's io_utils by path, never ``import splatdd``: this process started before
+    # the build step, so an editable install made since is only half visible here (its finder
+    # hook loads at interpreter start-up, but site-packages/splatdd/ holding _C alone is found as
+    # a namespace package without io_utils), and a failed build installs nothing at all.
+    io_utils = _load_file("splatdd_gpu_check_io_utils", REPO / "src" / "splatdd" / "io_utils.py")
+    atomic_write_json, atomic_write_text = io_utils.atomic_write_json, io_utils.atomic_write_text
     results.mkdir(parents=True, exist_ok=True)
     md, js = results / "render_cuda.md", results / "render_cuda.json"
     atomic_write_text(md, render_markdown(rep))
