@@ -160,7 +160,13 @@ def parse_sanitizer(text: str) -> dict[str, Any]:
     unsupported = bool(re.search(r"Device not supported|not supported on this (device|platform)|"
                                  r"Target application terminated before first instrumented API call",
                                  text))
-    return {"errors": int(m.group(1)) if m else None,
+    # racecheck ends with its RACECHECK SUMMARY alone (seen on the first H200 run, compute-sanitizer
+    # of CUDA 13): its error count is then the verdict. memcheck counts each leaked allocation of
+    # --leak-check full as one error: the rest are access errors.
+    errors = int(m.group(1)) if m else (int(r.group(2)) if r else None)
+    n_leaks = sum(1 for ln in lines if ln.lstrip("= ").startswith("Leaked "))
+    return {"errors": errors,
+            "access_errors": None if errors is None else max(errors - n_leaks, 0),
             "hazards": int(r.group(1)) if r else None,
             "race_errors": int(r.group(2)) if r else None,
             "race_warnings": int(r.group(3)) if r else None,
@@ -440,6 +446,8 @@ class Check:
             res.detail = "compute-sanitizer refused this machine's device (see the log)"
         elif res.status != "timeout":
             bits = [f"{parsed['errors']} errors" if parsed["errors"] is not None else "no ERROR SUMMARY"]
+            if tool == "memcheck" and parsed["errors"]:
+                bits[0] += f" ({parsed['access_errors']} access errors, the rest leaks)"
             if tool == "racecheck" and parsed["hazards"] is not None:
                 bits.append(f"{parsed['hazards']} hazards ({parsed['race_errors']} errors, "
                             f"{parsed['race_warnings']} warnings)")

@@ -251,11 +251,18 @@ RACECHECK = """========= COMPUTE-SANITIZER
 def test_parse_sanitizer_reports():
     m = gc.parse_sanitizer(MEMCHECK)
     assert m["errors"] == 3 and m["leaked_bytes"] == 1024 and m["leaked_allocations"] == 1
+    assert m["access_errors"] == 2
     assert m["reports"][0] == "Invalid __global__ write of size 4 bytes" and len(m["reports"]) == 2
     assert m["lines_naming_splatdd"] == 2 and not m["unsupported"]
     r = gc.parse_sanitizer(RACECHECK)
     assert (r["errors"], r["hazards"], r["race_errors"], r["race_warnings"]) == (1, 2, 1, 1)
     assert r["lines_naming_splatdd"] == 2 and r["leaked_bytes"] == 0
+    # CUDA 13's racecheck prints its RACECHECK SUMMARY without an ERROR SUMMARY (first H200 run)
+    alone = gc.parse_sanitizer(RACECHECK.replace("========= ERROR SUMMARY: 1 error\n", ""))
+    assert alone["errors"] == 1 and alone["race_errors"] == 1
+    quiet = gc.parse_sanitizer("========= COMPUTE-SANITIZER\n========= RACECHECK SUMMARY: "
+                               "0 hazards displayed (0 errors, 0 warnings)\n")
+    assert quiet["errors"] == 0 and quiet["hazards"] == 0
     clean = gc.parse_sanitizer("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
     assert clean["errors"] == 0 and clean["reports"] == []
     refused = gc.parse_sanitizer("========= Error: Device not supported\n========= Error: Target "
