@@ -1,0 +1,278 @@
+"""Where the evaluation epoch's time goes, and how far this design can go (issue 15).
+
+speed.py's ``eval_epoch`` case (one training epoch of ConvNet-D3, width 128, on 110 FashionMNIST
+images, passes of 16 images, one torch thread), taken apart in one process:
+
+* ``epoch``: the epoch's seconds, plain (minimum over ``--rounds``);
+* ``in situ``: the same epoch with the Winograd layers' compiled transforms and ``torch.bmm``
+  timed call by call (their seconds per epoch, and the GEMMs' floating-point work);
+* ``profiler``: torch.profiler's self CPU time by group (its own overhead inflates small ops, so
+  these are shares of the profiled epoch, not seconds of a plain one);
+* ``isolated``: the same GEMMs and transforms alone on warm buffers at the epoch's shapes, a
+  2048^3 sgemm (this core's practical fp32 peak) and a copy of a V-sized buffer (the memory
+  traffic a transform cannot avoid in this design);
+* ``floor``: the epoch if its GEMMs ran at the isolated sgemm rate and its transforms at their
+  isolated speed, everything else as measured: the best this layout (separate transforms and a
+  batched GEMM per transform point) could do without touching the rest.
+
+It reads benchmarks/results/speed.json (when present) for what the 5x target asks of the epoch,
+as a fraction of that run's new side (ratios of different runs are not compared).
+
+    python benchmarks/eval_epoch_profile.py                       # writes benchmarks/results/
+    python benchmarks/eval_epoch_profile.py --rounds 2 --out /tmp/p   # a short look
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+GROUPS = (  # (name, test on a profiler key), first match wins
+    ("Winograd GEMMs (bmm)", lambda k: k in ("aten::bmm", "aten::baddbmm")),
+    ("Winograd layers: transforms and Python", lambda k: k.startswith("_WinogradConv")),
+    ("first block, fused conv + norm + ReLU + pool", lambda k: k.startswith("_ConvNormActPool")),
+    ("norm + ReLU + pool blocks", lambda k: k.startswith("_NormActPool")),
+    ("filter transforms, weight-gradient back-transform, classifier (mm)",
+     lambda k: k in ("aten::mm", "aten::addmm", "aten::flip")),
+)
+OTHER = "the rest: DSA, loss, optimiser, autograd, small ops"
+
+
+def _speed():
+    spec = importlib.util.spec_from_file_location("splatdd_bench_speed", HERE / "speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _best(fn: Callable[[], object], n: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+class _Timed:
+    """splatdd.winograd's compiled module and torch.bmm with every call timed (and bmm's flops)."""
+
+    def __init__(self, lib) -> None:
+        self.lib, self.sec = lib, collections.defaultdict(float)
+        self.calls: collections.Counter = collections.Counter()
+        self.flops = 0.0
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.lib, name)
+
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            self.sec[name] += time.perf_counter() - t0
+            self.calls[name] += 1
+            return out
+        return timed
+
+    def bmm(self, bmm):
+        def timed(a, b, *args, **kw):
+            t0 = time.perf_counter()
+            out = bmm(a, b, *args, **kw)
+            self.sec["bmm"] += time.perf_counter() - t0
+            self.calls["bmm"] += 1
+            self.flops += 2.0 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+            return out
+        return timed
+
+
+def measure(rounds: int) -> dict:
+    import torch
+    import splatdd.winograd as wg
+    from splatdd.evaluate import train_network
+    from splatdd.models import get_network
+
+    torch.set_num_threads(1)
+    sp = _speed()
+    train, _ = sp._fashion()
+    x, y = sp._first_per_class(train, 11)
+    net = get_network("ConvNet", 1, 10, (28, 28), seed=0)
+    seed = iter(range(1, 10 ** 6))
+
+    def epoch():
+        train_network(net, x, y, epochs=1, seed=next(seed))
+
+    epoch()
+    plain, situ = [], []
+    lib, bmm, make_lib = wg._C(), torch.bmm, wg._C
+    for _ in range(rounds):                       # plain and timed epochs interleaved
+        plain.append(_best(epoch, 1))
+        timed = _Timed(lib)
+        wg._C, torch.bmm = (lambda: timed), timed.bmm(bmm)
+        try:
+            t0 = time.perf_counter()
+            epoch()
+            wall = time.perf_counter() - t0
+        finally:
+            wg._C, torch.bmm = make_lib, bmm
+        situ.append((wall, dict(timed.sec), dict(timed.calls), timed.flops))
+    wall, sec, calls, flops = min(situ, key=lambda s: s[0])
+
+    from torch.profiler import ProfilerActivity, profile
+    n_prof = max(2, rounds)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n_prof):
+            epoch()
+    groups = collections.defaultdict(float)
+    for ev in prof.key_averages():
+        name = next((g for g, test in GROUPS if test(ev.key)), OTHER)
+        groups[name] += ev.self_cpu_time_total / 1e6 / n_prof
+    profiled = sum(groups.values())
+    # the transforms sit inside the Winograd layers' self time: split them out at the in-situ share
+    tr_situ = sum(v for k, v in sec.items() if k != "bmm")
+    wl = GROUPS[1][0]
+    groups["  (part of the line above: its compiled transforms, at their in-situ share)"] = \
+        min(groups[wl], tr_situ * profiled / wall)
+
+    iso = _isolated(torch, wg, lib)
+    gemm_floor = flops / iso["sgemm_flops"]
+    tr_iso = iso["transforms_epoch_s"]
+    epoch_s = min(plain)
+    floor = epoch_s - sec.get("bmm", 0.0) * epoch_s / wall - tr_situ * epoch_s / wall \
+        + gemm_floor + tr_iso
+    return {"epoch_s": epoch_s, "situ": {"wall_s": wall, "seconds": sec, "calls": calls,
+                                        "gemm_flops": flops},
+            "profile": {"epochs": n_prof, "profiled_epoch_s": profiled,
+                        "groups_s": dict(groups)},
+            "isolated": iso, "floor_s": floor, "gemm_floor_s": gemm_floor}
+
+
+def _isolated(torch, wg, lib) -> dict:
+    """The epoch's GEMMs and transforms alone on warm buffers, one pass of 16 images (112 =
+    7 passes, the last of 14, counted as 7 full ones), and a 2048^3 sgemm."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    sgemm = 2 * 2048 ** 3 / _best(lambda: a @ b, 5)
+    C = K = 128
+    out: dict = {"sgemm_flops": sgemm, "layers": []}
+    tr_epoch = gemm_epoch = 0.0
+    for H in (16, 8):
+        n, T = 16, (H // 4) ** 2
+        rows = -(-n * T // 16) * 16
+        x, dy = torch.randn(n, C, H, H), torch.randn(n, K, H, H)
+        U, V, M = torch.randn(36, K, C), torch.randn(36, C, rows), torch.randn(36, K, rows)
+        y, dV, dU = torch.empty(n, K, H, H), torch.empty(36, C, rows), torch.empty(36, K, C)
+        flops = 2.0 * 36 * K * C * rows
+        g = {"forward": _best(lambda: torch.bmm(U, V, out=M), 20),
+             "input gradient": _best(lambda: torch.bmm(U.transpose(1, 2), M, out=dV), 20),
+             "filter gradient": _best(lambda: torch.bmm(M, V.transpose(1, 2), out=dU), 20)}
+        t = {"input": _best(lambda: lib.winograd_input_transform(
+                 x.data_ptr(), n, C, H, H, 1, rows, V.data_ptr(), 1, 0), 20),
+             "output": _best(lambda: lib.winograd_output_transform(
+                 M.data_ptr(), rows, 0, n, K, H, H, y.data_ptr(), 1, 0), 20),
+             "grad": _best(lambda: lib.winograd_grad_transform(
+                 dy.data_ptr(), n, K, H, H, rows, M.data_ptr(), 1, 0), 20)}
+        copy = _best(lambda: V.copy_(M), 20)
+        # per pass: forward input + output, backward grad + (input gradient's) input + output
+        per_pass = 2 * t["input"] + 2 * t["output"] + t["grad"]
+        tr_epoch += 7 * per_pass
+        gemm_epoch += 7 * sum(g.values())
+        out["layers"].append({"H": H, "images": n, "tiles": rows, "gemm_s": g,
+                              "gemm_gflops": {k: flops / v / 1e9 for k, v in g.items()},
+                              "transform_s": t, "copy_v_s": copy, "v_bytes": V.numel() * 4})
+    out["transforms_epoch_s"] = tr_epoch
+    out["gemms_epoch_s"] = gemm_epoch
+    return out
+
+
+def target_fraction(path: Path) -> dict | None:
+    """What the eval-epoch target asks, from speed.json: base / 5 as a fraction of new."""
+    try:
+        fig = json.loads(path.read_text())["figures"]["eval_epoch"]
+        return {"base_s": fig["base_s"], "new_s": fig["new_s"], "target": 5.0,
+                "fraction": fig["base_s"] / 5.0 / fig["new_s"]}
+    except (OSError, KeyError, ValueError, ZeroDivisionError):
+        return None
+
+
+def markdown(r: dict) -> str:
+    ms = lambda s: f"{1e3 * s:.1f}"                                      # noqa: E731
+    us = lambda s: f"{1e6 * s:.0f}"                                      # noqa: E731
+    e, situ, prof, iso = r["epoch_s"], r["situ"], r["profile"], r["isolated"]
+    lines = ["# Where the evaluation epoch's time goes (issue 15)", "",
+             "Written by `benchmarks/eval_epoch_profile.py`. " + r["machine"], "",
+             f"Plain epoch (minimum of {r['rounds']} rounds): **{ms(e)} ms**.", "",
+             "## In situ (the compiled transforms and torch.bmm timed call by call)", "",
+             "| part | ms per epoch | calls | share of the timed epoch |", "|---|---|---|---|"]
+    for k, v in sorted(situ["seconds"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {k} | {ms(v)} | {situ['calls'][k]} | {v / situ['wall_s']:.0%} |")
+    rest = situ["wall_s"] - sum(situ["seconds"].values())
+    lines += [f"| everything else | {ms(rest)} | | {rest / situ['wall_s']:.0%} |",
+              f"| the timed epoch | {ms(situ['wall_s'])} | | |", "",
+              f"The GEMMs do {situ['gemm_flops'] / 1e9:.2f} GFLOP per epoch: "
+              f"{situ['gemm_flops'] / situ['seconds'].get('bmm', float('nan')) / 1e9:.0f} GFLOP/s "
+              f"in situ, against {iso['sgemm_flops'] / 1e9:.0f} GFLOP/s for a 2048^3 sgemm on this "
+              "core.", "",
+              f"## torch.profiler, self CPU time by group ({prof['epochs']} epochs)", "",
+              "| group | share of the profiled epoch |", "|---|---|"]
+    for k, v in sorted(prof["groups_s"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {k} | {v / prof['profiled_epoch_s']:.0%} |")
+    lines += ["", "## Isolated, warm buffers, one pass of 16 images", "",
+              "| plane | tiles | GEMM GFLOP/s: forward / input grad / filter grad "
+              "| transforms µs: input / output / grad | copy of V (µs, MB) |",
+              "|---|---|---|---|---|"]
+    for L in iso["layers"]:
+        g, t = L["gemm_gflops"], L["transform_s"]
+        lines.append(f"| {L['H']}x{L['H']} | {L['tiles']} | {g['forward']:.0f} / "
+                     f"{g['input gradient']:.0f} / {g['filter gradient']:.0f} | "
+                     f"{us(t['input'])} / {us(t['output'])} / {us(t['grad'])} | "
+                     f"{us(L['copy_v_s'])}, {L['v_bytes'] / 1e6:.1f} |")
+    lines += ["", "Compare each transform with the copy of V beside it: a transform that takes about "
+              "as long is bound by memory traffic (V and M hold 2.25x the activations' values), "
+              "not by its arithmetic.", "",
+              "## The floor of this design", "",
+              f"With every GEMM at the sgemm rate ({ms(r['gemm_floor_s'])} ms) and the "
+              f"transforms at their isolated speed ({ms(iso['transforms_epoch_s'])} ms), "
+              f"the rest as measured, the epoch would take **{ms(r['floor_s'])} ms, "
+              f"{r['floor_s'] / e:.0%} of today's**."]
+    t = r.get("target")
+    if t:
+        lines += ["", f"speed.md's run (benchmarks/results/speed.json) measured the base at "
+                  f"{t['base_s']:.3f} s and the new side at {t['new_s']:.3f} s: 5x needs the "
+                  f"epoch at **{t['fraction']:.0%}** of that run's new side. Fractions, not "
+                  "seconds, are compared across the two runs."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=8, help="plain / timed epoch pairs (min kept)")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    import torch
+    from splatdd.runtime import cpu_model
+    load0 = os.getloadavg()
+    r = measure(a.rounds)
+    r["rounds"] = a.rounds
+    r["target"] = target_fraction(HERE / "results" / "speed.json")
+    r["machine"] = (f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch "
+                    f"{torch.__version__}, 1 torch thread; load average "
+                    f"{load0[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.")
+    from splatdd.io_utils import atomic_write_text
+    a.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.out / "eval_epoch_profile.json", json.dumps(r, indent=2) + "\n")
+    atomic_write_text(a.out / "eval_epoch_profile.md", markdown(r))
+    print(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

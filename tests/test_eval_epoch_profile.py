@@ -1,0 +1,73 @@
+"""benchmarks/eval_epoch_profile.py's parts that need no epoch: the call timer (against torch.bmm
+and the flop count of its shapes), the target's fraction from speed.json, the report."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("splatdd_bench_eval_epoch_profile",
+                                                  REPO / "benchmarks" / "eval_epoch_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+prof = _load()
+
+
+def test_timed_bmm_returns_bmm_and_counts_its_flops():
+    class Lib:
+        def twice(self, v):
+            return 2 * v
+    timed = prof._Timed(Lib())
+    a, b = torch.randn(3, 4, 5), torch.randn(3, 5, 6)
+    out = torch.empty(3, 4, 6)
+    r = timed.bmm(torch.bmm)(a, b, out=out)
+    assert r is out and torch.equal(out, torch.bmm(a, b))
+    timed.bmm(torch.bmm)(a, b)
+    assert timed.flops == 2 * (2.0 * 3 * 4 * 5 * 6) and timed.calls["bmm"] == 2
+    assert timed.twice(21) == 42 and timed.calls["twice"] == 1 and timed.sec["twice"] >= 0
+    with pytest.raises(AttributeError):
+        timed.missing
+
+
+def test_target_fraction(tmp_path):
+    p = tmp_path / "speed.json"
+    p.write_text(json.dumps({"figures": {"eval_epoch": {"base_s": 0.5, "new_s": 0.125}}}))
+    t = prof.target_fraction(p)
+    assert t["fraction"] == pytest.approx(0.5 / 5 / 0.125)
+    assert prof.target_fraction(tmp_path / "none.json") is None
+    p.write_text("{not json")
+    assert prof.target_fraction(p) is None
+    p.write_text(json.dumps({"figures": {}}))
+    assert prof.target_fraction(p) is None
+
+
+def test_markdown_names_every_part_and_the_floor():
+    layer = {"H": 16, "tiles": 256, "gemm_gflops": {"forward": 150.0, "input gradient": 140.0,
+                                                    "filter gradient": 130.0},
+             "transform_s": {"input": 4e-4, "output": 3e-4, "grad": 3e-4}, "copy_v_s": 4e-4,
+             "v_bytes": 4718592}
+    r = {"machine": "Machine: test.", "rounds": 3, "epoch_s": 0.15, "floor_s": 0.12,
+         "gemm_floor_s": 0.05,
+         "situ": {"wall_s": 0.16, "seconds": {"bmm": 0.07, "winograd_input_transform": 0.01},
+                  "calls": {"bmm": 42, "winograd_input_transform": 28}, "gemm_flops": 7.8e9},
+         "profile": {"epochs": 3, "profiled_epoch_s": 0.2,
+                     "groups_s": {name: 0.02 for name, _ in prof.GROUPS} | {prof.OTHER: 0.1}},
+         "isolated": {"sgemm_flops": 1.45e11, "transforms_epoch_s": 0.016, "layers": [layer]},
+         "target": {"base_s": 0.572, "new_s": 0.144, "target": 5.0, "fraction": 0.794}}
+    md = prof.markdown(r)
+    for name, _ in prof.GROUPS:
+        assert name in md
+    assert "(minimum of 3 rounds): **150.0 ms**" in md
+    assert "| everything else | 80.0 |" in md and "111 GFLOP/s in situ" in md
+    assert "**120.0 ms, 80% of today's**" in md and "**79%**" in md
+    assert "| 16x16 | 256 | 150 / 140 / 130 | 400 / 300 / 300 | 400, 4.7 |" in md
