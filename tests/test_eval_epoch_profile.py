@@ -62,7 +62,7 @@ def test_markdown_names_every_part_and_the_floor():
                   "calls": {"bmm": 42, "winograd_input_transform": 28}, "gemm_flops": 7.8e9},
          "profile": {"epochs": 3, "profiled_epoch_s": 0.2,
                      "groups_s": {name: 0.02 for name, _ in prof.GROUPS} | {prof.OTHER: 0.1}},
-         "isolated": {"sgemm_flops": 1.45e11, "transforms_epoch_s": 0.016, "layers": [layer]},
+         "isolated": {"sgemm_flops": 1.45e11, "peak_flops": 1.5e11, "transforms_epoch_s": 0.016, "layers": [layer]},
          "target": {"base_s": 0.572, "new_s": 0.144, "target": 5.0, "fraction": 0.794}}
     md = prof.markdown(r)
     for name, _ in prof.GROUPS:
