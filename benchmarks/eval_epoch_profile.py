@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import importlib.util
 import json
 import os
@@ -45,8 +46,10 @@ GROUPS = (  # (name, test on a profiler key), first match wins
 OTHER = "the rest: DSA, loss, optimiser, autograd, small ops"
 
 
-def _speed():
-    spec = importlib.util.spec_from_file_location("splatdd_bench_speed", HERE / "speed.py")
+@functools.lru_cache(maxsize=None)
+def _bench(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"splatdd_bench_{name}", HERE / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(mod)
@@ -54,13 +57,9 @@ def _speed():
 
 
 def _best(fn: Callable[[], object], n: int) -> float:
+    """Seconds of the fastest of ``n`` calls, after one warm-up call."""
     fn()
-    best = float("inf")
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return _bench("winograd_speed")._time(fn, n)
 
 
 class _Timed:
@@ -100,7 +99,7 @@ def measure(rounds: int) -> dict:
     from splatdd.models import get_network
 
     torch.set_num_threads(1)
-    sp = _speed()
+    sp = _bench("speed")
     train, _ = sp._fashion()
     x, y = sp._first_per_class(train, 11)
     net = get_network("ConvNet", 1, 10, (28, 28), seed=0)
