@@ -70,7 +70,8 @@ SANITIZER_CASE = "benchmarks/gpu_sanitize_case.py"
 @dataclass
 class StepResult:
     """What one step did. ``status``: ``ok``, ``failed``, ``timeout``, ``unsupported`` (the
-    tool cannot run on this machine) or ``skipped: <why>``."""
+    tool cannot run on this machine), ``skipped: <why>``, or ``pending`` (not reached yet: in the
+    partial report written between steps)."""
 
     name: str
     status: str
@@ -505,7 +506,10 @@ class Check:
     def skipped(self, name: str, why: str = SKIP_NO_GPU) -> StepResult:
         return StepResult(name, why, detail=self.no_gpu_detail() if why == SKIP_NO_GPU else "")
 
-    def run_all(self) -> list[StepResult]:
+    def run_all(self, after_step: Callable[[list[StepResult]], None] | None = None
+                ) -> list[StepResult]:
+        """Every step in order; ``after_step(steps so far)`` after each one (the report is
+        rewritten then, so a run stopped from outside keeps what it had measured)."""
         for i, (name, needs_gpu, _, minimum) in enumerate(STEPS):
             t0 = time.perf_counter()
             if needs_gpu and not self.gpu():
@@ -526,7 +530,25 @@ class Check:
                                          detail=f"gpu_check error: {type(err).__name__}: {err}")
             self.steps.append(res)
             self.log(f"[gpu_check] {name}: {res.status} ({res.seconds:.1f} s) {res.detail}")
+            if after_step is not None:
+                try:
+                    after_step(list(self.steps))
+                except Exception as err:  # noqa: BLE001 - a partial report must not stop the run
+                    self.log(f"[gpu_check] could not write the partial report: "
+                             f"{type(err).__name__}: {err}")
         return self.steps
+
+
+def with_pending(steps: Sequence[StepResult]) -> list[StepResult]:
+    """``steps`` and, for every later step of :data:`STEPS`, a ``pending`` placeholder (the
+    partial report written while the run goes on).
+
+    >>> [s.status for s in with_pending([StepResult("env", "ok")])][:3]
+    ['ok', 'pending', 'pending']
+    """
+    done = {s.name for s in steps}
+    return list(steps) + [StepResult(name, "pending", detail="not reached (yet)")
+                          for name, *_ in STEPS if name not in done]
 
 
 # ---- the report ----------------------------------------------------------------------------------
@@ -739,9 +761,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     invocation = "bash scripts/gpu_check.sh " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     check = Check(results, dry_run=args.dry_run, budget_s=args.budget_s, python=args.python,
                   table20_steps=args.table20_steps, table20_images=args.table20_images)
-    check.run_all()
-    rep = build_report(check.steps, check.info, dry_run=args.dry_run, invocation=invocation,
-                       budget_s=args.budget_s, wall_s=time.perf_counter() - check.start)
+    def report(steps: Sequence[StepResult]) -> dict[str, Any]:
+        return build_report(steps, check.info, dry_run=args.dry_run, invocation=invocation,
+                            budget_s=args.budget_s, wall_s=time.perf_counter() - check.start)
+
+    check.run_all(after_step=lambda steps: write_outputs(results, report(with_pending(steps)),
+                                                         args.export))
+    rep = report(check.steps)
     written = write_outputs(results, rep, args.export)
     print("\n".join(summary(rep)))
     print("wrote " + ", ".join(str(p) for p in written))

@@ -151,6 +151,34 @@ def test_outputs_written_when_splatdd_is_half_installed(tmp_path):
         assert (tmp_path / "exp" / name).stat().st_size > 0
 
 
+def test_report_rewritten_after_every_step(tmp_path):
+    """A run stopped from outside (the device tool's time limit) keeps the steps it finished:
+    the report is rewritten after each, the steps not reached marked pending."""
+    check = gc.Check(tmp_path, dry_run=True, budget_s=420, python=sys.executable,
+                     table20_steps=1000, table20_images=1000)
+    seen = []
+
+    def after(steps):
+        seen.append([s.name for s in steps])
+        rep = gc.build_report(gc.with_pending(steps), check.info, dry_run=True, invocation="x",
+                              budget_s=420, wall_s=1.0)
+        gc.write_outputs(tmp_path, rep, tmp_path / "exp")
+        if len(steps) == 2:             # checked after the run (run_all logs exceptions)
+            partial.append(json.loads((tmp_path / "exp" / "render_cuda.json").read_text()))
+            partial.append((tmp_path / "exp" / "render_cuda.md").read_text())
+        raise OSError("disk full")          # a failed partial write does not stop the run
+
+    partial: list = []
+    steps = check.run_all(after_step=after)
+    statuses = [s["status"] for s in partial[0]["steps"]]
+    assert statuses[:2] == ["ok", "skipped: no GPU"]
+    assert statuses[2:] == ["pending"] * (len(gc.STEPS) - 2)
+    assert "| tests | pending |" in partial[1]
+    names = [name for name, *_ in gc.STEPS]
+    assert seen == [names[:i] for i in range(1, len(names) + 1)]
+    assert [s.name for s in steps] == names
+
+
 def test_no_gpu_without_dry_run_skips_too(tmp_path):
     check = gc.Check(tmp_path, dry_run=False, budget_s=420, python=sys.executable,
                      table20_steps=1000, table20_images=1000)
