@@ -470,6 +470,7 @@ def main(argv=None) -> int:
                 merged["settings"]["accuracy"] = result["settings"]["accuracy"]
             note = {"cases": cases + (["accuracy"] if acc else []), "stage": stage, "load_start": list(load_start),
                     "load_end": list(os.getloadavg()), "rounds": a.rounds,
+                    "epochs": a.epochs, "dm_iters": a.dm_iters,
                     "new": result["new"], "finished": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                     time.gmtime())}
             merged["merged"] = _prune_notes(merged.get("merged", []) + [note])
@@ -797,8 +798,11 @@ def _markdown(r: dict) -> str:
     for mnote in r.get("merged", []):
         L += ["", f"Re-measured later with `--merge` ({mnote['finished']}, load "
               f"{mnote['load_start'][0]:.2f} -> {mnote['load_end'][0]:.2f}, new `"
-              f"{mnote['new']['rev']}`): {', '.join(mnote['cases'])}; the other figures are "
-              "from the run described at the top."]
+              f"{mnote['new']['rev']}`): {', '.join(mnote['cases'])}"
+              + (f" ({mnote['rounds']} rounds" + (f", {mnote['epochs']} epochs and "
+                 f"{mnote['dm_iters']} dm iterations per round" if "epochs" in mnote else "")
+                 + ")" if "rounds" in mnote else "")
+              + "; the other figures are from the run described at the top."]
     L += ["", "## Detail (minimum over rounds)", "",
           "| case | base s | new s | ratio | page faults base -> new | load (base, new) |",
           "|---|---|---|---|---|---|"]
