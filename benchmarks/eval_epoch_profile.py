@@ -185,6 +185,15 @@ def _isolated(torch, wg, lib) -> dict:
         out["layers"].append({"H": H, "images": n, "tiles": rows, "gemm_s": g,
                               "gemm_gflops": {k: flops / v / 1e9 for k, v in g.items()},
                               "transform_s": t, "copy_v_s": copy, "v_bytes": V.numel() * 4})
+    # the 16x16 layer's forward GEMM again with cold operands: 8 sets of U, V, M (~94 MB) in turn
+    sets = [(torch.randn(36, K, C), torch.randn(36, C, 256), torch.empty(36, K, 256))
+            for _ in range(8)]
+    turn = iter(range(10 ** 9))
+
+    def cold():
+        u, v, m = sets[next(turn) % len(sets)]
+        torch.bmm(u, v, out=m)
+    out["cold_forward_gflops"] = 2.0 * 36 * K * C * 256 / _best(cold, 40) / 1e9
     # this core's fp32 GEMM rate: the best of the sgemm and the epoch's GEMMs alone
     out["peak_flops"] = max([sgemm] + [1e9 * v for L in out["layers"]
                                        for v in L["gemm_gflops"].values()])
@@ -243,6 +252,10 @@ def markdown(r: dict) -> str:
                      f"{g['input gradient']:.0f} / {g['filter gradient']:.0f} | "
                      f"{us(t['input'])} / {us(t['output'])} / {us(t['grad'])} | "
                      f"{us(L['copy_v_s'])}, {L['v_bytes'] / 1e6:.1f} |")
+    if "cold_forward_gflops" in iso:
+        lines += ["", f"The 16x16 forward GEMM with cold operands (8 sets of buffers used in turn, "
+                  f"about 94 MB): {iso['cold_forward_gflops']:.0f} GFLOP/s, against "
+                  f"{iso['layers'][0]['gemm_gflops']['forward']:.0f} warm."]
     lines += ["", "Compare each transform with the copy of V beside it: a transform that takes about "
               "as long is bound by memory traffic (V and M hold 2.25x the activations' values), "
               "not by its arithmetic.", "",
