@@ -6,6 +6,8 @@ images, passes of 16 images, one torch thread), taken apart in one process:
 * ``epoch``: the epoch's seconds, plain (minimum over ``--rounds``);
 * ``in situ``: the same epoch with the Winograd layers' compiled transforms and ``torch.bmm``
   timed call by call (their seconds per epoch, and the GEMMs' floating-point work);
+* ``passes``: one forward+backward pass of 1, 2, 4, 8 and 16 images, and the cost every pass
+  has whatever its size;
 * ``profiler``: torch.profiler's self CPU time by group (its own overhead inflates small ops, so
   these are shares of the profiled epoch, not seconds of a plain one);
 * ``isolated``: the same GEMMs and transforms alone on warm buffers at the epoch's shapes, a
@@ -140,6 +142,9 @@ def measure(rounds: int) -> dict:
     groups["  (part of the line above: its compiled transforms, at their in-situ share)"] = \
         min(groups[wl], tr_situ * profiled / wall)
 
+    passes = _pass_costs(net, x, y)
+    passes["epoch_by_pass_images"] = _epochs_by_pass_size(epoch_fn=lambda c: train_network(
+        net, x, y, epochs=1, seed=next(seed), chunk=c), rounds=max(3, rounds // 2))
     iso = _isolated(torch, wg, lib)
     gemm_floor = flops / iso["peak_flops"]
     tr_iso = iso["transforms_epoch_s"]
@@ -150,7 +155,40 @@ def measure(rounds: int) -> dict:
                                         "gemm_flops": flops},
             "profile": {"epochs": n_prof, "profiled_epoch_s": profiled,
                         "groups_s": dict(groups)},
-            "isolated": iso, "floor_s": floor, "gemm_floor_s": gemm_floor}
+            "isolated": iso, "floor_s": floor, "gemm_floor_s": gemm_floor, "passes": passes}
+
+
+def _epochs_by_pass_size(epoch_fn, rounds: int, sizes=(16, 32, 55, 110)) -> dict:
+    """The epoch's seconds (minimum over interleaved rounds) with passes of each size."""
+    best = {n: float("inf") for n in sizes}
+    for n in sizes:
+        epoch_fn(n)                                   # warm-up: buffers of this size
+    for _ in range(rounds):
+        for n in sizes:
+            t0 = time.perf_counter()
+            epoch_fn(n)
+            best[n] = min(best[n], time.perf_counter() - t0)
+    return {str(n): v for n, v in best.items()}
+
+
+def _pass_costs(net, x, y, sizes=(1, 2, 4, 8, 16), reps: int = 15) -> dict:
+    """Seconds of one forward+backward pass (as the epoch runs them) of n images, and the
+    least-squares line ``a + b n`` through them: ``a`` is what every pass costs whatever its
+    size (the weight-sized work: each pass's GEMMs read the transformed filters again)."""
+    import splatdd.evaluate as ev
+    from splatdd.models import first_order
+    net.train()
+    sec = {}
+    with first_order(net):
+        for n in sizes:
+            xb, yb = x[:n].contiguous(), y[:n].contiguous()
+            sec[n] = _best(lambda: ev._loss_backward(net, xb, yb, None), reps)
+    net.zero_grad(set_to_none=True)
+    k = len(sizes)
+    mx, my = sum(sizes) / k, sum(sec.values()) / k
+    b = sum((n - mx) * (sec[n] - my) for n in sizes) / sum((n - mx) ** 2 for n in sizes)
+    return {"seconds": {str(n): v for n, v in sec.items()}, "fixed_s": my - b * mx,
+            "per_image_s": b}
 
 
 def _isolated(torch, wg, lib) -> dict:
@@ -242,6 +280,25 @@ def markdown(r: dict) -> str:
               "| group | share of the profiled epoch |", "|---|---|"]
     for k, v in sorted(prof["groups_s"].items(), key=lambda kv: -kv[1]):
         lines.append(f"| {k} | {v / prof['profiled_epoch_s']:.0%} |")
+    ps = r.get("passes")
+    if ps:
+        lines += ["", "## One pass (forward + backward) by its number of images", "",
+                  "| images | " + " | ".join(ps["seconds"]) + " |",
+                  "|---|" + "---|" * len(ps["seconds"]),
+                  "| ms | " + " | ".join(ms(v) for v in ps["seconds"].values()) + " |", "",
+                  f"A line through them: {ms(ps['fixed_s'])} ms per pass whatever its size plus "
+                  f"{ms(ps['per_image_s'])} ms per image. The epoch runs 7 passes (110 images in "
+                  f"16s), so about {ms(7 * ps['fixed_s'])} ms of it is per-pass cost: the "
+                  "weight-sized work (each pass's GEMMs read the transformed filters again, from "
+                  "memory, and the filters' gradient is written and transformed back per pass) "
+                  "and the pass's fixed overheads."]
+        if ps.get("epoch_by_pass_images"):
+            by = ps["epoch_by_pass_images"]
+            lines += ["", "The whole epoch with passes of other sizes (fewer passes, colder "
+                      "activations; minimum over interleaved rounds):", "",
+                      "| images per pass | " + " | ".join(by) + " |",
+                      "|---|" + "---|" * len(by),
+                      "| epoch ms | " + " | ".join(ms(v) for v in by.values()) + " |"]
     lines += ["", "## Isolated, warm buffers, one pass of 16 images", "",
               "| plane | tiles | GEMM GFLOP/s: forward / input grad / filter grad "
               "| transforms µs: input / output / grad | copy of V (µs, MB) |",

@@ -63,6 +63,8 @@ def test_markdown_names_every_part_and_the_floor():
          "profile": {"epochs": 3, "profiled_epoch_s": 0.2,
                      "groups_s": {name: 0.02 for name, _ in prof.GROUPS} | {prof.OTHER: 0.1}},
          "isolated": {"sgemm_flops": 1.45e11, "peak_flops": 1.5e11, "transforms_epoch_s": 0.016, "layers": [layer]},
+         "passes": {"seconds": {"1": 0.005, "16": 0.020}, "fixed_s": 0.004, "per_image_s": 0.001,
+                    "epoch_by_pass_images": {"16": 0.15, "110": 0.16}},
          "target": {"base_s": 0.572, "new_s": 0.144, "target": 5.0, "fraction": 0.794}}
     md = prof.markdown(r)
     for name, _ in prof.GROUPS:
@@ -71,3 +73,23 @@ def test_markdown_names_every_part_and_the_floor():
     assert "| everything else | 80.0 |" in md and "111 GFLOP/s in situ" in md
     assert "**120.0 ms, 80% of today's**" in md and "**79%**" in md
     assert "| 16x16 | 256 | 150 / 140 / 130 | 400 / 300 / 300 | 400, 4.7 |" in md
+    assert "| ms | 5.0 | 20.0 |" in md and "| epoch ms | 150.0 | 160.0 |" in md and "4.0 ms per pass whatever its size plus 1.0 ms" in md
+
+
+def test_pass_costs_line_goes_through_two_sizes():
+    from splatdd.models import get_network
+    net = get_network("ConvNet", 1, 10, (28, 28), seed=0)
+    x, y = torch.randn(2, 1, 28, 28), torch.tensor([1, 7])
+    r = prof._pass_costs(net, x, y, sizes=(1, 2), reps=1)
+    s1, s2 = r["seconds"]["1"], r["seconds"]["2"]
+    assert s1 > 0 and s2 > 0
+    assert r["fixed_s"] + r["per_image_s"] == pytest.approx(s1)
+    assert r["fixed_s"] + 2 * r["per_image_s"] == pytest.approx(s2)
+    assert all(p.grad is None for p in net.parameters())     # leaves no gradient behind
+
+
+def test_epochs_by_pass_size_keeps_each_sizes_minimum():
+    calls = []
+    r = prof._epochs_by_pass_size(calls.append, rounds=2, sizes=(16, 32))
+    assert calls == [16, 32, 16, 32, 16, 32] and set(r) == {"16", "32"}
+    assert all(v >= 0 for v in r.values())
