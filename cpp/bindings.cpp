@@ -351,6 +351,22 @@ void winograd_grad_transform(uintptr_t dy, int64_t N, int64_t K, int64_t Ho, int
   splatdd::winograd_grad_transform_cpu(a);
 }
 
+void winograd_filter_grad_transform(uintptr_t du, int64_t pairs, uintptr_t g,
+                                    int64_t num_threads, int64_t isa) {
+  require(isa >= 0 && isa <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
+  require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
+  require(pairs >= 0, "pairs must be >= 0");
+  require(pairs == 0 || (du != 0 && g != 0), "du and g must not be null");
+  splatdd::WinogradFilterGradArgs a;
+  a.du = reinterpret_cast<const float*>(du);
+  a.pairs = pairs;
+  a.g = reinterpret_cast<float*>(g);
+  a.num_threads = static_cast<int>(num_threads);
+  a.isa = static_cast<int>(isa);
+  py::gil_scoped_release release;
+  splatdd::winograd_filter_grad_cpu(a);
+}
+
 std::vector<std::string> backends() {
   std::vector<std::string> b{"cpu"};
 #ifdef SPLATDD_WITH_CUDA
@@ -441,6 +457,10 @@ PYBIND11_MODULE(_C, m) {
         "CPU float32 Winograd F(4x4, 3x3) output transform's adjoint: dm (36, K, rows) = A dy A^T "
         "of every 4x4 tile of dy (N, K, Ho, Wo), for the filters' gradient. Addresses are ints; "
         "use splatdd.winograd.");
+  m.def("winograd_filter_grad_transform", &winograd_filter_grad_transform, py::arg("du"),
+        py::arg("pairs"), py::arg("g"), py::arg("num_threads") = 0, py::arg("isa") = 0,
+        "CPU float32 Winograd F(4x4, 3x3) filter transform's adjoint: g (pairs, 3, 3) = G^T dU G "
+        "for dU (36, pairs). Addresses are ints; use splatdd.winograd.");
   m.def("winograd_isas", &splatdd::winograd_isas,
         "Bit mask of the instruction sets the Winograd transforms can use here (bit 1 generic, "
         "bit 2 avx2, bit 3 avx512).");

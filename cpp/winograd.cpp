@@ -203,4 +203,21 @@ void winograd_grad_transform_cpu(const WinogradGradArgs& a) {
   });
 }
 
+void winograd_filter_grad_cpu(const WinogradFilterGradArgs& a) {
+  check(a.pairs >= 0 && 36 * a.pairs < kMaxElements, "pairs must be >= 0 and not too large");
+  check(a.pairs == 0 || (a.du != nullptr && a.g != nullptr), "null du or g pointer");
+  const Isa isa = choose_isa(a.isa);
+  // one range of whole 16-pair blocks per worker (the last range takes the partial block)
+  const int64_t blocks = (a.pairs + kLanes - 1) / kLanes;
+  for_channels(blocks, 36 * kLanes, a.num_threads, [&](int64_t begin, int64_t end) {
+    const int64_t b = begin * kLanes, e = std::min(end * kLanes, a.pairs);
+#if defined(SPLATDD_CPU_X86)
+    if (isa == Isa::kAvx512) return wino_avx512::filter_grad_pairs(a, b, e);
+    if (isa == Isa::kAvx2) return wino_avx2::filter_grad_pairs(a, b, e);
+#endif
+    (void)isa;
+    wino_generic::filter_grad_pairs(a, b, e);
+  });
+}
+
 }  // namespace splatdd

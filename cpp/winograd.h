@@ -1,6 +1,7 @@
 // winograd.h -- Winograd F(4x4, 3x3) transforms for a 3x3, stride-1 convolution on the CPU
 // (float32): the input and output transforms around a batched GEMM done by the caller, and the
-// output transform's adjoint for the filters' gradient (src/splatdd/winograd.py, torch.bmm).
+// output transform's adjoint and the filter transform's adjoint for the filters' gradient
+// (src/splatdd/winograd.py, torch.bmm).
 //
 // Points 0, +-1, +-2, infinity (Lavin & Gray 2015): for a 6x6 input patch d and a 3x3 filter g the
 // 4x4 output tile is A^T [(G g G^T) . (B^T d B)] A. With T = ceil(Ho/4) * ceil(Wo/4) tiles per
@@ -51,6 +52,16 @@ struct WinogradGradArgs {
   int isa = 0;                // as WinogradInputArgs::isa
 };
 
+// The filters' gradient from its transform: g (K, C, 3, 3) = G^T dU G per (output, input) channel
+// pair, dU (36, K, C) from the GEMMs dU = dM @ V^T (the filter transform's adjoint).
+struct WinogradFilterGradArgs {
+  const float* du = nullptr;  // (36, pairs) contiguous, pairs = K * C
+  int64_t pairs = 0;
+  float* g = nullptr;         // (pairs, 9) contiguous
+  int num_threads = 0;
+  int isa = 0;                // as WinogradInputArgs::isa
+};
+
 // The instruction sets this CPU runs the transforms with (1 baseline, 2 AVX2, 3 AVX-512), and the
 // one used by default (isa 0).
 int winograd_isas();  // bit i set: isa i available
@@ -60,5 +71,6 @@ int winograd_default_isa();
 void winograd_input_transform_cpu(const WinogradInputArgs& a);
 void winograd_output_transform_cpu(const WinogradOutputArgs& a);
 void winograd_grad_transform_cpu(const WinogradGradArgs& a);
+void winograd_filter_grad_cpu(const WinogradFilterGradArgs& a);
 
 }  // namespace splatdd

@@ -200,3 +200,63 @@ def test_compiled_transform_rejects_bad_sizes():
     with pytest.raises(ValueError, match="num_threads"):
         _C().winograd_grad_transform(buf.data_ptr(), 1, 1, 4, 4, 16, buf.data_ptr(), -1)
     assert winograd_weight(torch.zeros(1, 1, 3, 3)).shape == (36, 1, 1)
+
+
+def _gg64():
+    g = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                      [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+                     dtype=torch.float64)
+    return torch.kron(g, g)                     # (36, 9): vec(G^T dU G) = GG^T vec(dU)
+
+
+@pytest.mark.parametrize("isa", [1, 2, 3])
+@pytest.mark.parametrize("pairs", [1, 15, 16, 17, 130])
+def test_filter_grad_transform_against_matrix_form(isa, pairs):
+    """The compiled G^T dU G (whole blocks of 16 channel pairs and the partial last one) against
+    float64 (G kron G)^T vec(dU)."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU cannot run isa {isa}")
+    du = torch.randn(36, pairs, generator=torch.Generator().manual_seed(pairs), dtype=torch.float64)
+    want = (du.T @ _gg64()).view(pairs, 3, 3)
+    g = torch.full((pairs, 3, 3), float("nan"))
+    duf = du.float().contiguous()
+    _C().winograd_filter_grad_transform(duf.data_ptr(), pairs, g.data_ptr(), 1, isa)
+    scale = float(du.abs().max())
+    assert float((g.double() - want).abs().max()) < 1e-6 * scale
+
+
+def test_filter_grad_transform_bits_independent_of_threads():
+    pairs = 70_003                                   # enough for two workers, a partial block
+    du = torch.randn(36, pairs, generator=torch.Generator().manual_seed(5))
+    outs = []
+    for threads in (1, 2, 3):
+        g = torch.empty(pairs, 9)
+        _C().winograd_filter_grad_transform(du.data_ptr(), pairs, g.data_ptr(), threads)
+        outs.append(g)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with pytest.raises(ValueError, match="pairs"):
+        _C().winograd_filter_grad_transform(du.data_ptr(), -1, g.data_ptr(), 1)
+    with pytest.raises(ValueError, match="isa must be"):
+        _C().winograd_filter_grad_transform(du.data_ptr(), 1, g.data_ptr(), 1, 4)
+
+
+@pytest.mark.parametrize("n,h,w,padding,need_w", [(3, 9, 11, 1, True), (20, 16, 16, 1, True),
+                                                  (2, 7, 6, 0, True), (2, 5, 13, 2, True),
+                                                  (3, 9, 11, 1, False)])
+def test_bias_gradient_matches_float64(n, h, w, padding, need_w):
+    """The layer's bias gradient (from point (1, 1) of A dY A^T when the filters' gradient is
+    taken, else dY's sum) against float64 autograd, across chunks of tiles (n = 20 at 16 x 16)
+    and edge tiles."""
+    gen = torch.Generator().manual_seed(n + h)
+    x = torch.randn(n, 6, h, w, generator=gen)
+    wt = torch.randn(5, 6, 3, 3, generator=gen).requires_grad_(need_w)
+    b = torch.randn(5, generator=gen, requires_grad=True)
+    U, Ut = winograd_filters(wt)
+    y = winograd_conv_first_order(x, wt, b, U, Ut, padding=padding)
+    dy = torch.randn(y.shape, generator=gen)
+    y.backward(dy)
+    b64 = b.detach().double().requires_grad_()
+    F.conv2d(x.double(), wt.detach().double(), b64, padding=padding).backward(dy.double())
+    cond = float(dy.abs().sum((0, 2, 3)).max())
+    assert float((b.grad.double() - b64.grad).abs().max()) < 1e-6 * cond
+    assert (wt.grad is not None) == need_w

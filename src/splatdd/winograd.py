@@ -294,13 +294,15 @@ def _conv3x3_winograd(x, U, bias, padding, out, isa, ws, keep):
 
 def conv3x3_winograd_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, padding: int = 1, *,
                                  isa: int = 0, workspace: Optional[WinogradWorkspace] = None,
-                                 _kept=None) -> torch.Tensor:
+                                 _kept=None, _bias: bool = False):
     """The filters' gradient of ``F.conv2d(x, weight, padding=padding)`` (3x3, stride 1) for the
     output gradient ``grad_out`` (N, K, Ho, Wo), by Winograd F(4x4, 3x3): a (K, C, 3, 3) float32
     tensor, ``G^T (sum over tiles of (A dY A^T) V^T) G`` per transform point (36 multiplies per
     tile and channel pair instead of 144). CPU float32, no autograd graph; ``isa`` as in
     :func:`conv3x3_winograd`, ``workspace`` too. Equal to PyTorch's up to Winograd's float32
-    rounding (tests/test_winograd.py).
+    rounding (tests/test_winograd.py). ``_bias`` (internal, for the training layer): also return
+    the bias's gradient, ``(gw, gb)``, read off the same transform of ``grad_out`` (its point
+    (1, 1) is each tile's pixel sum) instead of a pass over ``grad_out``.
 
     >>> x, w = torch.randn(2, 16, 8, 8), torch.randn(4, 16, 3, 3)
     >>> g = torch.randn(2, 4, 8, 8)
@@ -322,8 +324,10 @@ def conv3x3_winograd_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, paddin
                          f"{grad_out.device}")
     K = grad_out.shape[1]
     if N == 0:
-        return torch.zeros(K, C, 3, 3, dtype=torch.float32)
+        gw = torch.zeros(K, C, 3, 3, dtype=torch.float32)
+        return (gw, torch.zeros(K, dtype=torch.float32)) if _bias else gw
     dU = torch.empty(36, K, C, dtype=torch.float32)
+    gb = torch.zeros(K, dtype=torch.float32) if _bias else None
     x = x.detach().contiguous()
     dy = grad_out.detach().contiguous()
     T, per_chunk, R = _chunking(N, Ho, Wo)
@@ -350,5 +354,12 @@ def conv3x3_winograd_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, paddin
             torch.bmm(m, v.transpose(1, 2), out=dU)
         else:
             dU.baddbmm_(m, v.transpose(1, 2))
-    # vec(G^T dU G) = (G kron G)^T vec(dU): one (K C, 36) @ (36, 9) GEMM
-    return (dU.view(36, K * C).T @ _GG).view(K, C, 3, 3)
+        if gb is not None:
+            # point (1, 1) of A dY A^T is the sum of the tile's 16 pixels (A's row 1 is all
+            # ones; pixels outside the image and columns past the tiles are zero): the bias's
+            # gradient from 1/16 of dY's values
+            gb += m[7].sum(1)
+    # G^T dU G per (output, input) channel pair, compiled (the filter transform's adjoint)
+    gw = torch.empty(K, C, 3, 3, dtype=torch.float32)
+    lib.winograd_filter_grad_transform(dU.data_ptr(), K * C, gw.data_ptr(), threads, isa)
+    return (gw, gb) if _bias else gw

@@ -75,12 +75,17 @@ class _WinogradConv(torch.autograd.Function):
         ctx.meta = None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_out = grad_out.to(torch.float32).contiguous()
-        # the filters' gradient first: it reads the kept V before anything can overwrite it
-        gw = conv3x3_winograd_grad_weight(x, grad_out, padding, workspace=ws,
-                                          _kept=kept) if need_w else None
+        # the filters' gradient first: it reads the kept V before anything can overwrite it;
+        # with it, the bias's from the same transform of grad_out (its point (1, 1))
+        gw = gb = None
+        if need_w:
+            gw = conv3x3_winograd_grad_weight(x, grad_out, padding, workspace=ws, _kept=kept,
+                                              _bias=need_b)
+            gw, gb = gw if need_b else (gw, None)
+        elif need_b:
+            gb = grad_out.sum((0, 2, 3))
         gx = conv3x3_winograd(grad_out, Ut, None, padding=2 - padding,
                               workspace=ws) if need_x else None
-        gb = grad_out.sum((0, 2, 3)) if need_b else None
         return gx, gw, gb, None, None, None, None
 
 
