@@ -160,14 +160,8 @@ def measure(rounds: int) -> dict:
 
 def _epochs_by_pass_size(epoch_fn, rounds: int, sizes=(16, 32, 55, 110)) -> dict:
     """The epoch's seconds (minimum over interleaved rounds) with passes of each size."""
-    best = {n: float("inf") for n in sizes}
-    for n in sizes:
-        epoch_fn(n)                                   # warm-up: buffers of this size
-    for _ in range(rounds):
-        for n in sizes:
-            t0 = time.perf_counter()
-            epoch_fn(n)
-            best[n] = min(best[n], time.perf_counter() - t0)
+    best = _bench("winograd_speed").interleaved_best(
+        {n: (lambda n=n: epoch_fn(n)) for n in sizes}, rounds, 1)
     return {str(n): v for n, v in best.items()}
 
 

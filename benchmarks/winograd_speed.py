@@ -90,6 +90,23 @@ def _time(fn, reps: int) -> float:
     return best
 
 
+def interleaved_best(methods: dict, rounds: int, reps: int) -> dict:
+    """Seconds per method: one warm-up call each, then ``rounds`` rounds over the methods in
+    turn, each the best of ``reps`` calls; the minimum over rounds."""
+    best = {k: float("inf") for k in methods}
+    for fn in methods.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            best[name] = min(best[name], _time(fn, reps))
+    return best
+
+
+def _reps(N: int, C: int, K: int, H: int) -> int:
+    """Calls per timing: about 50 ms of a 128-channel layer's work at 150 GFLOP/s, 1 to 20."""
+    return max(1, min(20, int(0.05 / max(1e-6, N * C * K * H * H * 18 / 150e9))))
+
+
 def measure(shape, rounds: int) -> dict:
     N, C, K, H = shape
     x64, w64, b64 = _layer(N, C, K, H)
@@ -101,14 +118,9 @@ def measure(shape, rounds: int) -> dict:
         "winograd": lambda: conv3x3_winograd(x, U, b, 1),
         "winograd + out": lambda: conv3x3_winograd(x, U, b, 1, out=out),
     }
-    reps = max(1, min(20, int(0.05 / max(1e-6, N * C * K * H * H * 18 / 150e9))))
-    best = {k: float("inf") for k in methods}
+    reps = _reps(N, C, K, H)
     with torch.no_grad():
-        for fn in methods.values():
-            fn()
-        for _ in range(rounds):
-            for name, fn in methods.items():
-                best[name] = min(best[name], _time(fn, reps))
+        best = interleaved_best(methods, rounds, reps)
         ref = F.conv2d(x64, w64, b64, padding=1)
         scale = float(ref.abs().max())
         err_direct = float((F.conv2d(x, w, b, padding=1).double() - ref).abs().max()) / scale
@@ -134,13 +146,8 @@ def measure_grad(shape, rounds: int) -> dict:
                "winograd": lambda: conv3x3_winograd_grad_weight(x, dy, 1),
                "winograd, kept V": lambda: conv3x3_winograd_grad_weight(x, dy, 1, workspace=ws,
                                                                         _kept=kept)}
-    reps = max(1, min(20, int(0.05 / max(1e-6, N * C * K * H * H * 18 / 150e9))))
-    best = {k: float("inf") for k in methods}
-    for fn in methods.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in methods.items():
-            best[name] = min(best[name], _time(fn, reps))
+    reps = _reps(N, C, K, H)
+    best = interleaved_best(methods, rounds, reps)
     wr = w64.clone().requires_grad_(True)
     ref, = torch.autograd.grad(F.conv2d(x64, wr, padding=1), wr, dy64)
     scale = float(ref.abs().max())

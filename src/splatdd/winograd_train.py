@@ -79,9 +79,9 @@ class _WinogradConv(torch.autograd.Function):
         # with it, the bias's from the same transform of grad_out (its point (1, 1))
         gw = gb = None
         if need_w:
-            gw = conv3x3_winograd_grad_weight(x, grad_out, padding, workspace=ws, _kept=kept,
-                                              _bias=need_b)
-            gw, gb = gw if need_b else (gw, None)
+            got = conv3x3_winograd_grad_weight(x, grad_out, padding, workspace=ws, _kept=kept,
+                                               _bias=need_b)
+            gw, gb = got if need_b else (got, None)
         elif need_b:
             gb = grad_out.sum((0, 2, 3))
         gx = conv3x3_winograd(grad_out, Ut, None, padding=2 - padding,
