@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "convnet_step.h"
 #include "cpu_isa.h"
 #include "norm_act_pool.h"
 #include "render_cpu.h"
@@ -367,6 +368,67 @@ void winograd_filter_grad_transform(uintptr_t du, int64_t pairs, uintptr_t g,
   splatdd::winograd_filter_grad_cpu(a);
 }
 
+// layer_ptrs: per block conv_w, conv_b, norm_w, norm_b, u, ut, g_conv_w, g_conv_b, g_norm_w,
+// g_norm_b (0 for null). workspace 0: only returns the floats of workspace needed.
+int64_t convnet_step(uintptr_t x, uintptr_t labels, int64_t B, int64_t Cin, int64_t H, int64_t W,
+                     int64_t classes, double loss_scale, int64_t chunk, int64_t tiles_per_chunk,
+                     int64_t width, bool pool, const std::vector<uintptr_t>& layer_ptrs,
+                     const std::vector<double>& layer_eps, const std::vector<int64_t>& layer_pad,
+                     uintptr_t fc_w, uintptr_t fc_b, uintptr_t g_fc_w, uintptr_t g_fc_b,
+                     uintptr_t loss, uintptr_t workspace, int64_t workspace_floats,
+                     uintptr_t gemm, int64_t num_threads) {
+  require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
+  const size_t depth = layer_pad.size();
+  require(depth >= 1 && layer_ptrs.size() == 10 * depth && layer_eps.size() == depth,
+          "layer_ptrs, layer_eps and layer_pad must hold 10, 1 and 1 entries per block");
+  std::vector<splatdd::ConvNetLayer> layers(depth);
+  for (size_t l = 0; l < depth; ++l) {
+    const uintptr_t* q = layer_ptrs.data() + 10 * l;
+    splatdd::ConvNetLayer& L = layers[l];
+    L.conv_w = reinterpret_cast<const float*>(q[0]);
+    L.conv_b = reinterpret_cast<const float*>(q[1]);
+    L.norm_w = reinterpret_cast<const float*>(q[2]);
+    L.norm_b = reinterpret_cast<const float*>(q[3]);
+    L.u = reinterpret_cast<const float*>(q[4]);
+    L.ut = reinterpret_cast<const float*>(q[5]);
+    L.g_conv_w = reinterpret_cast<float*>(q[6]);
+    L.g_conv_b = reinterpret_cast<float*>(q[7]);
+    L.g_norm_w = reinterpret_cast<float*>(q[8]);
+    L.g_norm_b = reinterpret_cast<float*>(q[9]);
+    L.eps = static_cast<float>(layer_eps[l]);
+    L.pad = layer_pad[l];
+  }
+  splatdd::ConvNetStepArgs a;
+  a.x = reinterpret_cast<const float*>(x);
+  a.labels = reinterpret_cast<const int64_t*>(labels);
+  a.B = B;
+  a.Cin = Cin;
+  a.H = H;
+  a.W = W;
+  a.classes = classes;
+  a.loss_scale = static_cast<float>(loss_scale);
+  a.chunk = chunk;
+  a.tiles_per_chunk = tiles_per_chunk;
+  a.depth = static_cast<int64_t>(depth);
+  a.width = width;
+  a.pool = pool;
+  a.layers = layers.data();
+  a.fc_w = reinterpret_cast<const float*>(fc_w);
+  a.fc_b = reinterpret_cast<const float*>(fc_b);
+  a.g_fc_w = reinterpret_cast<float*>(g_fc_w);
+  a.g_fc_b = reinterpret_cast<float*>(g_fc_b);
+  a.loss = reinterpret_cast<float*>(loss);
+  a.workspace = reinterpret_cast<float*>(workspace);
+  a.workspace_floats = workspace_floats;
+  a.gemm = reinterpret_cast<splatdd::SgemmBatchFn>(gemm);
+  a.num_threads = static_cast<int>(num_threads);
+  const int64_t need = splatdd::convnet_step_workspace_floats(a);
+  if (workspace == 0) return need;
+  py::gil_scoped_release release;
+  splatdd::convnet_step_cpu(a);
+  return need;
+}
+
 std::vector<std::string> backends() {
   std::vector<std::string> b{"cpu"};
 #ifdef SPLATDD_WITH_CUDA
@@ -461,6 +523,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("pairs"), py::arg("g"), py::arg("num_threads") = 0, py::arg("isa") = 0,
         "CPU float32 Winograd F(4x4, 3x3) filter transform's adjoint: g (pairs, 3, 3) = G^T dU G "
         "for dU (36, pairs). Addresses are ints; use splatdd.winograd.");
+  m.def("convnet_step", &convnet_step, py::arg("x"), py::arg("labels"), py::arg("B"),
+        py::arg("Cin"), py::arg("H"), py::arg("W"), py::arg("classes"), py::arg("loss_scale"),
+        py::arg("chunk"), py::arg("tiles_per_chunk"), py::arg("width"), py::arg("pool"),
+        py::arg("layer_ptrs"), py::arg("layer_eps"), py::arg("layer_pad"), py::arg("fc_w"),
+        py::arg("fc_b"), py::arg("g_fc_w"), py::arg("g_fc_b"), py::arg("loss"),
+        py::arg("workspace"), py::arg("workspace_floats"), py::arg("gemm"),
+        py::arg("num_threads") = 1,
+        "CPU float32 loss gradient of a ConvNet-D batch (instance norm, ReLU, average pool), "
+        "added to the gradient buffers; returns the workspace floats needed (workspace 0: only "
+        "that). Addresses are ints; use splatdd.convnet_step.");
   m.def("winograd_isas", &splatdd::winograd_isas,
         "Bit mask of the instruction sets the Winograd transforms can use here (bit 1 generic, "
         "bit 2 avx2, bit 3 avx512).");

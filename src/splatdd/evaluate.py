@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed
+from . import convnet_step, distributed
 from .augment import DEFAULT_STRATEGY, DSAParams, dsa as dsa_fn
 from .models import first_order, get_network
 from .plugin_api import DatasetSpec, RealData
@@ -232,8 +232,13 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
 
 
 def _loss_backward(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
-                   chunk: int | None) -> None:
-    """Backpropagate the batch-mean cross-entropy, in passes of ``chunk`` images."""
+                   chunk: int | None, *, compiled: bool = True) -> None:
+    """Backpropagate the batch-mean cross-entropy, in passes of ``chunk`` images: in one compiled
+    call where :func:`splatdd.convnet_step.applies` (unless ``compiled`` is False), else through
+    autograd."""
+    if compiled and convnet_step.applies(net, xb):
+        convnet_step.loss_backward(net, xb, yb, chunk=chunk)
+        return
     b = xb.shape[0]
     if chunk is None or b <= chunk:
         F.cross_entropy(net(xb), yb).backward()

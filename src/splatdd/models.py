@@ -206,6 +206,25 @@ class ConvNet(nn.Module):
                 or conv.padding_mode != "zeros" or conv.padding[0] != conv.padding[1] \
                 or (grad and conv.padding[0] > MAX_TRAIN_PADDING):
             return conv(x)
+        U, Ut = self.winograd_filters(i, grad=grad)
+        ws = self.workspace(i)
+        if grad:
+            return winograd_conv_first_order(x, conv.weight, conv.bias, U, Ut,
+                                             padding=conv.padding[0], workspace=ws)
+        return conv3x3_winograd(x, U, conv.bias, padding=conv.padding[0],
+                                out=self._scratch(i, x, conv), workspace=ws)
+
+    def winograd_filters(self, i: int, *, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(U, Ut)`` of the convolution ``self.features[i]`` (``Ut``, the input gradient's
+        filters, only with ``grad``, else None): :func:`splatdd.winograd_train.winograd_filters`,
+        cached until the weight changes (its storage or version).
+
+        >>> net = get_network("ConvNet", 1, 10, 28, width=16)
+        >>> U, Ut = net.winograd_filters(4, grad=True)
+        >>> U.shape, Ut.shape
+        (torch.Size([36, 16, 16]), torch.Size([36, 16, 16]))
+        """
+        conv = self.features[i]
         key = (conv.weight.data_ptr(), conv.weight._version)
         hit = self._winograd_cache.get(i)
         if hit is None or hit[0] != key:
@@ -213,12 +232,12 @@ class ConvNet(nn.Module):
         if grad and hit[2] is None:                  # the input gradient's filters, when needed
             hit = (key, hit[1], winograd_grad_weight(conv.weight))
         self._winograd_cache[i] = hit
-        ws = self._workspaces.setdefault((threading.get_ident(), i), WinogradWorkspace())
-        if grad:
-            return winograd_conv_first_order(x, conv.weight, conv.bias, hit[1], hit[2],
-                                             padding=conv.padding[0], workspace=ws)
-        return conv3x3_winograd(x, hit[1], conv.bias, padding=conv.padding[0],
-                                out=self._scratch(i, x, conv), workspace=ws)
+        return hit[1], hit[2]
+
+    def workspace(self, key) -> WinogradWorkspace:
+        """This thread's :class:`~splatdd.winograd.WinogradWorkspace` named ``key`` (a layer's
+        index, or a name), kept between calls."""
+        return self._workspaces.setdefault((threading.get_ident(), key), WinogradWorkspace())
 
     def __getstate__(self) -> dict:
         """Pickling and ``copy.deepcopy`` leave out the filter cache and the per-thread buffers
