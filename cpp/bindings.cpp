@@ -368,7 +368,7 @@ void winograd_filter_grad_transform(uintptr_t du, int64_t pairs, uintptr_t g,
   splatdd::winograd_filter_grad_cpu(a);
 }
 
-// layer_ptrs: per block conv_w, conv_b, norm_w, norm_b, u, ut, g_conv_w, g_conv_b, g_norm_w,
+// layer_ptrs: per block conv_w, conv_b, norm_w, norm_b, u, uf, g_conv_w, g_conv_b, g_norm_w,
 // g_norm_b (0 for null). workspace 0: only returns the floats of workspace needed.
 int64_t convnet_step(uintptr_t x, uintptr_t labels, int64_t B, int64_t Cin, int64_t H, int64_t W,
                      int64_t classes, double loss_scale, int64_t chunk, int64_t tiles_per_chunk,
@@ -390,7 +390,7 @@ int64_t convnet_step(uintptr_t x, uintptr_t labels, int64_t B, int64_t Cin, int6
     L.norm_w = reinterpret_cast<const float*>(q[2]);
     L.norm_b = reinterpret_cast<const float*>(q[3]);
     L.u = reinterpret_cast<const float*>(q[4]);
-    L.ut = reinterpret_cast<const float*>(q[5]);
+    L.uf = reinterpret_cast<const float*>(q[5]);
     L.g_conv_w = reinterpret_cast<float*>(q[6]);
     L.g_conv_b = reinterpret_cast<float*>(q[7]);
     L.g_norm_w = reinterpret_cast<float*>(q[8]);

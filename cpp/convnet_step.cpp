@@ -120,7 +120,7 @@ Plan make_plan(const ConvNetStepArgs& a) {
       check(L.pad >= 0 && L.pad <= 16, "block 0's padding must be in 0..16");
     } else {
       check(L.pad >= 0 && L.pad <= 2, "blocks 1..'s padding must be in 0..2");
-      check(L.u != nullptr && L.ut != nullptr, "null transformed filters");
+      check(L.u != nullptr && L.uf != nullptr, "null transformed filters");
     }
     p.hc[l] = h + 2 * L.pad - 2;
     p.wc[l] = w + 2 * L.pad - 2;
@@ -237,11 +237,12 @@ ConvNormActPoolArgs block0_args(const ConvNetStepArgs& a, const Plan& p, int64_t
 
 // A Winograd convolution of n images x (n, K, h, w) with padding pad into y (n, K, ho, wo):
 // chunks of `per` images, each chunk's input transform at v + j * vstride (kept when vstride > 0,
-// else every chunk reuses v).
+// else every chunk reuses v); u (36, K, K) the filters' transform, each point's matrix used
+// transposed when u_transposed.
 void winograd_conv(const ConvNetStepArgs& a, const Gemm& gemm, const float* x, int64_t n,
                    int64_t K, int64_t h, int64_t w, int64_t pad, int64_t ho, int64_t wo,
-                   int64_t tiles, int64_t per, const float* u, const float* bias, float* v,
-                   int64_t vstride, float* m, float* y) {
+                   int64_t tiles, int64_t per, const float* u, bool u_transposed,
+                   const float* bias, float* v, int64_t vstride, float* m, float* y) {
   for (int64_t i0 = 0, j = 0; i0 < n; i0 += per, ++j) {
     const int64_t nc = std::min(per, n - i0), rows = rows_for(nc, tiles);
     float* vj = v + j * vstride;
@@ -256,7 +257,8 @@ void winograd_conv(const ConvNetStepArgs& a, const Gemm& gemm, const float* x, i
     ia.v = vj;
     ia.num_threads = a.num_threads;
     winograd_input_transform_cpu(ia);
-    gemm(36, false, false, K, rows, K, u, K, K * K, vj, rows, K * rows, m, rows, K * rows, 0.f);
+    gemm(36, u_transposed, false, K, rows, K, u, K, K * K, vj, rows, K * rows, m, rows, K * rows,
+         0.f);
     WinogradOutputArgs oa;
     oa.m = m;
     oa.rows = rows;
@@ -282,7 +284,7 @@ double run_pass(const ConvNetStepArgs& a, const Plan& p, const Gemm& gemm, int64
   for (int64_t l = 1; l < D; ++l) {
     const ConvNetLayer& L = a.layers[l];
     winograd_conv(a, gemm, ws + p.out[l - 1], n, K, p.ho[l - 1], p.wo[l - 1], L.pad, p.hc[l],
-                  p.wc[l], p.T[l], p.per[l], L.u, L.conv_b, ws + p.v[l], 36 * K * p.rows[l],
+                  p.wc[l], p.T[l], p.per[l], L.u, false, L.conv_b, ws + p.v[l], 36 * K * p.rows[l],
                   ws + p.m, ws + p.y[l]);
     norm_act_pool_forward_cpu(nap_args(a, p, l, n, ws));
   }
@@ -358,9 +360,10 @@ double run_pass(const ConvNetStepArgs& a, const Plan& p, const Gemm& gemm, int64
           L.g_conv_b[k] += static_cast<float>(s);
         }
     }
-    // the input's gradient: gy convolved with the turned filters, padding 2 - pad
+    // the input's gradient: gy convolved with the turned filters (their channels swapped: each
+    // point's matrix of uf transposed), padding 2 - pad
     winograd_conv(a, gemm, gy, n, K, hc, wc, 2 - L.pad, p.ho[l - 1], p.wo[l - 1], p.Tg[l],
-                  p.perg[l], L.ut, nullptr, ws + p.v2, 0, m, gprev);
+                  p.perg[l], L.uf, true, nullptr, ws + p.v2, 0, m, gprev);
     std::swap(gh, gprev);
   }
   // ---- block 0 (its convolution recomputed inside), per-sample partial sums reduced here

@@ -34,7 +34,8 @@ struct ConvNetLayer {
   float eps = 1e-5f;
   int64_t pad = 1;                // the convolution's zero padding: block 0 any, blocks 1.. 0..2
   const float* u = nullptr;       // blocks 1..: (36, K, K) winograd_weight(conv_w)
-  const float* ut = nullptr;      // blocks 1..: (36, K, K) the input gradient's filters
+  const float* uf = nullptr;      // blocks 1..: (36, K, K) the same of conv_w turned 180 degrees
+                                  // (channels not swapped: the GEMM transposes each point's)
   float* g_conv_w = nullptr;      // gradients, added to: conv_w's shape
   float* g_conv_b = nullptr;      // (K); null when conv_b is
   float* g_norm_w = nullptr;      // (K); null when norm_w is

@@ -37,7 +37,7 @@ import torch.nn as nn
 from .models import ConvNet
 from .norm_act_pool import CONV_FUSED_MAX_CIN
 from .render import _C
-from .winograd import MIN_CHANNELS, TILES_PER_CHUNK
+from .winograd import MIN_CHANNELS, TILES_PER_CHUNK, winograd_weight_pair
 
 __all__ = ["applies", "loss_backward", "sgemm_batch_address"]
 
@@ -174,10 +174,12 @@ def loss_backward(net: ConvNet, x: torch.Tensor, y: torch.Tensor, *, chunk: int 
     mods = list(net.features)
     step = 3 if net._pool == "none" else 4
     ptrs, eps, pads = [], [], []
+    alive = []                     # the transformed filters, held until the call returns
     for j, i in enumerate(range(0, len(mods), step)):
         conv, norm = mods[i], mods[i + 1]
-        U, Ut = net.winograd_filters(i, grad=True) if j > 0 else (None, None)
-        for t in (conv.weight, conv.bias, norm.weight, norm.bias, U, Ut):
+        U, Uf = winograd_weight_pair(conv.weight) if j > 0 else (None, None)
+        alive += [U, Uf]
+        for t in (conv.weight, conv.bias, norm.weight, norm.bias, U, Uf):
             ptrs.append(_ptr(t))
         for t in (conv.weight, conv.bias, norm.weight, norm.bias):
             ptrs.append(_ptr(_grad(t)))

@@ -43,7 +43,7 @@ import torch
 
 from .render import _C
 
-__all__ = ["winograd_weight", "conv3x3_winograd", "conv3x3_winograd_grad_weight",
+__all__ = ["winograd_weight", "winograd_weight_pair", "conv3x3_winograd", "conv3x3_winograd_grad_weight",
            "WinogradWorkspace", "winograd_available", "MIN_CHANNELS",
            "TILES_PER_CHUNK"]
 
@@ -95,6 +95,31 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     K, C = weight.shape[:2]
     w = weight.detach().to("cpu", torch.float32).reshape(K * C, 9)
     return (_GG @ w.T).view(36, K, C)
+
+
+# the same for the filter turned 180 degrees: tap 3i + j read from 3 (2 - i) + (2 - j) = 8 - (3i + j)
+_GG_TURNED = _GG.flip(1).contiguous()
+
+
+def winograd_weight_pair(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, Uf)``: :func:`winograd_weight` of ``weight`` and of ``weight`` turned 180 degrees
+    (``weight.flip(2, 3)``, channels not swapped), both (36, K, C), from one float32 GEMM. The
+    input gradient's filters are ``Uf`` with each point's matrix transposed.
+
+    >>> w = torch.randn(8, 16, 3, 3)
+    >>> U, Uf = winograd_weight_pair(w)
+    >>> bool((U == winograd_weight(w)).all())
+    True
+    >>> torch.allclose(Uf, winograd_weight(w.flip(2, 3)))
+    True
+    """
+    if (not isinstance(weight, torch.Tensor) or weight.dim() != 4
+            or tuple(weight.shape[2:]) != (3, 3)):
+        raise ValueError(f"weight must be a (K, C, 3, 3) tensor, got {_shape(weight)}")
+    U = winograd_weight(weight)
+    K, C = weight.shape[:2]
+    w = weight.detach().to("cpu", torch.float32).reshape(K * C, 9)
+    return U, (_GG_TURNED @ w.T).view(36, K, C)
 
 
 def winograd_available(x: torch.Tensor, weight: torch.Tensor, *, grad: bool, stride=1,
