@@ -134,11 +134,17 @@ def _grad(p: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def loss_backward(net: ConvNet, x: torch.Tensor, y: torch.Tensor, *, chunk: int | None = None,
-                  loss_scale: float | None = None) -> float:
+                  loss_scale: float | None = None, tiles_per_chunk: int | None = None,
+                  blas: bool = True) -> float:
     """Add the gradient of ``loss_scale * sum_i cross_entropy(net(x)[i], y[i])`` to every
     parameter's ``.grad`` (made when missing), in passes of ``chunk`` images (None: one pass);
     ``loss_scale`` defaults to ``1 / len(x)`` (the batch-mean loss, ``F.cross_entropy``'s).
-    Returns that loss. Only where :func:`applies` (else ValueError).
+    Returns that loss. Only where :func:`applies` (else ValueError; labels outside the classes
+    too, before anything is written).
+
+    ``tiles_per_chunk``: Winograd tiles per GEMM (default
+    :data:`splatdd.winograd.TILES_PER_CHUNK`); ``blas=False`` multiplies with the compiled plain
+    loop instead of torch's BLAS (for tests; slow).
 
     >>> from splatdd.models import get_network
     >>> net = get_network("ConvNet", 1, 10, 28, width=16, seed=0)
@@ -166,6 +172,10 @@ def loss_backward(net: ConvNet, x: torch.Tensor, y: torch.Tensor, *, chunk: int 
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
                               or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    tiles = TILES_PER_CHUNK if tiles_per_chunk is None else tiles_per_chunk
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1:
+        raise ValueError(f"tiles_per_chunk must be a positive int or None, got "
+                         f"{tiles_per_chunk!r}")
     scale = 1.0 / max(B, 1) if loss_scale is None else float(loss_scale)
     if not math.isfinite(scale):
         raise ValueError(f"loss_scale must be finite, got {loss_scale!r}")
@@ -189,11 +199,11 @@ def loss_backward(net: ConvNet, x: torch.Tensor, y: torch.Tensor, *, chunk: int 
     x = x.contiguous()
     loss = torch.zeros(1, dtype=torch.float32)
     args = [x.data_ptr(), y.data_ptr(), B, x.shape[1], x.shape[2], x.shape[3], classes, scale,
-            B if chunk is None else chunk, TILES_PER_CHUNK, net.feature_shape[0],
+            B if chunk is None else chunk, tiles, net.feature_shape[0],
             net._pool != "none", ptrs, eps, pads, fc.weight.data_ptr(), _ptr(fc.bias),
             _grad(fc.weight).data_ptr(), _ptr(_grad(fc.bias)), loss.data_ptr()]
     lib = _C()
-    gemm, threads = sgemm_batch_address(), torch.get_num_threads()
+    gemm, threads = (sgemm_batch_address() if blas else 0), torch.get_num_threads()
     need = lib.convnet_step(*args, 0, 0, gemm, threads)
     ws = net.workspace("step").buffer("step", need)
     with torch.no_grad():

@@ -192,16 +192,11 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
     g.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
     n = x_all.shape[0]
 
-    # torch's fused SGD (one kernel for every tensor: half the step's time on the CPU here; the
-    # same update up to float rounding) where it exists
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
-                for p in net.parameters())
-
     def make_opt(lr_now: float) -> torch.optim.Optimizer:
         if optimizer == "adam":
             return torch.optim.Adam(net.parameters(), lr=lr_now, weight_decay=weight_decay)
         return torch.optim.SGD(net.parameters(), lr=lr_now, momentum=momentum,
-                               weight_decay=weight_decay, fused=fused)
+                               weight_decay=weight_decay)
 
     opt = make_opt(lr)
     bar = None
