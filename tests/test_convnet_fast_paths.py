@@ -36,8 +36,7 @@ def test_inference_equals_the_modules(channels, size, width):
 
 def test_winograd_filters_follow_weight_changes():
     """An in-place update (an optimiser step), load_state_dict and a deep copy all give the new
-    weights' logits: the cached transformed filters are keyed on the weight's storage and
-    version."""
+    weights' logits: the cached transformed filters follow the weight's values."""
     net = get_network("ConvNet", 1, 10, 28, seed=0)
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
@@ -57,6 +56,31 @@ def test_winograd_filters_follow_weight_changes():
         want = _modules(other, x)
         for m in (net, twin):
             torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_winograd_filters_follow_updates_the_version_counter_misses():
+    """Writes through ``.data`` and torch's fused SGD change a weight without bumping its version
+    (a cache keyed on storage and version went stale): the logits still follow the weights."""
+    net = get_network("ConvNet", 1, 10, 28, width=32, seed=0)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        net(x)                                           # fills the cache
+    v = net.features[4].weight._version
+    net.features[4].weight.data.mul_(-2.0)
+    assert net.features[4].weight._version == v
+    with torch.no_grad():
+        got, want = net(x), _modules(net, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    try:
+        opt = torch.optim.SGD(net.parameters(), lr=0.5, fused=True)
+    except (RuntimeError, TypeError, ValueError):       # a torch without fused CPU SGD
+        return
+    opt.step()
+    with torch.no_grad():
+        got, want = net(x), _modules(net, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
 def test_copies_leave_out_buffers_and_train_the_same():

@@ -172,7 +172,7 @@ class ConvNet(nn.Module):
             "avgpooling", "avg", "none")
         self._pool = "none" if pool == "none" else "avg"
         self.first_order_only = False
-        # layer -> ((weight ptr, version), U, Ut or None): splatdd.winograd_train.winograd_filters
+        # layer -> (the weight's values, U, Ut or None): splatdd.winograd_train.winograd_filters
         self._winograd_cache: dict[int, tuple] = {}
         self._scratch_bufs: dict[tuple[int, int], torch.Tensor] = {}   # (thread, layer) -> out
         self._workspaces: dict[tuple[int, int], WinogradWorkspace] = {}  # (thread, layer)
@@ -217,20 +217,21 @@ class ConvNet(nn.Module):
     def winograd_filters(self, i: int, *, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(U, Ut)`` of the convolution ``self.features[i]`` (``Ut``, the input gradient's
         filters, only with ``grad``, else None): :func:`splatdd.winograd_train.winograd_filters`,
-        cached until the weight changes (its storage or version).
+        cached while the weight's values stay equal to those it was computed from (compared in
+        full on every call: in-place updates that autograd's version counter does not see, such
+        as torch's fused optimizers or ``.data`` writes, cannot leave it stale).
 
         >>> net = get_network("ConvNet", 1, 10, 28, width=16)
         >>> U, Ut = net.winograd_filters(4, grad=True)
         >>> U.shape, Ut.shape
         (torch.Size([36, 16, 16]), torch.Size([36, 16, 16]))
         """
-        conv = self.features[i]
-        key = (conv.weight.data_ptr(), conv.weight._version)
+        w = self.features[i].weight.detach()
         hit = self._winograd_cache.get(i)
-        if hit is None or hit[0] != key:
-            hit = (key, winograd_weight(conv.weight), None)
+        if hit is None or hit[0].shape != w.shape or not torch.equal(hit[0], w):
+            hit = (w.clone(), winograd_weight(w), None)
         if grad and hit[2] is None:                  # the input gradient's filters, when needed
-            hit = (key, hit[1], winograd_grad_weight(conv.weight))
+            hit = (hit[0], hit[1], winograd_grad_weight(w))
         self._winograd_cache[i] = hit
         return hit[1], hit[2]
 
