@@ -3,7 +3,11 @@
 speed.py's ``eval_epoch`` case (one training epoch of ConvNet-D3, width 128, on 110 FashionMNIST
 images, passes of 16 images, one torch thread), taken apart in one process:
 
-* ``epoch``: the epoch's seconds, plain (minimum over ``--rounds``);
+* ``compiled``: the epoch as train_network runs it by default, each step's passes in one
+  compiled call (splatdd.convnet_step): its seconds, the seconds inside that call, and one
+  pass's cost by its size; everything below takes apart the autograd path it replaced
+  (``train_network(compiled=False)``), the same kernels driven from Python;
+* ``epoch``: the autograd epoch's seconds, plain (minimum over ``--rounds``);
 * ``in situ``: the same epoch with the Winograd layers' compiled transforms and ``torch.bmm``
   timed call by call (their seconds per epoch, and the GEMMs' floating-point work);
 * ``passes``: one forward+backward pass of 1, 2, 4, 8 and 16 images, and the cost every pass
@@ -108,13 +112,34 @@ def measure(rounds: int) -> dict:
     seed = iter(range(1, 10 ** 6))
 
     def epoch():
-        train_network(net, x, y, epochs=1, seed=next(seed))
+        train_network(net, x, y, epochs=1, seed=next(seed), compiled=False)
+
+    import splatdd.convnet_step as cs
+    step_fn, step_s = cs.loss_backward, []
+
+    def compiled_epoch():
+        t = [0.0]
+
+        def timed_step(*args, **kw):
+            t0 = time.perf_counter()
+            out = step_fn(*args, **kw)
+            t[0] += time.perf_counter() - t0
+            return out
+        cs.loss_backward = timed_step
+        try:
+            t0 = time.perf_counter()
+            train_network(net, x, y, epochs=1, seed=next(seed))
+            return time.perf_counter() - t0, t[0]
+        finally:
+            cs.loss_backward = step_fn
 
     epoch()
-    plain, situ = [], []
+    compiled_epoch()
+    plain, situ, comp = [], [], []
     lib, bmm, make_lib = wg._C(), torch.bmm, wg._C
-    for _ in range(rounds):                       # plain and timed epochs interleaved
+    for _ in range(rounds):                       # plain, compiled and timed epochs interleaved
         plain.append(_best(epoch, 1))
+        comp.append(compiled_epoch())
         timed = _Timed(lib)
         wg._C, torch.bmm = (lambda: timed), timed.bmm(bmm)
         try:
@@ -144,7 +169,11 @@ def measure(rounds: int) -> dict:
 
     passes = _pass_costs(net, x, y)
     passes["epoch_by_pass_images"] = _epochs_by_pass_size(epoch_fn=lambda c: train_network(
-        net, x, y, epochs=1, seed=next(seed), chunk=c), rounds=max(3, rounds // 2))
+        net, x, y, epochs=1, seed=next(seed), chunk=c, compiled=False),
+        rounds=max(3, rounds // 2))
+    c_wall, c_step = min(comp)
+    compiled = {"epoch_s": c_wall, "step_call_s": c_step,
+                "passes": _pass_costs(net, x, y, compiled=True)}
     iso = _isolated(torch, wg, lib)
     gemm_floor = flops / iso["peak_flops"]
     tr_iso = iso["transforms_epoch_s"]
@@ -155,7 +184,8 @@ def measure(rounds: int) -> dict:
                                         "gemm_flops": flops},
             "profile": {"epochs": n_prof, "profiled_epoch_s": profiled,
                         "groups_s": dict(groups)},
-            "isolated": iso, "floor_s": floor, "gemm_floor_s": gemm_floor, "passes": passes}
+            "isolated": iso, "floor_s": floor, "gemm_floor_s": gemm_floor, "passes": passes,
+            "compiled": compiled}
 
 
 def _epochs_by_pass_size(epoch_fn, rounds: int, sizes=(16, 32, 55, 110)) -> dict:
@@ -165,10 +195,11 @@ def _epochs_by_pass_size(epoch_fn, rounds: int, sizes=(16, 32, 55, 110)) -> dict
     return {str(n): v for n, v in best.items()}
 
 
-def _pass_costs(net, x, y, sizes=(1, 2, 4, 8, 16), reps: int = 15) -> dict:
-    """Seconds of one forward+backward pass (as the epoch runs them) of n images, and the
-    least-squares line ``a + b n`` through them: ``a`` is what every pass costs whatever its
-    size (the weight-sized work: each pass's GEMMs read the transformed filters again)."""
+def _pass_costs(net, x, y, sizes=(1, 2, 4, 8, 16), reps: int = 15, compiled: bool = False) -> dict:
+    """Seconds of one forward+backward pass (as the epoch runs them: through autograd, or with
+    ``compiled`` the compiled step) of n images, and the least-squares line ``a + b n`` through
+    them: ``a`` is what every pass costs whatever its size (the weight-sized work: each pass's
+    GEMMs read the transformed filters again)."""
     import splatdd.evaluate as ev
     from splatdd.models import first_order
     net.train()
@@ -176,7 +207,8 @@ def _pass_costs(net, x, y, sizes=(1, 2, 4, 8, 16), reps: int = 15) -> dict:
     with first_order(net):
         for n in sizes:
             xb, yb = x[:n].contiguous(), y[:n].contiguous()
-            sec[n] = _best(lambda: ev._loss_backward(net, xb, yb, None), reps)
+            sec[n] = _best(lambda: ev._loss_backward(net, xb, yb, None, compiled=compiled),
+                           reps)
     net.zero_grad(set_to_none=True)
     k = len(sizes)
     mx, my = sum(sizes) / k, sum(sec.values()) / k
@@ -257,8 +289,27 @@ def markdown(r: dict) -> str:
     us = lambda s: f"{1e6 * s:.0f}"                                      # noqa: E731
     e, situ, prof, iso = r["epoch_s"], r["situ"], r["profile"], r["isolated"]
     lines = ["# Where the evaluation epoch's time goes (issue 15)", "",
-             "Written by `benchmarks/eval_epoch_profile.py`. " + r["machine"], "",
-             f"Plain epoch (minimum of {r['rounds']} rounds): **{ms(e)} ms**.", "",
+             "Written by `benchmarks/eval_epoch_profile.py`. " + r["machine"], ""]
+    c = r.get("compiled")
+    if c:
+        cp = c["passes"]
+        lines += ["## The epoch as train_network runs it: each step in one compiled call", "",
+                  f"With `splatdd.convnet_step` (the default): **{ms(c['epoch_s'])} ms** per "
+                  f"epoch, {c['epoch_s'] / e:.0%} of the autograd path's {ms(e)} ms (minimum of "
+                  f"{r['rounds']} interleaved rounds each). Of it, {ms(c['step_call_s'])} ms "
+                  "inside the step (the kernels and GEMMs of every pass, the loss, the filters' "
+                  "transforms), the other "
+                  f"{ms(c['epoch_s'] - c['step_call_s'])} ms the epoch's Python: DSA, the "
+                  "optimiser, shuffling.", "",
+                  "One pass by its number of images, compiled: " + ", ".join(
+                      f"{k}: {ms(v)} ms" for k, v in cp["seconds"].items())
+                  + f"; a line through them: {ms(cp['fixed_s'])} ms per pass plus "
+                  f"{ms(cp['per_image_s'])} ms per image.", "",
+                  "The rest of this report takes apart the autograd path "
+                  "(`train_network(compiled=False)`), the same kernels driven from Python, "
+                  "which the compiled step replaced.", ""]
+    lines += [f"Plain epoch through autograd (minimum of {r['rounds']} rounds): **{ms(e)} ms**.",
+              "",
              "## In situ (the compiled transforms and torch.bmm timed call by call)", "",
              "| part | ms per epoch | calls | share of the timed epoch |", "|---|---|---|---|"]
     for k, v in sorted(situ["seconds"].items(), key=lambda kv: -kv[1]):
@@ -316,18 +367,24 @@ def markdown(r: dict) -> str:
                  "of it (a split of each float into bfloat16 parts, summed in float32) would need "
                  "a GEMM with float32 output that torch does not offer here.", ""]
                 if "bf16_gflops" in iso else []),
-              "## The floor of this design", "",
+              "## The floor of the autograd path's design", "",
               f"With every GEMM at {iso['peak_flops'] / 1e9:.0f} GFLOP/s, the best rate above "
               f"({ms(r['gemm_floor_s'])} ms), and the "
               f"transforms at their isolated speed ({ms(iso['transforms_epoch_s'])} ms), "
               f"the rest as measured, the epoch would take **{ms(r['floor_s'])} ms, "
-              f"{r['floor_s'] / e:.0%} of today's**."]
+              f"{r['floor_s'] / e:.0%} of the autograd epoch's**."]
+    if c:
+        lines += ["", f"The compiled step's epoch is {c['epoch_s'] / e:.0%} of the autograd "
+                  "epoch's: it removes the framework's cost around the same kernels (the "
+                  "\"everything else\" row above, less the epoch's own Python), which this floor "
+                  "keeps."]
     t = r.get("target")
     if t:
         lines += ["", f"speed.md's run (benchmarks/results/speed.json) measured the base at "
-                  f"{t['base_s']:.3f} s and the new side at {t['new_s']:.3f} s: 5x needs the "
-                  f"epoch at **{t['fraction']:.0%}** of that run's new side. Fractions, not "
-                  "seconds, are compared across the two runs."]
+                  f"{t['base_s']:.3f} s and the new side at {t['new_s']:.3f} s "
+                  f"({t['base_s'] / t['new_s']:.2f}x): 5x needs the epoch at "
+                  f"**{t['fraction']:.0%}** of that run's new side. Fractions, not seconds, are "
+                  "compared across the two runs."]
     return "\n".join(lines) + "\n"
 
 

@@ -71,7 +71,15 @@ def test_markdown_names_every_part_and_the_floor():
         assert name in md
     assert "(minimum of 3 rounds): **150.0 ms**" in md
     assert "| everything else | 80.0 |" in md and "111 GFLOP/s in situ" in md
-    assert "**120.0 ms, 80% of today's**" in md and "**79%**" in md
+    assert "**120.0 ms, 80% of the autograd epoch's**" in md and "**79%**" in md
+    assert "compiled call" not in md                      # no compiled figures given
+    r["compiled"] = {"epoch_s": 0.105, "step_call_s": 0.1,
+                     "passes": {"seconds": {"1": 0.003, "16": 0.015}, "fixed_s": 0.0022,
+                                "per_image_s": 0.0008}}
+    md = prof.markdown(r)
+    assert "each step in one compiled call" in md and "**105.0 ms** per epoch, 70% of" in md
+    assert "100.0 ms inside the step" in md and "other 5.0 ms" in md
+    assert "1: 3.0 ms, 16: 15.0 ms" in md and "2.2 ms per pass plus 0.8 ms per image" in md
     assert "| 16x16 | 256 | 150 / 140 / 130 | 400 / 300 / 300 | 400, 4.7 |" in md
     assert "| ms | 5.0 | 20.0 |" in md and "| epoch ms | 150.0 | 160.0 |" in md and "4.0 ms per pass whatever its size plus 1.0 ms" in md
 

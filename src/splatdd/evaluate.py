@@ -149,7 +149,8 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                   seed: int = 0, momentum: float = 0.9, weight_decay: float = 5e-4,
                   device: torch.device | str = "cpu", progress: bool = False,
                   desc: str = "train", optimizer: str = "sgd",
-                  schedule: str = "step", chunk: int | None | str = "auto") -> nn.Module:
+                  schedule: str = "step", chunk: int | None | str = "auto",
+                  compiled: bool = True) -> nn.Module:
     """Train ``net`` in place on ``(images, labels)`` with the protocol above; returns ``net``.
 
     ``seed`` drives the shuffling and the DSA parameters (not the net's init: build ``net``
@@ -160,7 +161,10 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
     Each SGD step runs forward and backward in passes of ``chunk`` images and accumulates the
     gradient of the batch-mean loss (``"auto"``: :func:`default_chunk`; ``None``: one pass). For
     per-sample nets (no batch statistics) this is the same gradient up to float rounding; the
-    random stream (shuffling, DSA seeds and parameters) does not depend on ``chunk``.
+    random stream (shuffling, DSA seeds and parameters) does not depend on ``chunk``. Where
+    :func:`splatdd.convnet_step.applies` (ConvNets with instance norm on the CPU) each step's
+    passes run in one compiled call, the same gradient up to float rounding; ``compiled=False``
+    keeps autograd for every step (to compare, or to see module hooks fire).
 
     >>> from splatdd.models import get_network
     >>> x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -221,7 +225,7 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                                 per_sample=True)
                 opt.zero_grad(set_to_none=True)
                 with first_order(net):     # one derivative per step: fused ConvNet blocks
-                    _loss_backward(net, xb, yb, chunk)
+                    _loss_backward(net, xb, yb, chunk, compiled=compiled)
                 opt.step()
             if bar is not None:
                 bar.update(1)
