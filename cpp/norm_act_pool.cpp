@@ -41,7 +41,7 @@ int64_t conv_grad_stride(int64_t W) { return (W + 2 + 15) / 16 * 16; }
 int64_t conv_gx_stride(int64_t W) { return conv_grad_stride(W) + 16; }
 int64_t conv_backward_scratch(int64_t Cin, int64_t H, int64_t W) {
   return padded_input_floats(Cin, H, W) + (Cin * (H + 2) * conv_grad_stride(W) + kScratchPad) +
-         ((H + 4) * conv_gx_stride(W) + kScratchPad) + 2 * (H * W + kScratchPad) +
+         ((H + 4) * conv_gx_stride(W) + kScratchPad) + 4 * (H * W + kScratchPad) +
          nap_backward_scratch(H, W);
 }
 }  // namespace
@@ -164,7 +164,8 @@ void conv_norm_act_pool_forward_cpu(const ConvNormActPoolArgs& c) {
   const NormActPoolArgs& a = c.nap;
   validate_conv(c, /*need_out=*/true);
   const Isa isa = choose_isa(a.isa);
-  const int64_t scratch = padded_input_floats(c.Cin, a.H, a.W) + (a.H * a.W + kScratchPad) +
+  // the padded input, two planes (a grey image's are computed in pairs), forward_plane's two
+  const int64_t scratch = padded_input_floats(c.Cin, a.H, a.W) + 2 * (a.H * a.W + kScratchPad) +
                           2 * (a.H * a.W + kScratchPad);
   for_planes(a, [&](int64_t begin, int64_t end, float* s) {
 #if defined(SPLATDD_CPU_X86)
