@@ -72,6 +72,8 @@ def test_markdown_names_every_part_and_the_floor():
     assert "(minimum of 3 rounds): **150.0 ms**" in md
     assert "| everything else | 80.0 |" in md and "111 GFLOP/s in situ" in md
     assert "**120.0 ms, 80% of the autograd epoch's**" in md and "**79%**" in md
+    r2 = {**r, "target": {**r["target"], "fraction": 1.13}}
+    assert "that run makes 5x with 13% to spare" in prof.markdown(r2)
     assert "compiled call" not in md                      # no compiled figures given
     r["compiled"] = {"epoch_s": 0.105, "step_call_s": 0.1,
                      "passes": {"seconds": {"1": 0.003, "16": 0.015}, "fixed_s": 0.0022,
