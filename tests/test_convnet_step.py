@@ -66,7 +66,7 @@ def test_matches_autograd_float64(channels, size, width, depth, pool, n, chunk, 
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, channels, *size, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    assert cs.applies(net, x)
+    assert cs.serves(net, x)
     loss = cs.loss_backward(net, x, y, chunk=chunk, blas=blas)
     ref_loss, ref = _oracle(net, x, y)
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
@@ -122,22 +122,42 @@ def test_train_network_uses_it_and_agrees_with_autograd(monkeypatch):
     (lambda: get_network("AlexNet", 1, 10, 28), None),
 ])
 def test_does_not_apply(make, x):
-    assert not cs.applies(make(), torch.zeros(2, 1, 28, 28) if x is None else x)
+    x = torch.zeros(2, 1, 28, 28) if x is None else x
+    net = make()
+    assert not cs.serves(net, x) and not cs.applies(net, x)
 
 
 def test_does_not_apply_to_hooks_frozen_parameters_inputs_with_grad_or_no_grad_mode():
     net = get_network("ConvNet", 1, 10, 28, width=16)
     x = torch.zeros(2, 1, 28, 28)
-    assert cs.applies(net, x)
-    assert not cs.applies(net, x.double())
-    assert not cs.applies(net, x.clone().requires_grad_())
+    assert cs.serves(net, x)
+    assert not cs.serves(net, x.double())
+    assert not cs.serves(net, x.clone().requires_grad_())
     with torch.no_grad():
-        assert not cs.applies(net, x)
+        assert not cs.serves(net, x)
     h = net.features[2].register_forward_hook(lambda *a: None)
-    assert not cs.applies(net, x)
+    assert not cs.serves(net, x)
     h.remove()
     net.features[1].weight.requires_grad_(False)
-    assert not cs.applies(net, x)
+    assert not cs.serves(net, x)
+
+
+def test_train_network_keeps_autograd_without_a_blas(monkeypatch):
+    """Where torch's BLAS is not found the step would multiply with its plain loop, slower than
+    torch.bmm: train_network keeps autograd there, and loss_backward still gives the gradient."""
+    net = get_network("ConvNet", 1, 10, 12, width=16, depth=2, seed=5)
+    x, y = torch.rand(3, 1, 12, 12), torch.tensor([0, 1, 2])
+    monkeypatch.setattr(cs, "sgemm_batch_address", lambda: 0)
+    assert cs.serves(net, x) and not cs.applies(net, x)
+    calls = []
+    monkeypatch.setattr(cs, "loss_backward", lambda *a, **k: calls.append(1))
+    ev.train_network(net, x, y, epochs=1, batch_size=3, seed=0)
+    assert calls == []
+    monkeypatch.undo()
+    monkeypatch.setattr(cs, "sgemm_batch_address", lambda: 0)
+    net.zero_grad(set_to_none=True)
+    cs.loss_backward(net, x, y)
+    _assert_close(net, _oracle(net, x, y)[1])
 
 
 def test_bad_input():
@@ -157,7 +177,7 @@ def test_bad_input():
         cs.loss_backward(net, x, torch.tensor([0, 1, 2]), loss_scale=float("nan"))
     with pytest.raises(ValueError, match="tiles_per_chunk"):
         cs.loss_backward(net, x, torch.tensor([0, 1, 2]), tiles_per_chunk=0)
-    with pytest.raises(ValueError, match="applies"):
+    with pytest.raises(ValueError, match="serves"):
         cs.loss_backward(get_network("ConvNet", 1, 10, 12, width=16, norm="batchnorm"), x,
                          torch.tensor([0, 1, 2]))
     assert all(p.grad is None for p in net.parameters())    # nothing was written

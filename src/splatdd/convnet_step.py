@@ -39,7 +39,7 @@ from .norm_act_pool import CONV_FUSED_MAX_CIN
 from .render import _C
 from .winograd import MIN_CHANNELS, TILES_PER_CHUNK, winograd_weight_pair
 
-__all__ = ["applies", "loss_backward", "sgemm_batch_address"]
+__all__ = ["applies", "serves", "loss_backward", "sgemm_batch_address"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,6 +73,20 @@ def _has_hooks(net: nn.Module) -> bool:
 
 
 def applies(net: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`splatdd.evaluate.train_network` hands ``net``'s steps on the batch ``x`` to
+    :func:`loss_backward`: where it :func:`serves` them and torch's BLAS was found
+    (:func:`sgemm_batch_address`); without that BLAS the step's plain compiled GEMM loop would be
+    slower than autograd's ``torch.bmm``.
+
+    >>> from splatdd.models import get_network
+    >>> net, x = get_network("ConvNet", 1, 10, 28, width=16), torch.zeros(2, 1, 28, 28)
+    >>> applies(net, x) == (serves(net, x) and sgemm_batch_address() != 0)
+    True
+    """
+    return serves(net, x) and sgemm_batch_address() != 0
+
+
+def serves(net: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`loss_backward` serves ``net`` on the batch ``x``: a :class:`ConvNet` with
     instance norm, ReLU and average pooling (or none), its first convolution on at most
     :data:`~splatdd.norm_act_pool.CONV_FUSED_MAX_CIN` channels and the others on at least
@@ -81,9 +95,9 @@ def applies(net: nn.Module, x: torch.Tensor) -> bool:
     gradients enabled, no module hooks, and a compiled module with the step.
 
     >>> from splatdd.models import get_network
-    >>> applies(get_network("ConvNet", 1, 10, 28, width=16), torch.zeros(2, 1, 28, 28))
+    >>> serves(get_network("ConvNet", 1, 10, 28, width=16), torch.zeros(2, 1, 28, 28))
     True
-    >>> applies(get_network("ConvNet", 1, 10, 28, width=16, norm="batchnorm"),
+    >>> serves(get_network("ConvNet", 1, 10, 28, width=16, norm="batchnorm"),
     ...         torch.zeros(2, 1, 28, 28))
     False
     """
@@ -144,7 +158,7 @@ def loss_backward(net: ConvNet, x: torch.Tensor, y: torch.Tensor, *, chunk: int 
 
     ``tiles_per_chunk``: Winograd tiles per GEMM (default
     :data:`splatdd.winograd.TILES_PER_CHUNK`); ``blas=False`` multiplies with the compiled plain
-    loop instead of torch's BLAS (for tests; slow).
+    loop instead of torch's BLAS (for tests; slow), as it does anyway where no BLAS was found.
 
     >>> from splatdd.models import get_network
     >>> net = get_network("ConvNet", 1, 10, 28, width=16, seed=0)
@@ -154,11 +168,11 @@ def loss_backward(net: ConvNet, x: torch.Tensor, y: torch.Tensor, *, chunk: int 
     >>> abs(loss - ref) < 1e-4
     True
     """
-    if not (_checked or applies(net, x)):          # _checked: the caller just asked applies
+    if not (_checked or serves(net, x)):           # _checked: the caller just asked applies
         raise ValueError("loss_backward serves a CPU float32 ConvNet with instance norm, ReLU and "
                          "average pooling whose parameters all require gradients, on a float32 "
                          "batch that does not, under grad mode and without hooks "
-                         "(see splatdd.convnet_step.applies)")
+                         "(see splatdd.convnet_step.serves)")
     B = x.shape[0]
     if not (isinstance(y, torch.Tensor) and y.dim() == 1 and y.shape[0] == B
             and not y.dtype.is_floating_point and not y.dtype.is_complex):
