@@ -297,17 +297,9 @@ void winograd_input_transform(uintptr_t x, int64_t N, int64_t C, int64_t H, int6
   require(isa >= 0 && isa <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
   require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
   require(N == 0 || (x != 0 && v != 0), "x and v must not be null");
-  splatdd::WinogradInputArgs a;
-  a.x = reinterpret_cast<const float*>(x);
-  a.N = N;
-  a.C = C;
-  a.H = H;
-  a.W = W;
-  a.pad = pad;
-  a.rows = rows;
-  a.v = reinterpret_cast<float*>(v);
-  a.num_threads = static_cast<int>(num_threads);
-  a.isa = static_cast<int>(isa);
+  const auto a = splatdd::WinogradInputArgs::of(
+      reinterpret_cast<const float*>(x), N, C, H, W, pad, rows, reinterpret_cast<float*>(v),
+      static_cast<int>(num_threads), static_cast<int>(isa));
   py::gil_scoped_release release;
   splatdd::winograd_input_transform_cpu(a);
 }
@@ -318,17 +310,9 @@ void winograd_output_transform(uintptr_t m, int64_t rows, uintptr_t bias, int64_
   require(isa >= 0 && isa <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
   require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
   require(N == 0 || (m != 0 && y != 0), "m and y must not be null");
-  splatdd::WinogradOutputArgs a;
-  a.m = reinterpret_cast<const float*>(m);
-  a.rows = rows;
-  a.bias = reinterpret_cast<const float*>(bias);
-  a.N = N;
-  a.K = K;
-  a.Ho = Ho;
-  a.Wo = Wo;
-  a.y = reinterpret_cast<float*>(y);
-  a.num_threads = static_cast<int>(num_threads);
-  a.isa = static_cast<int>(isa);
+  const auto a = splatdd::WinogradOutputArgs::of(
+      reinterpret_cast<const float*>(m), rows, reinterpret_cast<const float*>(bias), N, K, Ho,
+      Wo, reinterpret_cast<float*>(y), static_cast<int>(num_threads), static_cast<int>(isa));
   py::gil_scoped_release release;
   splatdd::winograd_output_transform_cpu(a);
 }
@@ -338,16 +322,9 @@ void winograd_grad_transform(uintptr_t dy, int64_t N, int64_t K, int64_t Ho, int
   require(isa >= 0 && isa <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
   require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
   require(N == 0 || (dy != 0 && dm != 0), "dy and dm must not be null");
-  splatdd::WinogradGradArgs a;
-  a.dy = reinterpret_cast<const float*>(dy);
-  a.N = N;
-  a.K = K;
-  a.Ho = Ho;
-  a.Wo = Wo;
-  a.rows = rows;
-  a.dm = reinterpret_cast<float*>(dm);
-  a.num_threads = static_cast<int>(num_threads);
-  a.isa = static_cast<int>(isa);
+  const auto a = splatdd::WinogradGradArgs::of(
+      reinterpret_cast<const float*>(dy), N, K, Ho, Wo, rows, reinterpret_cast<float*>(dm),
+      static_cast<int>(num_threads), static_cast<int>(isa));
   py::gil_scoped_release release;
   splatdd::winograd_grad_transform_cpu(a);
 }

@@ -250,30 +250,12 @@ void winograd_conv(const ConvNetStepArgs& a, const Gemm& gemm, const float* x, i
   for (int64_t i0 = 0, j = 0; i0 < n; i0 += per, ++j) {
     const int64_t nc = std::min(per, n - i0), rows = rows_for(nc, tiles);
     float* vj = v + j * vstride;
-    WinogradInputArgs ia;
-    ia.x = x + i0 * K * h * w;
-    ia.N = nc;
-    ia.C = K;
-    ia.H = h;
-    ia.W = w;
-    ia.pad = pad;
-    ia.rows = rows;
-    ia.v = vj;
-    ia.num_threads = a.num_threads;
-    winograd_input_transform_cpu(ia);
+    winograd_input_transform_cpu(WinogradInputArgs::of(x + i0 * K * h * w, nc, K, h, w, pad,
+                                                       rows, vj, a.num_threads, 0));
     gemm(36, u_transposed, false, K, rows, K, u, K, K * K, vj, rows, K * rows, m, rows, K * rows,
          0.f);
-    WinogradOutputArgs oa;
-    oa.m = m;
-    oa.rows = rows;
-    oa.bias = bias;
-    oa.N = nc;
-    oa.K = K;
-    oa.Ho = ho;
-    oa.Wo = wo;
-    oa.y = y + i0 * K * ho * wo;
-    oa.num_threads = a.num_threads;
-    winograd_output_transform_cpu(oa);
+    winograd_output_transform_cpu(WinogradOutputArgs::of(m, rows, bias, nc, K, ho, wo,
+                                                         y + i0 * K * ho * wo, a.num_threads, 0));
   }
 }
 
@@ -343,16 +325,8 @@ double run_pass(const ConvNetStepArgs& a, const Plan& p, const Gemm& gemm, int64
     float* du = ws + p.du[l];
     for (int64_t i0 = 0, j = 0; i0 < n; i0 += p.per[l], ++j) {
       const int64_t nc = std::min(p.per[l], n - i0), rows = rows_for(nc, p.T[l]);
-      WinogradGradArgs ga;
-      ga.dy = gy + i0 * K * hc * wc;
-      ga.N = nc;
-      ga.K = K;
-      ga.Ho = hc;
-      ga.Wo = wc;
-      ga.rows = rows;
-      ga.dm = m;
-      ga.num_threads = a.num_threads;
-      winograd_grad_transform_cpu(ga);
+      winograd_grad_transform_cpu(WinogradGradArgs::of(gy + i0 * K * hc * wc, nc, K, hc, wc,
+                                                       rows, m, a.num_threads, 0));
       const float* vj = ws + p.v[l] + j * 36 * K * p.rows[l];
       gemm(36, false, true, K, K, rows, m, rows, K * rows, vj, rows, K * rows, du, K, K * K,
            first && j == 0 ? 0.f : 1.f);
