@@ -237,7 +237,12 @@ class ConvNet(nn.Module):
 
     def workspace(self, key) -> WinogradWorkspace:
         """This thread's :class:`~splatdd.winograd.WinogradWorkspace` named ``key`` (a layer's
-        index, or a name), kept between calls."""
+        index, or a name), kept between calls.
+
+        >>> net = get_network("ConvNet", 1, 10, 28, width=16)
+        >>> net.workspace("step") is net.workspace("step")
+        True
+        """
         return self._workspaces.setdefault((threading.get_ident(), key), WinogradWorkspace())
 
     def __getstate__(self) -> dict:
