@@ -297,9 +297,9 @@ void winograd_input_transform(uintptr_t x, int64_t N, int64_t C, int64_t H, int6
   require(isa >= 0 && isa <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
   require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
   require(N == 0 || (x != 0 && v != 0), "x and v must not be null");
-  const auto a = splatdd::WinogradInputArgs::of(
+  const splatdd::WinogradInputArgs a{
       reinterpret_cast<const float*>(x), N, C, H, W, pad, rows, reinterpret_cast<float*>(v),
-      static_cast<int>(num_threads), static_cast<int>(isa));
+      static_cast<int>(num_threads), static_cast<int>(isa)};
   py::gil_scoped_release release;
   splatdd::winograd_input_transform_cpu(a);
 }
@@ -310,9 +310,9 @@ void winograd_output_transform(uintptr_t m, int64_t rows, uintptr_t bias, int64_
   require(isa >= 0 && isa <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
   require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
   require(N == 0 || (m != 0 && y != 0), "m and y must not be null");
-  const auto a = splatdd::WinogradOutputArgs::of(
+  const splatdd::WinogradOutputArgs a{
       reinterpret_cast<const float*>(m), rows, reinterpret_cast<const float*>(bias), N, K, Ho,
-      Wo, reinterpret_cast<float*>(y), static_cast<int>(num_threads), static_cast<int>(isa));
+      Wo, reinterpret_cast<float*>(y), static_cast<int>(num_threads), static_cast<int>(isa)};
   py::gil_scoped_release release;
   splatdd::winograd_output_transform_cpu(a);
 }
@@ -322,9 +322,9 @@ void winograd_grad_transform(uintptr_t dy, int64_t N, int64_t K, int64_t Ho, int
   require(isa >= 0 && isa <= 3, "isa must be 0 (best), 1 (generic), 2 (avx2) or 3 (avx512)");
   require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
   require(N == 0 || (dy != 0 && dm != 0), "dy and dm must not be null");
-  const auto a = splatdd::WinogradGradArgs::of(
+  const splatdd::WinogradGradArgs a{
       reinterpret_cast<const float*>(dy), N, K, Ho, Wo, rows, reinterpret_cast<float*>(dm),
-      static_cast<int>(num_threads), static_cast<int>(isa));
+      static_cast<int>(num_threads), static_cast<int>(isa)};
   py::gil_scoped_release release;
   splatdd::winograd_grad_transform_cpu(a);
 }
@@ -335,12 +335,9 @@ void winograd_filter_grad_transform(uintptr_t du, int64_t pairs, uintptr_t g,
   require(num_threads >= 0 && num_threads <= 4096, "num_threads must be in 0..4096");
   require(pairs >= 0, "pairs must be >= 0");
   require(pairs == 0 || (du != 0 && g != 0), "du and g must not be null");
-  splatdd::WinogradFilterGradArgs a;
-  a.du = reinterpret_cast<const float*>(du);
-  a.pairs = pairs;
-  a.g = reinterpret_cast<float*>(g);
-  a.num_threads = static_cast<int>(num_threads);
-  a.isa = static_cast<int>(isa);
+  const splatdd::WinogradFilterGradArgs a{reinterpret_cast<const float*>(du), pairs,
+                                           reinterpret_cast<float*>(g),
+                                           static_cast<int>(num_threads), static_cast<int>(isa)};
   py::gil_scoped_release release;
   splatdd::winograd_filter_grad_cpu(a);
 }

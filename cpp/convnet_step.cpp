@@ -250,12 +250,12 @@ void winograd_conv(const ConvNetStepArgs& a, const Gemm& gemm, const float* x, i
   for (int64_t i0 = 0, j = 0; i0 < n; i0 += per, ++j) {
     const int64_t nc = std::min(per, n - i0), rows = rows_for(nc, tiles);
     float* vj = v + j * vstride;
-    winograd_input_transform_cpu(WinogradInputArgs::of(x + i0 * K * h * w, nc, K, h, w, pad,
-                                                       rows, vj, a.num_threads, 0));
+    winograd_input_transform_cpu(
+        WinogradInputArgs{x + i0 * K * h * w, nc, K, h, w, pad, rows, vj, a.num_threads, 0});
     gemm(36, u_transposed, false, K, rows, K, u, K, K * K, vj, rows, K * rows, m, rows, K * rows,
          0.f);
-    winograd_output_transform_cpu(WinogradOutputArgs::of(m, rows, bias, nc, K, ho, wo,
-                                                         y + i0 * K * ho * wo, a.num_threads, 0));
+    winograd_output_transform_cpu(WinogradOutputArgs{m, rows, bias, nc, K, ho, wo,
+                                                     y + i0 * K * ho * wo, a.num_threads, 0});
   }
 }
 
@@ -325,8 +325,8 @@ double run_pass(const ConvNetStepArgs& a, const Plan& p, const Gemm& gemm, int64
     float* du = ws + p.du[l];
     for (int64_t i0 = 0, j = 0; i0 < n; i0 += p.per[l], ++j) {
       const int64_t nc = std::min(p.per[l], n - i0), rows = rows_for(nc, p.T[l]);
-      winograd_grad_transform_cpu(WinogradGradArgs::of(gy + i0 * K * hc * wc, nc, K, hc, wc,
-                                                       rows, m, a.num_threads, 0));
+      winograd_grad_transform_cpu(
+          WinogradGradArgs{gy + i0 * K * hc * wc, nc, K, hc, wc, rows, m, a.num_threads, 0});
       const float* vj = ws + p.v[l] + j * 36 * K * p.rows[l];
       gemm(36, false, true, K, K, rows, m, rows, K * rows, vj, rows, K * rows, du, K, K * K,
            first && j == 0 ? 0.f : 1.f);
@@ -396,12 +396,8 @@ void convnet_step_cpu(const ConvNetStepArgs& a) {
   // the filters' gradients, G^T dU G, once per call (the transform is linear)
   for (int64_t l = 1; l < p.D && a.B > 0; ++l) {
     float* gw = a.workspace + p.gw;
-    WinogradFilterGradArgs fa;
-    fa.du = a.workspace + p.du[l];
-    fa.pairs = p.K * p.K;
-    fa.g = gw;
-    fa.num_threads = a.num_threads;
-    winograd_filter_grad_cpu(fa);
+    winograd_filter_grad_cpu(
+        WinogradFilterGradArgs{a.workspace + p.du[l], p.K * p.K, gw, a.num_threads, 0});
     float* g = a.layers[l].g_conv_w;
     for (int64_t i = 0; i < p.K * p.K * 9; ++i) g[i] += gw[i];
   }

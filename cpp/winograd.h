@@ -11,7 +11,8 @@
 //   U (36, K, C)   weight transform (Python: G g G^T, one float32 GEMM with G kron G)
 //   M (36, K, R)   M = U @ V, one (K x C) @ (C x R) GEMM per transform point xi
 //   y (N, K, Ho, Wo) = A^T m A + bias, only the valid pixels of the edge tiles written.
-// Plain argument structs of raw pointers and sizes (nvdiffrast style); Python checks and allocates.
+// Plain argument structs of raw pointers and sizes (nvdiffrast style; aggregates, brace-initialised
+// in field order by their callers); Python checks and allocates.
 // Deterministic: every output value is computed by one task in a fixed order, whatever the thread
 // count.
 #pragma once
@@ -28,22 +29,6 @@ struct WinogradInputArgs {
   float* v = nullptr;        // (36, C, R)
   int num_threads = 0;       // 0 = hardware concurrency
   int isa = 0;               // 0 best available, 1 baseline, 2 AVX2, 3 AVX-512 (tests)
-
-  static WinogradInputArgs of(const float* x, int64_t N, int64_t C, int64_t H, int64_t W,
-                              int64_t pad, int64_t rows, float* v, int num_threads, int isa) {
-    WinogradInputArgs a;
-    a.x = x;
-    a.N = N;
-    a.C = C;
-    a.H = H;
-    a.W = W;
-    a.pad = pad;
-    a.rows = rows;
-    a.v = v;
-    a.num_threads = num_threads;
-    a.isa = isa;
-    return a;
-  }
 };
 
 struct WinogradOutputArgs {
@@ -54,23 +39,6 @@ struct WinogradOutputArgs {
   float* y = nullptr;           // (N, K, Ho, Wo) contiguous
   int num_threads = 0;
   int isa = 0;                  // as WinogradInputArgs::isa
-
-  static WinogradOutputArgs of(const float* m, int64_t rows, const float* bias, int64_t N,
-                               int64_t K, int64_t Ho, int64_t Wo, float* y, int num_threads,
-                               int isa) {
-    WinogradOutputArgs a;
-    a.m = m;
-    a.rows = rows;
-    a.bias = bias;
-    a.N = N;
-    a.K = K;
-    a.Ho = Ho;
-    a.Wo = Wo;
-    a.y = y;
-    a.num_threads = num_threads;
-    a.isa = isa;
-    return a;
-  }
 };
 
 // The output transform's adjoint, for the filters' gradient: dM = A dY A^T of every 4x4 tile of dy
@@ -83,21 +51,6 @@ struct WinogradGradArgs {
   float* dm = nullptr;        // (36, K, R)
   int num_threads = 0;
   int isa = 0;                // as WinogradInputArgs::isa
-
-  static WinogradGradArgs of(const float* dy, int64_t N, int64_t K, int64_t Ho, int64_t Wo,
-                             int64_t rows, float* dm, int num_threads, int isa) {
-    WinogradGradArgs a;
-    a.dy = dy;
-    a.N = N;
-    a.K = K;
-    a.Ho = Ho;
-    a.Wo = Wo;
-    a.rows = rows;
-    a.dm = dm;
-    a.num_threads = num_threads;
-    a.isa = isa;
-    return a;
-  }
 };
 
 // The filters' gradient from its transform: g (K, C, 3, 3) = G^T dU G per (output, input) channel

@@ -106,9 +106,7 @@ def serves(net: nn.Module, x: torch.Tensor) -> bool:
     if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"
             and x.dtype == torch.float32 and not x.requires_grad):
         return False
-    mods = list(net.features)
-    step = 3 if net._pool == "none" else 4
-    convs = mods[0::step]
+    convs = [conv for _, conv, _ in net.blocks()]
     if not convs or x.shape[1] != convs[0].in_channels or convs[0].in_channels > \
             CONV_FUSED_MAX_CIN:
         return False
@@ -195,12 +193,9 @@ def loss_backward(net: ConvNet, x: torch.Tensor, y: torch.Tensor, *, chunk: int 
         raise ValueError(f"loss_scale must be finite, got {loss_scale!r}")
     if B == 0:
         return 0.0
-    mods = list(net.features)
-    step = 3 if net._pool == "none" else 4
     ptrs, eps, pads = [], [], []
     alive = []                     # the transformed filters, held until the call returns
-    for j, i in enumerate(range(0, len(mods), step)):
-        conv, norm = mods[i], mods[i + 1]
+    for j, (_, conv, norm) in enumerate(net.blocks()):
         U, Uf = winograd_weight_pair(conv.weight) if j > 0 else (None, None)
         alive += [U, Uf]
         for t in (conv.weight, conv.bias, norm.weight, norm.bias, U, Uf):
@@ -220,6 +215,5 @@ def loss_backward(net: ConvNet, x: torch.Tensor, y: torch.Tensor, *, chunk: int 
     gemm, threads = (sgemm_batch_address() if blas else 0), torch.get_num_threads()
     need = lib.convnet_step(*args, 0, 0, gemm, threads)
     ws = net.workspace("step").buffer("step", need)
-    with torch.no_grad():
-        lib.convnet_step(*args, ws.data_ptr(), need, gemm, threads)
+    lib.convnet_step(*args, ws.data_ptr(), need, gemm, threads)
     return float(loss)

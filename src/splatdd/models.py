@@ -183,10 +183,7 @@ class ConvNet(nn.Module):
         if not self._fusable or (grad and not self.first_order_only) or not fused_available(
                 x, grad=grad):
             return None
-        mods = list(self.features)
-        step = 3 if self._pool == "none" else 4
-        for i in range(0, len(mods), step):
-            conv, norm = mods[i], mods[i + 1]
+        for i, conv, norm in self.blocks():
             if conv.in_channels <= CONV_FUSED_MAX_CIN:   # the image's few channels: one call
                 x = conv_instance_norm_act_pool(x, conv.weight, conv.bias, norm.weight, norm.bias,
                                                 padding=conv.padding[0], eps=norm.eps, act="relu",
@@ -195,6 +192,17 @@ class ConvNet(nn.Module):
             x = instance_norm_act_pool(self._conv(i, conv, x), norm.weight, norm.bias,
                                        eps=norm.eps, act="relu", pool=self._pool)
         return x
+
+    def blocks(self) -> list[tuple[int, nn.Module, nn.Module]]:
+        """``(i, conv, norm)`` per block: ``self.features[i]`` is its convolution, the module after
+        it its normalisation (with ``norm="instancenorm"``, the blocks the fused paths run).
+
+        >>> [i for i, _, _ in get_network("ConvNet", 1, 10, 28, width=16).blocks()]
+        [0, 4, 8]
+        """
+        mods = list(self.features)
+        step = 3 if self._pool == "none" else 4
+        return [(i, mods[i], mods[i + 1]) for i in range(0, len(mods), step)]
 
     def _conv(self, i: int, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         """``conv(x)``; on the CPU by Winograd F(4x4, 3x3) (splatdd.winograd): without a graph,

@@ -86,6 +86,16 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     >>> round(float(U[7, 0, 0]) * 36, 6)   # (G e G^T)[1, 1] = G[1, 1] ** 2 = (1/6) ** 2
     1.0
     """
+    return _filter_transforms(weight, (_GG,))[0]
+
+
+# the same for the filter turned 180 degrees: tap 3i + j read from 3 (2 - i) + (2 - j) = 8 - (3i + j)
+_GG_TURNED = _GG.flip(1).contiguous()
+
+
+def _filter_transforms(weight: torch.Tensor, maps: tuple) -> list[torch.Tensor]:
+    """``(m @ w.reshape(K * C, 9).T).view(36, K, C)`` for each (36, 9) map ``m``, after checking
+    ``weight``."""
     if (not isinstance(weight, torch.Tensor) or weight.dim() != 4
             or tuple(weight.shape[2:]) != (3, 3)):
         raise ValueError(f"weight must be a (K, C, 3, 3) tensor, got {_shape(weight)}")
@@ -94,17 +104,14 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
                          f"of shape {tuple(weight.shape)}")
     K, C = weight.shape[:2]
     w = weight.detach().to("cpu", torch.float32).reshape(K * C, 9)
-    return (_GG @ w.T).view(36, K, C)
-
-
-# the same for the filter turned 180 degrees: tap 3i + j read from 3 (2 - i) + (2 - j) = 8 - (3i + j)
-_GG_TURNED = _GG.flip(1).contiguous()
+    return [(m @ w.T).view(36, K, C) for m in maps]
 
 
 def winograd_weight_pair(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, Uf)``: :func:`winograd_weight` of ``weight`` and of ``weight`` turned 180 degrees
-    (``weight.flip(2, 3)``, channels not swapped), both (36, K, C), from one float32 GEMM. The
-    input gradient's filters are ``Uf`` with each point's matrix transposed.
+    (``weight.flip(2, 3)``, channels not swapped), both (36, K, C), one float32 GEMM each (no
+    flipped copy of the weight). The input gradient's filters are ``Uf`` with each point's matrix
+    transposed.
 
     >>> w = torch.randn(8, 16, 3, 3, generator=torch.Generator().manual_seed(0))
     >>> U, Uf = winograd_weight_pair(w)
@@ -113,13 +120,8 @@ def winograd_weight_pair(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     >>> torch.allclose(Uf, winograd_weight(w.flip(2, 3)), atol=1e-6)
     True
     """
-    if (not isinstance(weight, torch.Tensor) or weight.dim() != 4
-            or tuple(weight.shape[2:]) != (3, 3)):
-        raise ValueError(f"weight must be a (K, C, 3, 3) tensor, got {_shape(weight)}")
-    U = winograd_weight(weight)
-    K, C = weight.shape[:2]
-    w = weight.detach().to("cpu", torch.float32).reshape(K * C, 9)
-    return U, (_GG_TURNED @ w.T).view(36, K, C)
+    U, Uf = _filter_transforms(weight, (_GG, _GG_TURNED))
+    return U, Uf
 
 
 def winograd_available(x: torch.Tensor, weight: torch.Tensor, *, grad: bool, stride=1,
