@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "convnet_step.h"
+#include "cpu_parallel.h"
 #include "cpu_isa.h"
 #include "norm_act_pool.h"
 #include "render_cpu.h"
@@ -419,6 +421,19 @@ int cuda_device_count() {
 #endif
 }
 
+// The worker pool's contract, testable from Python: n workers each count themselves; worker
+// `throw_worker` (-1: none) throws after counting. Returns the count (every worker ran and was
+// joined), or raises the worker's RuntimeError on the calling thread after all were joined.
+int run_parallel_probe(int n, int throw_worker) {
+  if (n < 1 || n > 1024) throw std::invalid_argument("n must be in 1..1024, got " + std::to_string(n));
+  std::atomic<int> ran{0};
+  splatdd::run_parallel(n, [&](int t) {
+    ran.fetch_add(1);
+    if (t == throw_worker) throw std::runtime_error("worker " + std::to_string(t) + " failed");
+  });
+  return ran.load();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -512,6 +527,9 @@ PYBIND11_MODULE(_C, m) {
         "bit 2 avx2, bit 3 avx512).");
   m.def("winograd_default_isa", &splatdd::winograd_default_isa,
         "The instruction set the Winograd transforms use by default: 1 generic, 2 avx2, 3 avx512.");
+  m.def("_run_parallel_probe", &run_parallel_probe, py::arg("n"), py::arg("throw_worker") = -1,
+        "Test hook for the CPU worker pool: n workers count themselves, worker throw_worker "
+        "throws; returns the count or raises that worker's error after joining every worker.");
   m.def("backends", &backends, "Compiled backends: [\"cpu\"] or [\"cpu\", \"cuda\"].");
   m.def("cpu_kernel_name", &splatdd::cpu_kernel_name,
         "The CPU backend's inner loops on this machine: \"avx512\", \"avx2\" or \"generic\" "

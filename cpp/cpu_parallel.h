@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <exception>
 #include <thread>
 #include <vector>
 
@@ -26,22 +27,34 @@ inline int resolve_threads(int requested, int64_t ntasks) {
 // Runs body(worker) once for every worker 0..n-1 (the calling thread is worker 0). If the system
 // refuses to start a thread, the calling thread runs the bodies of the workers that did not start
 // after its own, so every worker's share of the work (a fixed range, or tasks claimed from an
-// atomic counter) is always done.
+// atomic counter) is always done. Every started thread is joined before this returns, also when a
+// body throws (a joinable std::thread destroyed during unwinding would end the process); the first
+// exception a body threw is then rethrown on the calling thread.
 template <class F>
 void run_parallel(int n, const F& body) {
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(n > 1 ? n : 1));
+  const auto guarded = [&body, &errors](int t) {
+    try {
+      body(t);
+    } catch (...) {
+      errors[static_cast<size_t>(t)] = std::current_exception();
+    }
+  };
   std::vector<std::thread> pool;
   pool.reserve(n > 1 ? n - 1 : 0);
   int started = 1;
   for (int t = 1; t < n; ++t, ++started) {
     try {
-      pool.emplace_back([&body, t] { body(t); });
+      pool.emplace_back(guarded, t);
     } catch (...) {
       break;
     }
   }
-  body(0);
-  for (int t = started; t < n; ++t) body(t);
+  guarded(0);
+  for (int t = started; t < n; ++t) guarded(t);
   for (auto& th : pool) th.join();
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
 }
 
 }  // namespace splatdd

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splatdd.checks import positive_int
 from splatdd.plugin_api import DatasetSpec, Parameterization
 
 __all__ = ["BudgetError", "BudgetReport", "FP32_BYTES", "BF16_BYTES", "budget_bytes",
@@ -27,15 +28,9 @@ class BudgetError(ValueError):
     """A parameterization costs more bytes than its storage budget allows."""
 
 
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def budget_bytes_per_class(spec: DatasetSpec, ipc: int) -> int:
     """Bytes one class may use: ``ipc`` fp32 images of ``C x H x W``."""
-    ipc = _positive("ipc", ipc)
+    ipc = positive_int("ipc", ipc)
     return ipc * spec.channels * spec.height * spec.width * FP32_BYTES
 
 

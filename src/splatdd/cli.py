@@ -310,10 +310,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
             _print(f"note: this experiment needs, first: {req}")
         if ctx.distributed:
             _print(f"torch.distributed: {ctx.world_size} processes, backend {ctx.backend}")
+    finished = False
     try:
         result = run(cfg, resume=args.resume, overwrite=args.overwrite,
                      progress=not args.no_progress and main_rank,
                      log=_print if main_rank else (lambda _: None))
+        finished = True
     except (ConfigError, BudgetError, RunFolderError, CheckpointError,
             DistilledFileError) as exc:
         raise CLIError(str(exc)) from None
@@ -322,7 +324,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(f"\nsplatdd: {exc.message}", file=sys.stderr)
         return 130
     finally:
-        distributed.shutdown()
+        distributed.shutdown(sync=finished)
     if main_rank and not result.after:
         _print("no evaluation (eval.runs = 0)")
     if main_rank:
@@ -405,10 +407,12 @@ def process_group(device: str) -> Iterator[str]:
         ctx = distributed.init_from_env(str(device))
     except (RuntimeError, ValueError) as exc:
         raise CLIError(f"cannot join the torchrun process group: {exc}") from None
+    finished = False
     try:
         yield resolve_device(ctx.device) if ctx.distributed else device
+        finished = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(sync=finished)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

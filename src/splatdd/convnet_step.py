@@ -34,6 +34,7 @@ import os
 import torch
 import torch.nn as nn
 
+from .checks import positive_int
 from .models import ConvNet
 from .norm_act_pool import CONV_FUSED_MAX_CIN
 from .render import _C
@@ -181,13 +182,8 @@ def loss_backward(net: ConvNet, x: torch.Tensor, y: torch.Tensor, *, chunk: int 
     if B and (int(y.min()) < 0 or int(y.max()) >= classes):
         raise ValueError(f"y must hold class indices in [0, {classes}), got "
                          f"{int(y.min())}..{int(y.max())}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
-                              or chunk < 1):
-        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
-    tiles = TILES_PER_CHUNK if tiles_per_chunk is None else tiles_per_chunk
-    if isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1:
-        raise ValueError(f"tiles_per_chunk must be a positive int or None, got "
-                         f"{tiles_per_chunk!r}")
+    positive_int("chunk", chunk, allow_none=True)
+    tiles = positive_int("tiles_per_chunk", tiles_per_chunk, allow_none=True) or TILES_PER_CHUNK
     scale = 1.0 / max(B, 1) if loss_scale is None else float(loss_scale)
     if not math.isfinite(scale):
         raise ValueError(f"loss_scale must be finite, got {loss_scale!r}")

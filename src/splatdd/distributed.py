@@ -109,11 +109,22 @@ def init_from_env(device: str = "cpu") -> Context:
                    local_rank=local_rank, backend=dist.get_backend(), device=device)
 
 
-def shutdown() -> None:
-    """Destroy the process group, if any (the CLI calls it on exit)."""
+def shutdown(sync: bool = True) -> None:
+    """Leave the process group, if any (the CLI calls it on exit).
+
+    With ``sync`` (a rank that finished its work) every rank first waits for the others
+    (:func:`wait_for_all`, then a barrier), so no rank tears its connections down while another
+    still finishes (rank 0 writes the run's files after the last collective) or still has
+    messages in flight: gloo can abort a process whose peers vanish under it. A rank that leaves
+    because of an error passes ``sync=False``: the others may never arrive, and torchrun ends
+    the job."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if sync:
+        wait_for_all()
+        barrier()
+    dist.destroy_process_group()
 
 
 def _active() -> bool:

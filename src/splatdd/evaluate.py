@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from . import convnet_step, distributed
 from .augment import DEFAULT_STRATEGY, DSAParams, dsa as dsa_fn
+from .checks import positive_int
 from .models import first_order, get_network
 from .plugin_api import DatasetSpec, RealData
 
@@ -87,11 +88,6 @@ def default_chunk(net: nn.Module, device: torch.device, *, training: bool) -> in
     return CPU_TEST_CHUNK
 
 
-def _check_chunk(chunk: int | None) -> None:
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
-
-
 def test_accuracy(net: nn.Module, test: RealData, *, batch_size: int = 1000,
                   device: torch.device | str | None = None,
                   chunk: int | None | str = "auto", precision: str = "fp32") -> float:
@@ -116,9 +112,8 @@ def test_accuracy(net: nn.Module, test: RealData, *, batch_size: int = 1000,
     device = torch.device(device) if device is not None else test.device
     if chunk == "auto":
         chunk = default_chunk(net, device, training=False)
-    _check_chunk(chunk)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    positive_int("chunk", chunk, allow_none=True)
+    positive_int("batch_size", batch_size)
     from .precision import resolve_precision
     precision = resolve_precision(precision, device, who="test pass")
     was_training = net.training
@@ -182,7 +177,7 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
         net = net.to(device)
     if chunk == "auto":
         chunk = default_chunk(net, device, training=True)
-    _check_chunk(chunk)
+    positive_int("chunk", chunk, allow_none=True)
     if chunk is not None and _has_batch_statistics(net):
         raise ValueError(f"chunk={chunk} would split each batch of a net with batch norm (its "
                          "statistics couple the samples); use chunk=None")
