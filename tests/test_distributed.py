@@ -19,8 +19,10 @@ pytestmark = pytest.mark.slow
 
 
 def _env(fmnist_root):
+    # PYTHONFAULTHANDLER: a rank that aborts in native code (SIGABRT, SIGSEGV) prints every
+    # thread's Python stack, so a failure here says where that rank was
     return {**os.environ, "SPLATDD_FASHION_MNIST": str(fmnist_root), "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1", "SPLATDD_DIST_TIMEOUT": "30"}
+            "PYTHONUNBUFFERED": "1", "SPLATDD_DIST_TIMEOUT": "30", "PYTHONFAULTHANDLER": "1"}
 
 
 def _distill(args, fmnist_root, cwd, nproc=None, **kw):
