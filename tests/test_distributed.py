@@ -230,26 +230,68 @@ def test_buffer_ctrl_c_keeps_the_expert_in_progress(fmnist_root, tmp_path):
     assert _files(out) == _files(tmp_path / "full")
 
 
+def _torchrun_script(tmp_path, fmnist_root, body, timeout_s="2"):
+    script = tmp_path / "script.py"
+    script.write_text(body)
+    env = {**_env(fmnist_root), "SPLATDD_DIST_TIMEOUT": timeout_s}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script)], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
 def test_wait_for_all_outlasts_the_collective_timeout(tmp_path, fmnist_root):
     """Uneven work: rank 0 is busy 3x longer than the collective timeout; wait_for_all lets rank 1
     wait (a plain gather would fail), then the gather returns both ranks' parts."""
-    script = tmp_path / "uneven.py"
-    script.write_text(
-        "import os, time\n"
-        "from splatdd import distributed\n"
-        "ctx = distributed.init_from_env('cpu')\n"
-        "if ctx.rank == 0:\n"
-        "    time.sleep(6)\n"
-        "distributed.wait_for_all()\n"
-        "line = f'gathered {distributed.gather(ctx.rank)}\\n'\n"
-        "os.write(1, line.encode())   # one write per rank: the two lines cannot interleave\n"
-        "distributed.shutdown()\n")
-    env = {**_env(fmnist_root), "SPLATDD_DIST_TIMEOUT": "2"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", str(script)], env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = _torchrun_script(tmp_path, fmnist_root,
+                         "import os, time\n"
+                         "from splatdd import distributed\n"
+                         "ctx = distributed.init_from_env('cpu')\n"
+                         "if ctx.rank == 0:\n"
+                         "    time.sleep(6)\n"
+                         "distributed.wait_for_all()\n"
+                         "line = f'gathered {distributed.gather(ctx.rank)}\\n'\n"
+                         "os.write(1, line.encode())   # one write per rank: no interleaving\n"
+                         "distributed.shutdown()\n")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("gathered [0, 1]") == 2, r.stdout
+
+
+def test_shutdown_waits_for_a_slow_rank(tmp_path, fmnist_root):
+    """Rank 0 still works (writes files) 3x longer than the collective timeout after the last
+    collective; rank 1's shutdown waits for it instead of leaving (or failing in a barrier), and
+    both leave only after rank 0 finished."""
+    r = _torchrun_script(tmp_path, fmnist_root,
+                         "import os, time\n"
+                         "from splatdd import distributed\n"
+                         "ctx = distributed.init_from_env('cpu')\n"
+                         "distributed.broadcast_object('last collective')\n"
+                         "if ctx.rank == 0:\n"
+                         "    time.sleep(6)\n"
+                         "    os.write(1, b'rank 0 finished\\n')\n"
+                         "distributed.shutdown()\n"
+                         "os.write(1, f'rank {ctx.rank} left\\n'.encode())\n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert sorted(lines) == ["rank 0 finished", "rank 0 left", "rank 1 left"], r.stdout
+    assert lines.index("rank 0 finished") < lines.index("rank 1 left"), r.stdout
+
+
+def test_a_failed_rank_does_not_leave_the_others_waiting(tmp_path, fmnist_root):
+    """Rank 1 fails after the last collective; rank 0's synchronised shutdown would wait for it
+    for a day, but torchrun sees the failure and ends the job at once, non-zero."""
+    t0 = time.monotonic()
+    r = _torchrun_script(tmp_path, fmnist_root,
+                         "import time\n"
+                         "from splatdd import distributed\n"
+                         "ctx = distributed.init_from_env('cpu')\n"
+                         "distributed.broadcast_object('last collective')\n"
+                         "if ctx.rank == 1:\n"
+                         "    distributed.shutdown(sync=False)\n"
+                         "    raise SystemExit('rank 1 failed')\n"
+                         "distributed.shutdown()\n")
+    assert r.returncode != 0
+    assert "rank 1 failed" in r.stderr
+    assert time.monotonic() - t0 < 90
 
 
 def _children(pid):

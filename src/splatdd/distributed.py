@@ -117,7 +117,18 @@ def shutdown(sync: bool = True) -> None:
     still finishes (rank 0 writes the run's files after the last collective) or still has
     messages in flight: gloo can abort a process whose peers vanish under it. A rank that leaves
     because of an error passes ``sync=False``: the others may never arrive, and torchrun ends
-    the job."""
+    the job.
+
+    Example (a script run by ``torchrun --nproc_per_node=K script.py``)::
+
+        ctx = distributed.init_from_env("cpu")
+        finished = False
+        try:
+            work(ctx)
+            finished = True
+        finally:
+            distributed.shutdown(sync=finished)
+    """
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return
