@@ -4,12 +4,13 @@ import doctest
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from splatdd import checks
 from splatdd.checks import positive_int
 
 
+@settings(deadline=None)
 @given(st.integers(min_value=1, max_value=2**62))
 def test_positive_ints_pass_through(n):
     assert positive_int("n", n) == n
@@ -17,6 +18,7 @@ def test_positive_ints_pass_through(n):
     assert positive_int("n", n, allow_none=True) == n
 
 
+@settings(deadline=None)
 @given(st.one_of(st.integers(max_value=0), st.floats(allow_nan=True), st.booleans(),
                  st.text(max_size=3), st.none()))
 def test_everything_else_is_refused_by_name(bad):
