@@ -19,31 +19,53 @@ pytestmark = pytest.mark.skipif(not hasattr(cs._C(), "convnet_step"),
                                 reason="compiled module without convnet_step")
 
 
-def _oracle(net, x, y, scale=None):
-    """The modules under autograd in float64 (a copy): the loss and each parameter's gradient."""
+def _twin_grads(net, x, y, scale, dtype):
+    """The network's own modules under autograd in ``dtype`` (a copy): the loss and each
+    parameter's gradient."""
     twin = get_network("ConvNet", x.shape[1], net.classifier.out_features,
                        tuple(x.shape[2:]), width=net.feature_shape[0],
                        depth=len([m for m in net.features if isinstance(m, torch.nn.Conv2d)]),
                        pool="none" if net._pool == "none" else "avgpooling")
     twin.load_state_dict(net.state_dict())
-    twin = twin.double()
-    loss = F.cross_entropy(twin(x.double()), y, reduction="sum") * (
+    twin = twin.to(dtype)
+    loss = F.cross_entropy(twin(x.to(dtype)), y, reduction="sum") * (
         1.0 / x.shape[0] if scale is None else scale)
     loss.backward()
     return loss.item(), {k: p.grad for k, p in twin.named_parameters()}
 
 
+class Reference(dict):
+    """The float64 oracle's gradients (a dict), with the float32 twin's error from them as
+    ``fp32_error`` (per parameter, the largest absolute difference)."""
+    fp32_error: dict
+
+
+def _oracle(net, x, y, scale=None):
+    """The loss and gradients of the modules under autograd in float64 (the oracle), with the
+    error of the same modules in float32 from them: the yardstick of what float32 can do on this
+    input (on some inputs float32 and float64 part ways by far more than rounding, for PyTorch's
+    float32 modules as much as for the compiled step: one in about 150 random 12 x 12 batches
+    here, measured)."""
+    loss, grads64 = _twin_grads(net, x, y, scale, torch.float64)
+    _, grads32 = _twin_grads(net, x, y, scale, torch.float32)
+    ref = Reference(grads64)
+    ref.fp32_error = {k: (grads32[k].double() - grads64[k]).abs().max().item() for k in grads64}
+    return loss, ref
+
+
 def _assert_close(net, ref, rtol=3e-5):
-    """Every gradient within rtol of the largest gradient of its tensor; the convolutions' biases
-    (exactly zero in exact arithmetic: the instance norm removes them) within rtol of their
-    weight's."""
+    """Every gradient within rtol of the largest gradient of its tensor (the convolutions' biases,
+    exactly zero in exact arithmetic since the instance norm removes them, within rtol of their
+    weight's), or, where PyTorch's own float32 modules are further off on this input, within
+    twice their error."""
     for k, p in net.named_parameters():
         g, r = p.grad.double(), ref[k]
         scale = r.abs().max().item()
         if k.startswith("features") and k.endswith("bias") and scale < 1e-6:
             scale = ref[k[:-4] + "weight"].abs().max().item()
         err = (g - r).abs().max().item()
-        assert err <= rtol * scale + 1e-12, (k, err, scale)
+        bound = max(rtol * scale, 2 * getattr(ref, "fp32_error", {}).get(k, 0.0))
+        assert err <= bound + 1e-12, (k, err, scale, bound)
 
 
 # image-like inputs (in [0, 1)): with N(0, 1) noise images the 128-wide net's filter gradients are
@@ -85,20 +107,26 @@ def test_readme_network_in_passes_with_kept_chunks():
 
 def test_adds_to_existing_gradients_and_scales():
     net = get_network("ConvNet", 1, 10, (12, 12), width=16, depth=2, seed=2)
-    x, y = torch.rand(5, 1, 12, 12), torch.tensor([1, 2, 3, 4, 5])
-    before = {k: torch.randn_like(p) for k, p in net.named_parameters()}
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(5, 1, 12, 12, generator=g), torch.tensor([1, 2, 3, 4, 5])
+    before = {k: torch.randn(p.shape, generator=g) for k, p in net.named_parameters()}
     for k, p in net.named_parameters():
         p.grad = before[k].clone()
     loss = cs.loss_backward(net, x, y, chunk=2, loss_scale=0.5)
     ref_loss, ref = _oracle(net, x, y, scale=0.5)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    _assert_close(net, {k: ref[k] + before[k].double() for k in ref})
+    shifted = Reference({k: ref[k] + before[k].double() for k in ref})
+    shifted.fp32_error = ref.fp32_error
+    _assert_close(net, shifted)
 
 
 def test_train_network_uses_it_and_agrees_with_autograd(monkeypatch):
     """Three epochs of the evaluation protocol (DSA, SGD with momentum) through the compiled step
-    and through autograd (compiled=False) end at the same weights up to rounding."""
-    x = torch.rand(20, 1, 28, 28)
+    and through autograd (compiled=False) end at the same weights up to rounding. The images are
+    fixed: training amplifies rounding, and on some random batches (about one in 30) a change of
+    1e-7 in the images alone moves the autograd path's own weights by more than this tolerance
+    after three epochs (measured), so random images would make this test fail at random."""
+    x = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     y = torch.arange(20) % 10
     calls = []
     real = cs.loss_backward
@@ -146,7 +174,8 @@ def test_train_network_keeps_autograd_without_a_blas(monkeypatch):
     """Where torch's BLAS is not found the step would multiply with its plain loop, slower than
     torch.bmm: train_network keeps autograd there, and loss_backward still gives the gradient."""
     net = get_network("ConvNet", 1, 10, 12, width=16, depth=2, seed=5)
-    x, y = torch.rand(3, 1, 12, 12), torch.tensor([0, 1, 2])
+    x = torch.rand(3, 1, 12, 12, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([0, 1, 2])
     monkeypatch.setattr(cs, "sgemm_batch_address", lambda: 0)
     assert cs.serves(net, x) and not cs.applies(net, x)
     calls = []
