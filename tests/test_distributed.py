@@ -258,8 +258,8 @@ def test_wait_for_all_outlasts_the_collective_timeout(tmp_path, fmnist_root):
 
 def test_shutdown_waits_for_a_slow_rank(tmp_path, fmnist_root):
     """Rank 0 still works (writes files) 3x longer than the collective timeout after the last
-    collective; rank 1's shutdown waits for it instead of leaving (or failing in a barrier), and
-    both leave only after rank 0 finished."""
+    collective; rank 1's shutdown waits for it instead of leaving (a collective would time
+    out), and both leave only after rank 0 finished."""
     r = _torchrun_script(tmp_path, fmnist_root,
                          "import os, time\n"
                          "from splatdd import distributed\n"

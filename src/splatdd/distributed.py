@@ -112,10 +112,12 @@ def init_from_env(device: str = "cpu") -> Context:
 def shutdown(sync: bool = True) -> None:
     """Leave the process group, if any (the CLI calls it on exit).
 
-    With ``sync`` (a rank that finished its work) every rank first waits for the others
-    (:func:`wait_for_all`, then a barrier), so no rank tears its connections down while another
-    still finishes (rank 0 writes the run's files after the last collective) or still has
-    messages in flight: gloo can abort a process whose peers vanish under it. A rank that leaves
+    With ``sync`` (a rank that finished its work) every rank first waits for the others through
+    the store (:func:`wait_for_all`), so no rank tears its connections down while another still
+    finishes (rank 0 writes the run's files after the last collective) or still has messages in
+    flight: gloo can abort a process whose peers vanish under it. Once every rank is there, every
+    collective has returned on every rank; a collective here (a barrier) would only put new
+    messages in flight just before the destroy. A rank that leaves
     because of an error passes ``sync=False``: the others may never arrive, and torchrun ends
     the job.
 
@@ -134,7 +136,6 @@ def shutdown(sync: bool = True) -> None:
         return
     if sync:
         wait_for_all()
-        barrier()
     dist.destroy_process_group()
 
 
