@@ -37,7 +37,10 @@ def _twin_grads(net, x, y, scale, dtype):
 class Reference(dict):
     """The float64 oracle's gradients (a dict), with the float32 twin's error from them as
     ``fp32_error`` (per parameter, the largest absolute difference)."""
-    fp32_error: dict
+
+    def __init__(self, grads: dict, fp32_error: dict):
+        super().__init__(grads)
+        self.fp32_error = fp32_error
 
 
 def _oracle(net, x, y, scale=None):
@@ -48,9 +51,8 @@ def _oracle(net, x, y, scale=None):
     here, measured)."""
     loss, grads64 = _twin_grads(net, x, y, scale, torch.float64)
     _, grads32 = _twin_grads(net, x, y, scale, torch.float32)
-    ref = Reference(grads64)
-    ref.fp32_error = {k: (grads32[k].double() - grads64[k]).abs().max().item() for k in grads64}
-    return loss, ref
+    return loss, Reference(grads64, {k: (grads32[k].double() - grads64[k]).abs().max().item()
+                                      for k in grads64})
 
 
 def _assert_close(net, ref, rtol=3e-5):
@@ -64,7 +66,7 @@ def _assert_close(net, ref, rtol=3e-5):
         if k.startswith("features") and k.endswith("bias") and scale < 1e-6:
             scale = ref[k[:-4] + "weight"].abs().max().item()
         err = (g - r).abs().max().item()
-        bound = max(rtol * scale, 2 * getattr(ref, "fp32_error", {}).get(k, 0.0))
+        bound = max(rtol * scale, 2 * ref.fp32_error[k])
         assert err <= bound + 1e-12, (k, err, scale, bound)
 
 
@@ -115,9 +117,7 @@ def test_adds_to_existing_gradients_and_scales():
     loss = cs.loss_backward(net, x, y, chunk=2, loss_scale=0.5)
     ref_loss, ref = _oracle(net, x, y, scale=0.5)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    shifted = Reference({k: ref[k] + before[k].double() for k in ref})
-    shifted.fp32_error = ref.fp32_error
-    _assert_close(net, shifted)
+    _assert_close(net, Reference({k: ref[k] + before[k].double() for k in ref}, ref.fp32_error))
 
 
 def test_train_network_uses_it_and_agrees_with_autograd(monkeypatch):
